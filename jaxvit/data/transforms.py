@@ -1,0 +1,231 @@
+"""Per-example image transforms (PIL + numpy), all randomness from a `np.random.Generator`.
+
+Train order: free-angle rotation (source resolution) -> random resized crop to `image_size` ->
+colour jitter -> flips / 90-degree rotation -> normalisation -> random erasing. Colour jitter runs
+before the crop instead when the source has fewer pixels than the output (cheaper; brightness and
+saturation commute with resampling, contrast then uses the whole image's mean).
+Eval: resize the shorter side to `round(image_size / crop_ratio)`, centre crop, normalise.
+Outputs are float32 (H, W, 3), ready to be batched NHWC.
+
+Choices:
+* Free-angle rotation fills the uncovered corners with black (0), which matches the dark sky
+  background of astronomical images; it is applied before cropping so crops may include corners.
+* Random erasing fills the erased rectangle with 0 in normalised space (the dataset mean colour).
+* Hue jitter shifts the H channel of PIL's HSV conversion (like torchvision's `adjust_hue`).
+* Resampling: bilinear for train crops and rotation (speed), bicubic for the eval resize.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageEnhance
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_TRAIN_RESAMPLE = Image.Resampling.BILINEAR
+_EVAL_RESAMPLE = Image.Resampling.BICUBIC
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformConfig:
+    """Flat, picklable view of the data config that the transforms need."""
+
+    image_size: int = 224
+    crop_ratio: float = 0.875  # eval: centre-crop fraction
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_scale: tuple[float, float] = (0.8, 1.0)  # train: area fraction range
+    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)  # train aspect range (cfg.aug.crop_ratio)
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True
+    rotate_degrees: float = 180.0  # angle ~ U(-d, d); 0 disables
+    color_jitter: tuple[float, float, float, float] = (0.2, 0.2, 0.1, 0.0)
+    color_jitter_prob: float = 0.8
+    erasing_prob: float = 0.0
+    erasing_area: tuple[float, float] = (0.02, 0.33)
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> TransformConfig:
+        """Reads the data config (ConfigDict or any attribute-access object); missing keys keep
+        their defaults."""
+        d = cls()
+        aug = getattr(cfg, "aug", None)
+
+        def top(name: str, default: Any) -> Any:
+            return getattr(cfg, name, default)
+
+        def sub(name: str, default: Any) -> Any:
+            return default if aug is None else getattr(aug, name, default)
+
+        return cls(
+            image_size=int(top("image_size", d.image_size)),
+            crop_ratio=float(top("crop_ratio", d.crop_ratio)),
+            mean=tuple(float(v) for v in top("mean", d.mean)),
+            std=tuple(float(v) for v in top("std", d.std)),
+            crop_scale=tuple(float(v) for v in sub("crop_scale", d.crop_scale)),
+            crop_aspect=tuple(float(v) for v in sub("crop_ratio", d.crop_aspect)),
+            hflip=bool(sub("hflip", d.hflip)),
+            vflip=bool(sub("vflip", d.vflip)),
+            rot90=bool(sub("rot90", d.rot90)),
+            rotate_degrees=float(sub("rotate_degrees", d.rotate_degrees)),
+            color_jitter=tuple(float(v) for v in sub("color_jitter", d.color_jitter)),
+            color_jitter_prob=float(sub("color_jitter_prob", d.color_jitter_prob)),
+            erasing_prob=float(sub("erasing_prob", d.erasing_prob)),
+            erasing_area=tuple(float(v) for v in sub("erasing_area", d.erasing_area)),
+        )
+
+
+# ----------------------------------------------------------------------------- geometric
+
+
+def random_rotate(img: Image.Image, max_degrees: float, rng: np.random.Generator) -> Image.Image:
+    """Rotates by an angle ~ U(-max_degrees, max_degrees) about the centre; black corners."""
+    if max_degrees <= 0:
+        return img
+    angle = float(rng.uniform(-max_degrees, max_degrees))
+    return img.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+
+
+def random_resized_crop(
+    img: Image.Image,
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: np.random.Generator,
+) -> Image.Image:
+    """Crops a random box (area fraction in `scale`, aspect in `ratio`) and resizes to size^2.
+
+    Up to 10 proposals are tried; if none fits, the largest centred box with aspect clamped to
+    `ratio` is used (torchvision semantics).
+    """
+    w, h = img.size
+    area = w * h
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw, ch = math.sqrt(target * aspect), math.sqrt(target / aspect)
+        if 0 < cw <= w and 0 < ch <= h:
+            x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+            box = (x0, y0, x0 + cw, y0 + ch)
+            break
+    else:
+        aspect = min(max(w / h, ratio[0]), ratio[1])
+        cw, ch = (w, w / aspect) if w / h < aspect else (h * aspect, h)
+        cw, ch = min(cw, w), min(ch, h)
+        box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+    return img.resize((size, size), resample=_TRAIN_RESAMPLE, box=box)
+
+
+def random_flips_rot90(
+    x: np.ndarray, hflip: bool, vflip: bool, rot90: bool, rng: np.random.Generator
+) -> np.ndarray:
+    """Random horizontal/vertical flips and k*90-degree rotation of an (H, W, C) array (views)."""
+    if hflip and rng.random() < 0.5:
+        x = x[:, ::-1]
+    if vflip and rng.random() < 0.5:
+        x = x[::-1]
+    if rot90:
+        x = np.rot90(x, k=int(rng.integers(4)), axes=(0, 1))
+    return x
+
+
+def resize_center_crop(img: Image.Image, size: int, crop_ratio: float) -> Image.Image:
+    """Resizes the shorter side to round(size / crop_ratio), then centre-crops size x size."""
+    short = max(size, round(size / crop_ratio))
+    w, h = img.size
+    if w <= h:
+        new = (short, max(short, round(h * short / w)))
+    else:
+        new = (max(short, round(w * short / h)), short)
+    img = img.resize(new, resample=_EVAL_RESAMPLE)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+# ----------------------------------------------------------------------------- photometric
+
+
+def adjust_hue(img: Image.Image, shift: float) -> Image.Image:
+    """Rotates hue by `shift` turns (in [-0.5, 0.5])."""
+    hsv = np.array(img.convert("HSV"))
+    hsv[:, :, 0] = (hsv[:, :, 0].astype(np.int16) + round(shift * 255)) % 256
+    return Image.fromarray(hsv, "HSV").convert("RGB")
+
+
+def color_jitter(
+    img: Image.Image,
+    strengths: tuple[float, float, float, float],
+    rng: np.random.Generator,
+) -> Image.Image:
+    """Brightness, contrast, saturation (factor ~ U[1-s, 1+s]) and hue (shift ~ U[-s, s])
+    adjustments in random order; a strength of 0 skips that adjustment."""
+    b, c, s, hue = strengths
+    for op in rng.permutation(4):
+        if op == 0 and b > 0:
+            img = ImageEnhance.Brightness(img).enhance(rng.uniform(max(0.0, 1 - b), 1 + b))
+        elif op == 1 and c > 0:
+            img = ImageEnhance.Contrast(img).enhance(rng.uniform(max(0.0, 1 - c), 1 + c))
+        elif op == 2 and s > 0:
+            img = ImageEnhance.Color(img).enhance(rng.uniform(max(0.0, 1 - s), 1 + s))
+        elif op == 3 and hue > 0:
+            img = adjust_hue(img, rng.uniform(-hue, hue))
+    return img
+
+
+def normalize(x: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 (x / 255 - mean) / std, contiguous."""
+    out = np.empty(x.shape, np.float32)
+    for c in range(x.shape[-1]):  # per-channel loops beat broadcasting over a size-3 axis
+        np.multiply(x[..., c], np.float32(1.0 / (255.0 * std[c])), out=out[..., c])
+        out[..., c] -= np.float32(mean[c] / std[c])
+    return out
+
+
+def random_erasing(
+    x: np.ndarray, area: tuple[float, float], rng: np.random.Generator
+) -> np.ndarray:
+    """Sets a random rectangle (area fraction in `area`, aspect in [0.3, 3.3]) to 0, in place."""
+    h, w = x.shape[:2]
+    for _ in range(10):
+        target = h * w * rng.uniform(*area)
+        aspect = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+        eh, ew = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < eh < h and 0 < ew < w:
+            top, left = int(rng.integers(h - eh + 1)), int(rng.integers(w - ew + 1))
+            x[top:top + eh, left:left + ew] = 0.0
+            break
+    return x
+
+
+# ----------------------------------------------------------------------------- full pipelines
+
+
+def train_transform(
+    image: np.ndarray, cfg: TransformConfig, rng: np.random.Generator
+) -> np.ndarray:
+    """uint8 RGB (H, W, 3) -> augmented, normalised float32 (S, S, 3)."""
+    img = Image.fromarray(image)
+    img = random_rotate(img, cfg.rotate_degrees, rng)
+    jitter = any(v > 0 for v in cfg.color_jitter) and rng.random() < cfg.color_jitter_prob
+    jitter_first = img.width * img.height < cfg.image_size**2
+    if jitter and jitter_first:
+        img = color_jitter(img, cfg.color_jitter, rng)
+    img = random_resized_crop(img, cfg.image_size, cfg.crop_scale, cfg.crop_aspect, rng)
+    if jitter and not jitter_first:
+        img = color_jitter(img, cfg.color_jitter, rng)
+    x = random_flips_rot90(np.asarray(img), cfg.hflip, cfg.vflip, cfg.rot90, rng)
+    x = normalize(x, cfg.mean, cfg.std)
+    if cfg.erasing_prob > 0 and rng.random() < cfg.erasing_prob:
+        x = random_erasing(x, cfg.erasing_area, rng)
+    return x
+
+
+def eval_transform(image: np.ndarray, cfg: TransformConfig) -> np.ndarray:
+    """uint8 RGB (H, W, 3) -> resized, centre-cropped, normalised float32 (S, S, 3)."""
+    img = resize_center_crop(Image.fromarray(image), cfg.image_size, cfg.crop_ratio)
+    return normalize(np.asarray(img), cfg.mean, cfg.std)
