@@ -41,11 +41,17 @@ MARKER_NAME = ".synthetic_gz2.json"
 PARTIAL_NAME = ".synthetic_gz2.partial"
 _VERSION = 1  # bump when the renderer changes so cached datasets are redone
 
-# Axis-ratio ranges (intrinsic, before PSF) for the smooth classes.
+# Intrinsic axis-ratio and Sersic-index ranges for the smooth classes: round
+# systems are concentrated ellipticals, flattened ones are disky (S0-like).
 _SMOOTH_Q = {
     "completely_round_smooth": (0.9, 1.0),
-    "in_between_smooth": (0.42, 0.65),
-    "cigar_shaped_smooth": (0.18, 0.33),
+    "in_between_smooth": (0.4, 0.62),
+    "cigar_shaped_smooth": (0.16, 0.3),
+}
+_SMOOTH_N = {
+    "completely_round_smooth": (2.5, 4.0),
+    "in_between_smooth": (1.5, 3.0),
+    "cigar_shaped_smooth": (0.8, 1.8),
 }
 # Metadata columns, in order; parameters a class does not use are left blank.
 PARAM_COLUMNS: tuple[str, ...] = (
@@ -93,8 +99,8 @@ _BLUE = (0.75, 0.95, 1.3)  # star-forming arms
 
 def _smooth(cls: str, rng: np.random.Generator, size: int, u, v, s: float, p: dict) -> np.ndarray:
     q = rng.uniform(*_SMOOTH_Q[cls])
-    re = rng.uniform(6.0, 11.0) * s
-    n = rng.uniform(0.8, 3.0)
+    re = rng.uniform(8.0, 13.0) * s
+    n = rng.uniform(*_SMOOTH_N[cls])
     p.update(axis_ratio=q, radius_px=re, sersic_n=n)
     prof = _sersic(_elliptical_r(u, v, q), re, n)
     return prof[None] * _tint(rng, _YELLOW)[:, None, None]
@@ -102,7 +108,7 @@ def _smooth(cls: str, rng: np.random.Generator, size: int, u, v, s: float, p: di
 
 def _edge_on(rng: np.random.Generator, size: int, u, v, s: float, p: dict) -> np.ndarray:
     h = rng.uniform(5.5, 9.0) * s  # radial scale length
-    q = rng.uniform(0.08, 0.15)  # scale height / scale length
+    q = rng.uniform(0.06, 0.12)  # scale height / scale length
     z0 = q * h
     # Exponential along the major axis, sech^2 across it.
     disk = np.exp(-np.sqrt(u * u + 0.25) / h) / np.cosh(v / z0) ** 2

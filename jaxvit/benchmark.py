@@ -1,0 +1,437 @@
+"""Throughput benchmark: jaxvit train/inference steps on synthetic batches, optionally against a PyTorch
+peer (transformers + PEFT, random weights), or the grain input pipeline alone.
+
+    python -m jaxvit.benchmark --arch=dinov2_vits14 --batch=16 --mode=lora [--dtype=bfloat16] [--peer]
+    python -m jaxvit.benchmark --mode=infer --batch=32 --peer
+    python -m jaxvit.benchmark --data [--data_dir=DIR]          # grain pipeline images/s
+    python -m jaxvit.benchmark --override=hidden_size=64,depth=2,num_heads=2,mlp_hidden=256 ...
+
+Prints one JSON line per measured implementation ("impl": "jax" / "torch" / "grain") and, with --peer,
+a final {"impl": "ratio", "speedup_vs_torch": jax img/s / torch img/s} line.
+
+Timing. lora/full: the jitted, state-donating train step of `jaxvit.train` (5 classes); infer: a jitted
+backbone + head forward. `compile_s` is the first call (trace, lower, compile, run; for torch the first
+eager step), then `--warmup` untimed steps, then `--rounds` rounds of `--steps` steps, each timed as wall
+time with one block at the end (async dispatch, as in the train loop); jax and torch rounds alternate
+so machine noise hits both alike, and the best round is reported: step_ms = round wall / steps.
+The torch peer runs in a spawned process (its own memory and threads; jax is never imported there).
+
+FLOPs (`flops_convention`): 2 * MACs of the matmuls only (patch embedding, q/k/v/output projections,
+QK^T and attention-weighted sum, MLP or SwiGLU, head), at the benchmarked resolution with CLS + register
+tokens; norms, softmax, activations and LoRA adapters are not counted. This reproduces the published
+forward GFLOPs per 224 px image: S/14 12.2, B/14 46.3, L/14 162, g/14 599, L/16 123 (no registers).
+Training = 3x forward (full: input and weight gradients), 2x forward (LoRA: input gradients only).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+NUM_CLASSES = 5
+TRAIN_FLOPS_FACTOR = {"infer": 1, "lora": 2, "full": 3}
+FLOPS_CONVENTION = ("2*MACs of matmuls (patch embed, qkv/proj, attention QK^T and AV, MLP/SwiGLU, head); "
+                    "train = 3x forward (full), 2x forward (lora: no weight gradients, adapters ignored)")
+# Dense peak TFLOP/s by device_kind substring (first match wins). float32 is the TF32 tensor-core peak:
+# XLA runs default-precision float32 matmuls in TF32 on these GPUs (the torch peer is set to match).
+PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H100 PCIe", {"bfloat16": 756.0, "float32": 378.0}),
+    ("H100", {"bfloat16": 989.4, "float32": 494.7}),
+    ("H200", {"bfloat16": 989.4, "float32": 494.7}),
+    ("A100", {"bfloat16": 312.0, "float32": 156.0}),
+]
+
+
+# ------------------------------------------------------------------------------------------- FLOPs
+
+def forward_flops(cfg, res: int, num_classes: int = 0) -> float:
+    """Forward FLOPs (2 * MACs) of one res x res image through a ViTConfig backbone (+ a linear head)."""
+    p, d, m = cfg.patch_size, cfg.hidden_size, cfg.mlp_hidden
+    n_patch = (res // p) ** 2
+    n = n_patch + cfg.num_prefix  # tokens: CLS + registers + patches
+    embed = 2 * n_patch * (p * p * cfg.num_channels) * d
+    proj = 4 * 2 * n * d * d  # query, key, value, output
+    attn = 2 * 2 * n * n * d  # QK^T and weights @ V, summed over heads
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * 2 * n * d * m
+    return embed + cfg.depth * (proj + attn + mlp) + 2 * d * num_classes
+
+
+def peak_tflops(device_kind: str, dtype: str) -> float | None:
+    for key, peaks in PEAK_TFLOPS:
+        if key.lower() in device_kind.lower():
+            return peaks.get(dtype)
+    return None
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m jaxvit.benchmark", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", default="dinov2_vits14", help="preset name (jaxvit.models.PRESETS)")
+    ap.add_argument("--override", default="", help="ViTConfig fields, e.g. hidden_size=64,depth=2")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--res", type=int, default=224)
+    ap.add_argument("--mode", choices=("lora", "full", "infer"), default="lora")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) call")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds, best reported (default 2 with "
+                                                              "--peer, else 1)")
+    ap.add_argument("--peer", action="store_true", help="also run the PyTorch (transformers) peer")
+    ap.add_argument("--lora_rank", type=int, default=16)
+    ap.add_argument("--peak_tflops", type=float, default=None, help="device peak for mfu (default: table)")
+    ap.add_argument("--data", action="store_true", help="measure the grain input pipeline alone")
+    ap.add_argument("--data_dir", default="", help="--data: image folder with a train split (default: a "
+                                                   "synthetic GZ2 set in a temp dir)")
+    ap.add_argument("--data_px", type=int, default=64, help="--data: synthetic source image size")
+    ap.add_argument("--data_workers", type=int, default=2, help="--data: grain worker processes")
+    args = ap.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 2 if args.peer else 1
+    return args
+
+
+def parse_overrides(spec: str) -> dict[str, Any]:
+    out = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def _rss_bytes() -> int:
+    """Peak resident set size of this process. Linux: VmHWM, since ru_maxrss survives exec and a spawned
+    peer would inherit the parent's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+# ------------------------------------------------------------------------------------------- jax side
+
+class JaxBench:
+    """Builds the model and step like `jaxvit.train`; `run(n)` times n steps."""
+
+    impl = "jax"
+
+    def __init__(self, args: argparse.Namespace):
+        import jax
+        import jax.numpy as jnp
+        import ml_collections as mlc
+
+        from jaxvit import optim
+        from jaxvit.config import base_config
+        from jaxvit.train import build_model, make_train_step
+
+        cfg = base_config()
+        cfg.model.arch, cfg.model.dtype = args.arch, args.dtype
+        cfg.model.overrides = mlc.ConfigDict(parse_overrides(args.override))
+        cfg.data.image_size, cfg.train.batch_size = args.res, args.batch
+        cfg.lora.enabled, cfg.lora.rank = args.mode == "lora", args.lora_rank
+        self.cfg, self.jax = cfg, jax
+        self.device = jax.devices()[0]
+        model, variables = build_model(cfg, NUM_CLASSES, jax.random.key(0))
+        self.vit_cfg = model.backbone
+        rng = np.random.default_rng(0)
+        images = jax.device_put(rng.standard_normal((args.batch, args.res, args.res, 3), np.float32), self.device)
+        self.n_params = sum(x.size for x in jax.tree_util.tree_leaves(variables))
+        if args.mode == "infer":
+            forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+            self.trainable = 0
+            self._step = lambda _: forward(variables, images)
+            self.state = None
+        else:
+            batch = dict(image=images, label=jnp.asarray(rng.integers(0, NUM_CLASSES, args.batch), jnp.int32),
+                         bad=jnp.zeros((args.batch,), jnp.int32))
+            trainable, frozen = optim.split(variables, lambda p: optim.is_trainable(p, cfg, stage=2))
+            total = 1 + args.warmup + args.rounds * args.steps
+            tx, schedule, _ = optim.make_optimizer(cfg, trainable, total, self.vit_cfg.depth)
+            self.state = jax.device_put(dict(step=jnp.asarray(0, jnp.int32),
+                                             rng=jax.random.key_data(jax.random.key(1)),
+                                             trainable=trainable, frozen=frozen, opt_state=tx.init(trainable)),
+                                        self.device)
+            self.trainable = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
+            step = jax.jit(make_train_step(model, cfg, tx, NUM_CLASSES, schedule), donate_argnums=0)
+
+            def train_step(state):
+                self.state, metrics = step(state, batch)
+                return metrics
+            self._step = lambda _: train_step(self.state)
+
+    def first_call(self) -> float:
+        start = time.perf_counter()
+        self.jax.block_until_ready(self._step(None))
+        return time.perf_counter() - start
+
+    def run(self, n: int) -> float:
+        start = time.perf_counter()
+        outs = [self._step(None) for _ in range(n)]
+        self.jax.block_until_ready((outs, self.state))
+        return time.perf_counter() - start
+
+    def memory(self) -> tuple[str, int]:
+        stats = self.device.memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            return "peak_mem_bytes", int(stats["peak_bytes_in_use"])
+        return "peak_rss_bytes", _rss_bytes()
+
+    def info(self) -> dict[str, Any]:
+        return dict(device=self.device.device_kind, version=f"jax {self.jax.__version__}",
+                    params=int(self.n_params), trainable_params=int(self.trainable))
+
+
+# ------------------------------------------------------------------------------------------- torch peer
+
+class TorchBench:
+    """transformers backbone (SDPA) + nn.Linear head on the CLS output; AdamW; PEFT LoRA on attention."""
+
+    impl = "torch"
+
+    def __init__(self, opts: dict[str, Any], hf_config: dict[str, Any]):
+        import torch
+        import transformers
+        from torch import nn
+
+        self.torch = torch
+        torch.set_num_threads(os.cpu_count() or 1)
+        torch.manual_seed(0)
+        self.device = torch.device("cuda" if opts["cuda"] and torch.cuda.is_available() else "cpu")
+        torch.set_float32_matmul_precision("high")  # TF32 on GPU, like XLA's default precision
+        hf = dict(hf_config)
+        model_type = hf.pop("model_type")
+        hf.pop("architectures", None)
+        config = transformers.AutoConfig.for_model(model_type, **hf)
+        backbone = transformers.AutoModel.from_config(config, attn_implementation="sdpa")
+        head = nn.Linear(config.hidden_size, NUM_CLASSES)
+        mode = opts["mode"]
+        if mode == "lora":
+            from peft import LoraConfig, get_peft_model
+            targets = sorted({name.rsplit(".", 1)[-1] for name, mod in backbone.named_modules()
+                              if isinstance(mod, nn.Linear) and ".attention." in name})
+            backbone = get_peft_model(backbone, LoraConfig(r=opts["lora_rank"], lora_alpha=opts["lora_alpha"],
+                                                           lora_dropout=opts["lora_dropout"],
+                                                           target_modules=targets))
+        self.model = nn.ModuleDict(dict(backbone=backbone, head=head)).to(self.device)
+        self.model.train(mode != "infer")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.trainable = 0 if mode == "infer" else sum(p.numel() for p in params)
+        b, r = opts["batch"], opts["res"]
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randn(b, 3, r, r, generator=gen).to(self.device)
+        labels = torch.randint(0, NUM_CLASSES, (b,), generator=gen).to(self.device)
+        autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                          enabled=opts["dtype"] == "bfloat16")
+
+        def logits():
+            return self.model["head"](self.model["backbone"](pixel_values=images).pooler_output)
+
+        if mode == "infer":
+            def step():
+                with torch.no_grad(), autocast():
+                    return logits()
+        else:
+            opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
+
+            def step():
+                with autocast():
+                    loss = nn.functional.cross_entropy(logits().float(), labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(params, 1.0)  # jaxvit's default optim.grad_clip
+                opt.step()
+                return loss
+        self._step = step
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def first_call(self) -> float:
+        start = time.perf_counter()
+        self._step()
+        self._sync()
+        return time.perf_counter() - start
+
+    def run(self, n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            self._step()
+        self._sync()
+        return time.perf_counter() - start
+
+    def memory(self) -> tuple[str, int]:
+        if self.device.type == "cuda":
+            return "peak_mem_bytes", int(self.torch.cuda.max_memory_allocated())
+        return "peak_rss_bytes", _rss_bytes()
+
+    def info(self) -> dict[str, Any]:
+        import peft
+        import transformers
+        device = (self.torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu")
+        return dict(device=device, version=f"torch {self.torch.__version__}, transformers "
+                                            f"{transformers.__version__}, peft {peft.__version__}",
+                    params=int(self.n_params), trainable_params=int(self.trainable))
+
+
+def _torch_worker(conn, opts: dict[str, Any], hf_config: dict[str, Any], warmup: int) -> None:
+    """Peer process: build, first call + warm-up, then answer each `n` with the seconds n steps took."""
+    try:
+        bench = TorchBench(opts, hf_config)
+        first = bench.first_call()
+        bench.run(warmup)
+        conn.send(("ready", first))
+        while (n := conn.recv()) is not None:
+            conn.send(("time", bench.run(n)))
+        conn.send(("done", (bench.memory(), bench.info())))
+    except Exception as e:  # report instead of leaving the parent waiting
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        conn.close()
+
+
+class PeerProcess:
+    """The torch peer in a spawned process, driven over a pipe with the same interface as JaxBench."""
+
+    impl = "torch"
+
+    def __init__(self, opts: dict[str, Any], hf_config: dict[str, Any], warmup: int):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_torch_worker, args=(child, opts, hf_config, warmup), daemon=True)
+        self.proc.start()
+        child.close()
+        self._first = self._recv("ready")
+        self._final = None
+
+    def _recv(self, kind: str) -> Any:
+        try:
+            got, payload = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"torch peer process exited (code {self.proc.exitcode})") from None
+        if got != kind:
+            raise RuntimeError(f"torch peer failed: {payload}")
+        return payload
+
+    def first_call(self) -> float:
+        return self._first
+
+    def run(self, n: int) -> float:
+        self.conn.send(n)
+        return self._recv("time")
+
+    def finish(self) -> None:
+        self.conn.send(None)
+        self._final = self._recv("done")
+        self.proc.join(timeout=30)
+
+    def memory(self) -> tuple[str, int]:
+        return self._final[0]
+
+    def info(self) -> dict[str, Any]:
+        return self._final[1]
+
+
+# ------------------------------------------------------------------------------------------- records
+
+def _record(bench, args: argparse.Namespace, fwd_flops: float, compile_s: float, best_s: float) -> dict:
+    info = bench.info()
+    step_s = best_s / args.steps
+    tflops = fwd_flops * TRAIN_FLOPS_FACTOR[args.mode] * args.batch / step_s / 1e12
+    peak = args.peak_tflops or peak_tflops(info["device"], args.dtype)
+    mem_key, mem = bench.memory()
+    return dict(impl=bench.impl, arch=args.arch + (f"[{args.override}]" if args.override else ""),
+                mode=args.mode, dtype=args.dtype, batch=args.batch, res=args.res,
+                img_per_s=round(args.batch / step_s, 2), step_ms=round(step_s * 1e3, 2),
+                compile_s=round(compile_s, 2), **{mem_key: mem}, tflops=_sig(tflops),
+                mfu=_sig(tflops / peak) if peak else None, gflops_per_img_fwd=_sig(fwd_flops / 1e9),
+                flops_convention=FLOPS_CONVENTION, steps=args.steps, rounds=args.rounds, **info, date=_now())
+
+
+def bench_model(args: argparse.Namespace) -> list[dict]:
+    if args.peer:  # leave GPU memory for the peer process
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    jb = JaxBench(args)
+    flops = forward_flops(jb.vit_cfg, args.res, NUM_CLASSES)
+    compile_s = {"jax": jb.first_call()}
+    jb.run(args.warmup)
+    benches: list = [jb]
+    if args.peer:
+        from jaxvit.models.weights import config_to_hf
+        opts = dict(mode=args.mode, dtype=args.dtype, batch=args.batch, res=args.res,
+                    lora_rank=args.lora_rank, lora_alpha=jb.cfg.lora.alpha, lora_dropout=jb.cfg.lora.dropout,
+                    cuda=jb.device.platform == "gpu")
+        peer = PeerProcess(opts, config_to_hf(jb.vit_cfg), args.warmup)
+        compile_s["torch"] = peer.first_call()
+        benches.append(peer)
+    best = {b.impl: math.inf for b in benches}
+    for _ in range(args.rounds):  # alternate, so load changes hit both implementations
+        for b in benches:
+            best[b.impl] = min(best[b.impl], b.run(args.steps))
+    if args.peer:
+        peer.finish()
+    records = [_record(b, args, flops, compile_s[b.impl], best[b.impl]) for b in benches]
+    if args.peer:
+        records.append(dict(impl="ratio", arch=records[0]["arch"], mode=args.mode, dtype=args.dtype,
+                            batch=args.batch, res=args.res,
+                            speedup_vs_torch=round(records[0]["img_per_s"] / records[1]["img_per_s"], 3)))
+    return records
+
+
+def bench_data(args: argparse.Namespace) -> list[dict]:
+    """Training input pipeline (decode, augment, batch) alone: images/s."""
+    from jaxvit.data.pipeline import default_data_config, measure_throughput
+    from jaxvit.data.sources import ImageFolder
+    from jaxvit.data.synthetic_gz2 import CLASSES, write_dataset
+
+    cfg = default_data_config()
+    cfg.image_size, cfg.num_workers = args.res, args.data_workers
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.data_dir:
+            root, px = args.data_dir, None
+        else:  # one epoch covers warm-up + timed batches
+            per_class = -(-(args.steps + 1) * args.batch // len(CLASSES))
+            root, px = write_dataset(tmp, per_class={"train": per_class}, size=args.data_px), args.data_px
+        source = ImageFolder(root, "train")
+        ips = measure_throughput(source, cfg, args.steps, args.batch)
+    return [dict(impl="grain", mode="data", batch=args.batch, res=args.res, img_per_s=round(ips, 2),
+                 step_ms=round(args.batch / ips * 1e3, 2), num_workers=args.data_workers,
+                 source_images=len(source), source_px=px, peak_rss_bytes=_rss_bytes(), steps=args.steps,
+                 device=platform.processor() or platform.machine(), cpus=os.cpu_count(), date=_now())]
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    records = bench_data(args) if args.data else bench_model(args)
+    for r in records:
+        print(json.dumps(r), flush=True)
+    return records
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,47 @@
+"""Smoke tests of `python -m jaxvit.benchmark` (tiny model, in-process) and of its FLOP formula."""
+import json
+
+import pytest
+
+from jaxvit import benchmark
+from jaxvit.models import get_config
+
+TINY = ["--override=hidden_size=32,depth=2,num_heads=2,mlp_hidden=128", "--res=28", "--batch=2", "--steps=2",
+        "--warmup=0"]
+KEYS = {"impl", "arch", "mode", "dtype", "batch", "res", "img_per_s", "step_ms", "compile_s", "tflops", "mfu",
+        "flops_convention", "device", "date", "params", "trainable_params"}
+
+
+# Published forward GFLOPs per 224 px image; the L/16 figure is for a ViT-L/16 without registers.
+@pytest.mark.parametrize("arch, overrides, gflops", [
+    ("dinov2_vits14", {}, 12.2), ("dinov2_vitb14", {}, 46.3), ("dinov2_vitl14", {}, 162),
+    ("dinov2_vitg14", {}, 599), ("dinov3_vitl16", {"num_registers": 0}, 123)])
+def test_forward_flops_match_published(arch, overrides, gflops):
+    cfg = get_config(arch, **overrides)
+    assert benchmark.forward_flops(cfg, 224) / 1e9 == pytest.approx(gflops, rel=5e-3)
+
+
+def _lines(capsys) -> list[dict]:
+    return [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+
+
+def test_cli_lora_with_torch_peer(capsys):
+    pytest.importorskip("peft")
+    records = benchmark.main(TINY + ["--mode=lora", "--peer", "--rounds=1"])
+    assert _lines(capsys) == records and [r["impl"] for r in records] == ["jax", "torch", "ratio"]
+    jx, pt, ratio = records
+    for r in (jx, pt):
+        assert KEYS <= r.keys() and r["mode"] == "lora" and r["batch"] == 2
+        assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["tflops"] > 0 and r["compile_s"] > 0
+        assert (r.get("peak_rss_bytes") or r.get("peak_mem_bytes")) > 0
+    # Same model on both sides: identical parameter and LoRA-trainable counts.
+    assert (jx["params"], jx["trainable_params"]) == (pt["params"], pt["trainable_params"])
+    assert 0 < jx["trainable_params"] < jx["params"]
+    assert ratio["speedup_vs_torch"] == pytest.approx(jx["img_per_s"] / pt["img_per_s"], rel=1e-2)
+
+
+def test_cli_infer_bfloat16(capsys):
+    (r,) = benchmark.main(TINY + ["--mode=infer", "--dtype=bfloat16", "--peak_tflops=1.0"])
+    assert _lines(capsys) == [r]
+    assert KEYS <= r.keys() and r["impl"] == "jax" and r["dtype"] == "bfloat16" and r["trainable_params"] == 0
+    assert r["mfu"] == pytest.approx(r["tflops"], rel=1e-2)
