@@ -30,6 +30,7 @@ def get_config(arg: str = ""):
     c.optim.warmup_ratio = 0.1
     c.data.image_size = 224
     c.data.num_workers = 4
+    c.data.aug.crop_ratio = (1.0, 1.0)  # keep galaxy axis ratios: they define the smooth classes
     if arg == "demo":
         demo(c)
     elif arg:
@@ -50,7 +51,7 @@ def demo(c):
                                   pos_grid=8))
     c.model.head_dropout = 0.0
     c.lora.enabled = False
-    c.train.epochs = 12
+    c.train.epochs = 16
     c.train.batch_size = 64
     c.optim.lr = 1e-3
     c.optim.weight_decay = 0.05
