@@ -14,7 +14,12 @@ backbone + head forward. `compile_s` is the first call (trace, lower, compile, r
 eager step), then `--warmup` untimed steps, then `--rounds` rounds of `--steps` steps, each timed as wall
 time with one block at the end (async dispatch, as in the train loop); jax and torch rounds alternate
 so machine noise hits both alike, and the best round is reported: step_ms = round wall / steps.
-The torch peer runs in a spawned process (its own memory and threads; jax is never imported there).
+The torch peer runs in a spawned process (its own memory and threads; jax is never imported there);
+with --peer, jax does not preallocate GPU memory. jaxvit runs on one device (jax.devices()[0]).
+
+Memory: `peak_mem_bytes` on accelerators (jax memory_stats peak_bytes_in_use; torch
+max_memory_allocated), else `peak_rss_bytes` (the process's peak RSS, /proc VmHWM).
+`--override` sets ViTConfig fields, e.g. a tiny model or `attn_impl=cudnn`.
 
 FLOPs (`flops_convention`): 2 * MACs of the matmuls only (patch embedding, q/k/v/output projections,
 QK^T and attention-weighted sum, MLP or SwiGLU, head), at the benchmarked resolution with CLS + register
@@ -41,7 +46,7 @@ from typing import Any
 import numpy as np
 
 NUM_CLASSES = 5
-TRAIN_FLOPS_FACTOR = {"infer": 1, "lora": 2, "full": 3}
+FLOPS_FACTOR = {"infer": 1, "lora": 2, "full": 3}
 FLOPS_CONVENTION = ("2*MACs of matmuls (patch embed, qkv/proj, attention QK^T and AV, MLP/SwiGLU, head); "
                     "train = 3x forward (full), 2x forward (lora: no weight gradients, adapters ignored)")
 # Dense peak TFLOP/s by device_kind substring (first match wins). float32 is the TF32 tensor-core peak:
@@ -163,7 +168,7 @@ class JaxBench:
         if args.mode == "infer":
             forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
             self.trainable = 0
-            self._step = lambda _: forward(variables, images)
+            self._step = lambda: forward(variables, images)
             self.state = None
         else:
             batch = dict(image=images, label=jnp.asarray(rng.integers(0, NUM_CLASSES, args.batch), jnp.int32),
@@ -178,19 +183,19 @@ class JaxBench:
             self.trainable = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
             step = jax.jit(make_train_step(model, cfg, tx, NUM_CLASSES, schedule), donate_argnums=0)
 
-            def train_step(state):
-                self.state, metrics = step(state, batch)
+            def train_step():
+                self.state, metrics = step(self.state, batch)
                 return metrics
-            self._step = lambda _: train_step(self.state)
+            self._step = train_step
 
     def first_call(self) -> float:
         start = time.perf_counter()
-        self.jax.block_until_ready(self._step(None))
+        self.jax.block_until_ready((self._step(), self.state))
         return time.perf_counter() - start
 
     def run(self, n: int) -> float:
         start = time.perf_counter()
-        outs = [self._step(None) for _ in range(n)]
+        outs = [self._step() for _ in range(n)]
         self.jax.block_until_ready((outs, self.state))
         return time.perf_counter() - start
 
@@ -228,7 +233,7 @@ class TorchBench:
         config = transformers.AutoConfig.for_model(model_type, **hf)
         backbone = transformers.AutoModel.from_config(config, attn_implementation="sdpa")
         head = nn.Linear(config.hidden_size, NUM_CLASSES)
-        mode = opts["mode"]
+        self.mode = mode = opts["mode"]
         if mode == "lora":
             from peft import LoraConfig, get_peft_model
             targets = sorted({name.rsplit(".", 1)[-1] for name, mod in backbone.named_modules()
@@ -291,11 +296,10 @@ class TorchBench:
         return "peak_rss_bytes", _rss_bytes()
 
     def info(self) -> dict[str, Any]:
-        import peft
-        import transformers
-        device = (self.torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu")
-        return dict(device=device, version=f"torch {self.torch.__version__}, transformers "
-                                            f"{transformers.__version__}, peft {peft.__version__}",
+        from importlib.metadata import version
+        device = self.torch.cuda.get_device_name() if self.device.type == "cuda" else "cpu"
+        libs = ["torch", "transformers"] + (["peft"] if self.mode == "lora" else [])
+        return dict(device=device, version=", ".join(f"{lib} {version(lib)}" for lib in libs),
                     params=int(self.n_params), trainable_params=int(self.trainable))
 
 
@@ -362,7 +366,7 @@ class PeerProcess:
 def _record(bench, args: argparse.Namespace, fwd_flops: float, compile_s: float, best_s: float) -> dict:
     info = bench.info()
     step_s = best_s / args.steps
-    tflops = fwd_flops * TRAIN_FLOPS_FACTOR[args.mode] * args.batch / step_s / 1e12
+    tflops = fwd_flops * FLOPS_FACTOR[args.mode] * args.batch / step_s / 1e12
     peak = args.peak_tflops or peak_tflops(info["device"], args.dtype)
     mem_key, mem = bench.memory()
     return dict(impl=bench.impl, arch=args.arch + (f"[{args.override}]" if args.override else ""),

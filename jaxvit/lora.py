@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 
-def _module_paths(params: dict) -> list[tuple[str, ...]]:
+def module_paths(params: dict) -> list[tuple[str, ...]]:
     """Paths of every Linear-like module: those owning a 2-D `kernel`."""
     flat = traverse_util.flatten_dict(params)
     return [k[:-1] for k, v in flat.items() if k[-1] == "kernel" and v.ndim == 2]
@@ -31,10 +31,11 @@ def matches(path: tuple[str, ...] | str, targets: Sequence[str]) -> bool:
 def init_adapters(params: dict, targets: Sequence[str], rank: int, rng: jax.Array) -> dict:
     """Adapters for every Linear whose path matches `targets`: A ~ U(+-1/sqrt(in)) (PEFT's Kaiming-uniform
     default bound for a=sqrt(5)), B = 0, so the adapted model starts equal to the base model."""
-    paths = [p for p in _module_paths(params) if matches(p, targets)]
+    every = module_paths(params)
+    paths = [p for p in every if matches(p, targets)]
     if not paths:
         raise ValueError(f"LoRA targets {list(targets)} match no Linear layer; module paths look like "
-                         f"{'/'.join(_module_paths(params)[0]) if _module_paths(params) else '(none)'}")
+                         f"{'/'.join(every[0]) if every else '(none)'}")
     flat_params = traverse_util.flatten_dict(params)
     out = {}
     for i, p in enumerate(sorted(paths)):

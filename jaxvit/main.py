@@ -1,7 +1,6 @@
 """Entry point: python -m jaxvit.main --config=configs/gz2_lora.py[:variant] --workdir=DIR [--config.key=value]"""
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import app, flags
@@ -9,6 +8,7 @@ from ml_collections import config_flags
 
 from jaxvit import distributed
 from jaxvit.config import check_overrides
+from jaxvit.run_io import setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file under configs/, e.g. configs/gz2_lora.py:demo",
                                           lock_config=True)
@@ -19,9 +19,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-    for noisy in ("absl", "jax._src", "orbax", "grain"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     distributed.initialize()
     from jaxvit import train  # after jax.distributed is up
     train.run(_CONFIG.value, _WORKDIR.value)

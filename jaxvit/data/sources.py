@@ -62,7 +62,7 @@ def find_split_dir(data_dir: str | os.PathLike, split: str) -> Path:
 # ----------------------------------------------------------------------------- listing
 
 
-def _list_images(class_dir: Path) -> list[Path]:
+def list_images(class_dir: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(class_dir):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
@@ -106,7 +106,7 @@ class ImageFolder:
         paths: list[str] = []
         labels: list[int] = []
         for label, name in enumerate(self.classes):
-            files = _list_images(self.split_dir / name)
+            files = list_images(self.split_dir / name)
             if not files:
                 log.warning("class %r has no images in %s", name, self.split_dir)
             paths.extend(str(f) for f in files)

@@ -1,0 +1,246 @@
+"""Inference with a trained run: one image, a directory, or Python (`Predictor`); attention-map overlays.
+
+    python -m jaxvit.predict --workdir=W --image=galaxy.jpg --output=prediction.json
+    python -m jaxvit.predict --workdir=W --image_dir=images/ --output=predictions.csv --batch_size=32 \
+        [--checkpoint=best_acc] [--attention_dir=attn/ --attention_max=16]
+
+    from jaxvit.predict import Predictor
+    p = Predictor.from_workdir("runs/gz2")
+    p.predict("galaxy.jpg")            # {"class": "spiral", "confidence": 0.97, "probabilities": {...}, ...}
+    p.predict_batch(["a.png", "b.png"])
+    p.benchmark(256)                   # {"images_per_s": ..., ...}
+
+Unreadable files never stop a run: they come back as {"path", "error"} and are listed next to the output
+(`<output stem>_unreadable.csv`).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
+
+from jaxvit import report, run_io
+from jaxvit.data.sources import ImageLoadError, list_images, load_image
+from jaxvit.data.transforms import TransformConfig, eval_transform
+from jaxvit.models import ViT
+from jaxvit.models.heads import Classifier
+
+log = logging.getLogger("jaxvit")
+
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+def to_rgb8(image: ImageLike) -> np.ndarray:
+    """uint8 (H, W, 3) from a path (decoded like the training data), a PIL image or a uint8 array."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
+        raise ValueError(f"expected a uint8 (H, W) or (H, W, 3) array, got {arr.dtype} {arr.shape}")
+    return np.repeat(arr[:, :, None], 3, axis=2) if arr.ndim == 2 else arr
+
+
+class Predictor:
+    """A classifier with its preprocessing: images in, class probabilities out, in fixed-size jitted batches."""
+
+    def __init__(self, model: Classifier, variables: dict, classes: Sequence[str], data_cfg: Any,
+                 batch_size: int = 32, info: dict | None = None):
+        self.model, self.classes, self.batch_size = model, list(classes), batch_size
+        self.tcfg = TransformConfig.from_config(data_cfg)
+        self.variables = jax.device_put(variables)
+        self.info = info or {}
+        self._probs = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x).astype(jnp.float32), -1))
+        vit = ViT(model.backbone)
+        prefix = model.backbone.num_prefix
+
+        def cls_attention(v, x):  # last block, CLS query, patch keys: [B, heads, patches]
+            out = vit.apply(run_io.backbone_variables(v), x, return_attention=True)
+            return out["attentions"][-1][:, :, 0, prefix:]
+        self._attention = jax.jit(cls_attention)
+
+    @classmethod
+    def from_workdir(cls, workdir: str | Path, checkpoint: str | int = "best_acc", batch_size: int = 32) -> Predictor:
+        run = run_io.load_run(workdir, checkpoint)
+        return cls(run.model, run.variables, run.classes, run.cfg.data, batch_size, run_io.describe(run))
+
+    # -- preprocessing
+    def preprocess(self, image: ImageLike) -> np.ndarray:
+        """Normalised float32 (S, S, 3): resize, centre crop, normalise, as in evaluation."""
+        return eval_transform(to_rgb8(image), self.tcfg)
+
+    def _load_all(self, images: Sequence[ImageLike]) -> list[np.ndarray | str]:
+        """Preprocessed images, or the reason an image could not be read, decoded in threads."""
+        def one(image):
+            try:
+                return self.preprocess(image)
+            except (ImageLoadError, ValueError) as e:
+                return getattr(e, "reason", str(e))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            return list(pool.map(one, images))
+
+    def _padded(self, xs: list[np.ndarray]) -> np.ndarray:
+        """A batch padded to `batch_size` rows, so every call reuses one compiled program."""
+        size = self.tcfg.image_size
+        batch = np.zeros((self.batch_size, size, size, 3), np.float32)
+        batch[:len(xs)] = np.stack(xs)
+        return batch
+
+    # -- prediction
+    def _batched(self, fn, xs: np.ndarray) -> np.ndarray:
+        """fn(variables, batch) over preprocessed images [N, S, S, 3] in padded batches, concatenated."""
+        chunks = [xs[i:i + self.batch_size] for i in range(0, len(xs), self.batch_size)]
+        return np.concatenate([np.asarray(fn(self.variables, self._padded(list(c))))[:len(c)] for c in chunks])
+
+    def probabilities(self, xs: np.ndarray) -> np.ndarray:
+        """Class probabilities [N, K] of preprocessed images [N, S, S, 3]."""
+        return self._batched(self._probs, xs)
+
+    def _result(self, p: np.ndarray) -> dict:
+        best = int(p.argmax())
+        return {"class": self.classes[best], "class_index": best, "confidence": float(p[best]),
+                "probabilities": {c: float(v) for c, v in zip(self.classes, p)}}
+
+    def predict_batch(self, images: Sequence[ImageLike]) -> list[dict]:
+        """One dict per input, in order: {class, class_index, confidence, probabilities} (+ path for paths),
+        or {error} (+ path) for an input that could not be read."""
+        results = []
+        for start in range(0, len(images), self.batch_size):  # bounded memory for long lists
+            chunk = images[start:start + self.batch_size]
+            xs = self._load_all(chunk)
+            good = [x for x in xs if not isinstance(x, str)]
+            probs = iter(self.probabilities(np.stack(good)) if good else ())
+            for image, x in zip(chunk, xs):
+                r = {"error": x} if isinstance(x, str) else self._result(next(probs))
+                results.append(({"path": str(image)} if isinstance(image, (str, os.PathLike)) else {}) | r)
+        return results
+
+    def predict(self, image: ImageLike) -> dict:
+        return self.predict_batch([image])[0]
+
+    def warmup(self) -> None:
+        """Compile the forward pass (the first call otherwise pays for it)."""
+        size = self.tcfg.image_size
+        self.probabilities(np.zeros((1, size, size, 3), np.float32))
+
+    def benchmark(self, n: int = 256) -> dict:
+        """Model throughput on random preprocessed batches (decoding excluded), after compilation."""
+        self.warmup()
+        size, steps = self.tcfg.image_size, max(1, -(-n // self.batch_size))
+        batch = jax.device_put(np.random.default_rng(0).standard_normal(
+            (self.batch_size, size, size, 3)).astype(np.float32))
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = self._probs(self.variables, batch)
+        out.block_until_ready()
+        elapsed = time.perf_counter() - start
+        return {"images_per_s": steps * self.batch_size / elapsed, "ms_per_batch": 1e3 * elapsed / steps,
+                "batch_size": self.batch_size, "images": steps * self.batch_size,
+                "device": jax.devices()[0].device_kind}
+
+    # -- attention
+    def attention_maps(self, xs: np.ndarray) -> np.ndarray:
+        """Last-block CLS attention of each head over the patch grid: [N, heads, S/p, S/p]."""
+        grid = self.tcfg.image_size // self.model.backbone.patch_size
+        maps = self._batched(self._attention, xs)
+        return maps.reshape(len(xs), maps.shape[1], grid, grid)
+
+    def save_attention(self, image: ImageLike, path: str | Path, title: str = "") -> np.ndarray:
+        """PNG of the image with its mean and per-head attention maps overlaid; returns the maps."""
+        x = self.preprocess(image)
+        maps = self.attention_maps(x[None])[0]
+        shown = np.clip(x * np.asarray(self.tcfg.std) + np.asarray(self.tcfg.mean), 0, 1)
+        plot_attention(shown, maps, path, title or self._result(self.probabilities(x[None])[0])["class"])
+        return maps
+
+
+def plot_attention(image: np.ndarray, maps: np.ndarray, path: str | Path, title: str = "", cols: int = 6) -> None:
+    """The image, then the head-mean and each head's map (rescaled to [0, 1]) overlaid on it."""
+    panels = [("image", None), ("mean of heads", maps.mean(0))] + [(f"head {h}", m) for h, m in enumerate(maps)]
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(2.2 * min(cols, len(panels)), 2.4 * rows))
+    size = image.shape[0]
+    for i, (name, m) in enumerate(panels):
+        ax = fig.add_subplot(rows, min(cols, len(panels)), i + 1)
+        ax.imshow(image)
+        if m is not None:
+            m = (m - m.min()) / max(float(m.max() - m.min()), 1e-12)
+            up = np.asarray(Image.fromarray(m.astype(np.float32)).resize((size, size), Image.Resampling.BILINEAR))
+            ax.imshow(up, cmap="inferno", alpha=0.55, vmin=0, vmax=1)
+        ax.set_title(name, fontsize=8)
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+# ------------------------------------------------------------------------------------------- command line
+
+def _write_unreadable(output: Path, bad: list[dict]) -> Path:
+    path = output.with_name(output.stem + "_unreadable.csv")
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "reason"])
+        w.writerows([r["path"], r["error"]] for r in bad)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(prog="python -m jaxvit.predict", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", required=True)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="one image: writes JSON")
+    src.add_argument("--image_dir", help="every image below this directory: writes CSV")
+    ap.add_argument("--output", required=True, help="R.json for --image, R.csv for --image_dir")
+    ap.add_argument("--checkpoint", default="best_acc", help="best_acc | best_f1 | final | periodic | a step")
+    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--attention_dir", default=None, help="also write attention-map overlays (PNG) here")
+    ap.add_argument("--attention_max", type=int, default=16, help="at most this many overlays")
+    args = ap.parse_args(argv)
+    run_io.setup_logging()
+    predictor = Predictor.from_workdir(args.workdir, args.checkpoint, args.batch_size)
+    paths = [Path(args.image)] if args.image else list_images(Path(args.image_dir))
+    predictor.warmup()
+    start = time.perf_counter()
+    results = predictor.predict_batch(paths)
+    elapsed = time.perf_counter() - start
+    good = [r for r in results if "error" not in r]
+    bad = [r for r in results if "error" in r]
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if args.image:
+        output.write_text(json.dumps(results[0] | {"model": predictor.info}, indent=2) + "\n")
+    else:
+        report.write_predictions_csv(output, [r["path"] for r in good], None,
+                                     np.array([list(r["probabilities"].values()) for r in good]).reshape(
+                                         len(good), len(predictor.classes)), predictor.classes)
+    if bad:
+        where = _write_unreadable(output, bad) if args.image_dir else output
+        log.warning("%d unreadable images (listed in %s): %s", len(bad), where,
+                    "; ".join(f"{r['path']}: {r['error']}" for r in bad[:10]))
+    if args.attention_dir:
+        for r in good[:args.attention_max]:
+            predictor.save_attention(r["path"], Path(args.attention_dir) / f"{Path(r['path']).stem}_attention.png",
+                                     f"{Path(r['path']).name}: {r['class']} ({r['confidence']:.2f})")
+    print(f"{len(good)} images predicted ({len(bad)} unreadable) in {elapsed:.2f} s: "
+          f"{len(results) / max(elapsed, 1e-9):.1f} images/s (decoding included) -> {output}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

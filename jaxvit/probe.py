@@ -1,0 +1,243 @@
+"""Embedding quality on frozen features: k-NN and a linear probe (the CIFAR-10 seed's embedding study).
+
+    python -m jaxvit.probe --data_dir=D --pretrained=facebook/dinov2-small           # any load_pretrained source
+    python -m jaxvit.probe --data_dir=D --arch=dinov2_vits14 [--override=depth=2]   # random init (a baseline)
+    python -m jaxvit.probe --data_dir=D --workdir=W [--checkpoint=best_acc]         # a fine-tuned run
+        [--pool=cls,cls_mean] [--k=3,10,20] [--temperature=0.07] [--l2=1e-6,1e-5,1e-4,1e-3,1e-2]
+        [--image_size=224] [--output=probe_results.json]
+
+Features (CLS, or CLS with the mean patch token) of the train split fit the probes, which are scored on
+--eval_split (default test). k-NN: cosine similarity, the k nearest training images vote, each with weight
+exp(similarity / temperature) (temperature 0: one vote each). Linear probe: multinomial logistic regression on
+standardised features, L-BFGS (optax), L2 penalty chosen on the val split when there is one. For a run, its own
+fine-tuned head is scored on the same features for comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from jaxvit import evaluate, metrics, run_io
+from jaxvit.benchmark import parse_overrides
+from jaxvit.data.pipeline import default_data_config
+from jaxvit.data.sources import ImageFolder, find_split_dir
+from jaxvit.models import ViT, get_config, load_pretrained
+from jaxvit.models.heads import Head, pool_features
+
+log = logging.getLogger("jaxvit")
+
+
+# ------------------------------------------------------------------------------------------- features
+
+def extract_features(vit: ViT, variables: dict, src: ImageFolder, data_cfg: Any, batch_size: int,
+                     mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
+    """(CLS ++ mean patch token [N, 2D] float32, readable mask [N]); the CLS features are the first D columns."""
+    cfg = mlc.ConfigDict(dict(data=data_cfg, eval=dict(batch_size=batch_size)))
+    fn = lambda v, x, _: pool_features(vit.apply(v, x), "cls_mean").astype(jnp.float32)
+    return evaluate.map_source(fn, variables, src, cfg, mesh)
+
+
+def pooled(features: np.ndarray, pool: str) -> np.ndarray:
+    return features[:, :features.shape[1] // 2] if pool == "cls" else features
+
+
+# ------------------------------------------------------------------------------------------- k-NN
+
+@functools.partial(jax.jit, static_argnames=("k", "temperature", "num_classes"))
+def _knn_votes(train: jax.Array, train_y: jax.Array, query: jax.Array, k: int, temperature: float,
+               num_classes: int) -> jax.Array:
+    """Class votes [Q, k, C] of the k most cosine-similar training rows, cumulated over neighbours."""
+    sim, idx = jax.lax.top_k(query @ train.T, k)
+    weight = jnp.exp((sim - 1.0) / temperature) if temperature > 0 else jnp.ones_like(sim)  # exp(sim/T), rescaled
+    return jnp.cumsum(jax.nn.one_hot(train_y[idx], num_classes) * weight[..., None], axis=1)
+
+
+def knn_predict(train_f: np.ndarray, train_y: np.ndarray, query_f: np.ndarray, ks: Sequence[int],
+                temperature: float, num_classes: int, chunk: int = 1024) -> dict[int, np.ndarray]:
+    """Predicted labels of the query rows for each k (cosine similarity, weighted votes; ties: lowest class)."""
+    unit = lambda f: f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    train, kmax = jnp.asarray(unit(train_f)), min(max(ks), len(train_f))
+    query = unit(query_f)
+    votes = np.concatenate([np.asarray(_knn_votes(train, jnp.asarray(train_y), jnp.asarray(query[i:i + chunk]),
+                                                  kmax, temperature, num_classes))
+                            for i in range(0, len(query), chunk)])
+    return {k: votes[:, min(k, kmax) - 1].argmax(-1) for k in ks}
+
+
+# ------------------------------------------------------------------------------------------- linear probe
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
+def fit_logistic(x: jax.Array, y: jax.Array, l2: float, num_classes: int, steps: int = 300) -> dict:
+    """Multinomial logistic regression: mean cross-entropy + l2 * |W|^2 minimised by L-BFGS."""
+    params = {"w": jnp.zeros((x.shape[1], num_classes)), "b": jnp.zeros(num_classes)}
+
+    def loss(p):
+        ce = optax.softmax_cross_entropy_with_integer_labels(x @ p["w"] + p["b"], y).mean()
+        return ce + l2 * jnp.sum(p["w"] ** 2)
+
+    opt = optax.lbfgs()
+    value_and_grad = optax.value_and_grad_from_state(loss)
+
+    def step(carry, _):
+        p, state = carry
+        value, grad = value_and_grad(p, state=state)
+        updates, state = opt.update(grad, state, p, value=value, grad=grad, value_fn=loss)
+        return (optax.apply_updates(p, updates), state), value
+
+    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), length=steps)
+    return params
+
+
+def linear_probe(train: tuple[np.ndarray, np.ndarray], test_f: np.ndarray, num_classes: int,
+                 l2s: Sequence[float], val: tuple[np.ndarray, np.ndarray] | None = None,
+                 steps: int = 300) -> tuple[np.ndarray, dict]:
+    """(test predictions, {l2, sweep: {l2: val accuracy}}): features standardised with the train statistics;
+    the L2 penalty with the best val accuracy (without a val split: the middle value of `l2s`)."""
+    mean, std = train[0].mean(0), train[0].std(0) + 1e-6
+    norm = lambda f: jnp.asarray((f - mean) / std)
+    predict = lambda p, f: np.asarray(jnp.argmax(norm(f) @ p["w"] + p["b"], -1))
+    fit = lambda l2: fit_logistic(norm(train[0]), jnp.asarray(train[1]), l2, num_classes, steps)
+    if val is not None and len(l2s) > 1:
+        fits = {float(l2): fit(l2) for l2 in l2s}
+        sweep = {l2: metrics.accuracy(val[1], predict(p, val[0])) for l2, p in fits.items()}
+        best = max(sweep, key=sweep.get)
+    else:
+        best, sweep = float(sorted(l2s)[len(l2s) // 2]), {}
+        fits = {best: fit(best)}
+    return predict(fits[best], test_f), {"l2": best, "sweep": sweep}
+
+
+# ------------------------------------------------------------------------------------------- the study
+
+def backbone_from_args(args: argparse.Namespace) -> tuple[ViT, dict, Any, dict, run_io.Run | None]:
+    """(ViT, its variables, data config, description, the run when --workdir) for one of the three sources."""
+    if args.workdir:
+        run = run_io.load_run(args.workdir, args.checkpoint, args.data_dir)
+        return (ViT(run.model.backbone), run_io.backbone_variables(run.variables), run.cfg.data,
+                run_io.describe(run), run)
+    data = default_data_config()
+    data.data_dir, data.image_size, data.crop_ratio = args.data_dir, args.image_size, args.crop_ratio
+    if args.pretrained:
+        vit, params = load_pretrained(args.pretrained, **parse_overrides(args.override))
+        return vit, {"params": params}, data, {"pretrained": args.pretrained}, None
+    vit = ViT(get_config(args.arch, **parse_overrides(args.override)))
+    size = args.image_size
+    params = jax.jit(vit.init)(jax.random.key(args.seed), jnp.zeros((1, size, size, vit.cfg.num_channels)))
+    return vit, {"params": params["params"]}, data, {"arch": args.arch, "override": args.override,
+                                                    "random_init_seed": args.seed}, None
+
+
+def _scores(y: np.ndarray, pred: np.ndarray, num_classes: int) -> dict:
+    return {"accuracy": metrics.accuracy(y, pred), "f1_macro": metrics.macro_f1(y, pred, num_classes)}
+
+
+def run_study(args: argparse.Namespace) -> dict:
+    vit, variables, data_cfg, source, run = backbone_from_args(args)
+    data_cfg.num_workers = args.num_workers
+    if data_cfg.image_size % vit.cfg.patch_size:
+        raise ValueError(f"image size {data_cfg.image_size} is not a multiple of the patch size "
+                         f"{vit.cfg.patch_size}; pass --image_size")
+    run_cfg = run.cfg if run else None
+    mesh = evaluate.run_mesh(run_cfg)
+    variables = evaluate.place(variables, mesh, run_cfg)
+    batch = evaluate.round_batch(args.batch_size, mesh)
+    splits = {"train": args.train_split, "eval": args.eval_split}
+    if args.val_split:
+        try:
+            find_split_dir(args.data_dir, args.val_split)
+            splits["val"] = args.val_split
+        except FileNotFoundError:
+            log.info("no %r split: the linear probe's L2 penalty is not swept", args.val_split)
+    classes = run.classes if run else None
+    feats, labels = {}, {}
+    for role, split in splits.items():
+        src = ImageFolder(args.data_dir, split, classes)
+        classes = src.classes
+        f, ok = extract_features(vit, variables, src, data_cfg, batch, mesh)
+        if not ok.all():
+            log.warning("%s: %d unreadable images left out", split, int((~ok).sum()))
+        feats[role], labels[role] = f[ok], src.labels[ok]
+    n_cls = len(classes)
+    ks = sorted({int(k) for k in args.k.split(",")})
+    l2s = [float(v) for v in args.l2.split(",")]
+    rows = []
+    for pool in args.pool.split(","):
+        train, test = pooled(feats["train"], pool), pooled(feats["eval"], pool)
+        for k, pred in knn_predict(train, labels["train"], test, ks, args.temperature, n_cls).items():
+            rows.append(dict(method="k-NN", pool=pool, k=k, temperature=args.temperature,
+                             **_scores(labels["eval"], pred, n_cls)))
+        val = (pooled(feats["val"], pool), labels["val"]) if "val" in feats else None
+        pred, info = linear_probe((train, labels["train"]), test, n_cls, l2s, val, args.steps)
+        rows.append(dict(method="linear probe", pool=pool, **info, **_scores(labels["eval"], pred, n_cls)))
+    if run is not None:  # the run's own head on the same features
+        head = Head(run.model.num_outputs, tuple(run.model.head_hidden))
+        logits = head.apply({"params": run.variables["params"]["head"]}, pooled(feats["eval"], run.model.pool))
+        rows.append(dict(method="fine-tuned head", pool=run.model.pool,
+                         **_scores(labels["eval"], np.asarray(logits).argmax(-1), n_cls)))
+    return dict(backbone=source, data_dir=str(args.data_dir), classes=classes,
+                splits={r: dict(split=s, images=int(len(labels[r]))) for r, s in splits.items()}, results=rows)
+
+
+def _method(r: dict) -> str:
+    if r["method"] == "k-NN":
+        return f"k-NN (k={r['k']}, cosine" + (f", T={r['temperature']:g})" if r["temperature"] else ")")
+    if r["method"] == "linear probe":
+        return f"Linear probe (L2 {r['l2']:g})"
+    return r["method"]
+
+
+def table(result: dict) -> str:
+    """The results as a markdown table, as in the CIFAR-10 seed."""
+    ev = result["splits"]["eval"]
+    lines = [f"Embedding study on {ev['split']} ({ev['images']} images)", "",
+             "| Method | Features | Accuracy | Macro F1 |", "|---|---|---|---|"]
+    lines += [f"| {_method(r)} | {r['pool']} | {100 * r['accuracy']:.2f}% | {r['f1_macro']:.4f} |"
+              for r in result["results"]]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m jaxvit.probe", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data_dir", required=True)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pretrained", help="transformers dir, cached hub id or original .pth")
+    src.add_argument("--arch", help="preset name, randomly initialised")
+    src.add_argument("--workdir", help="a fine-tuned run")
+    ap.add_argument("--checkpoint", default="best_acc")
+    ap.add_argument("--override", default="", help="ViTConfig fields, e.g. hidden_size=64,depth=2")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--image_size", type=int, default=224, help="not for --workdir (the run's is used)")
+    ap.add_argument("--crop_ratio", type=float, default=0.875)
+    ap.add_argument("--train_split", default="train")
+    ap.add_argument("--val_split", default="val", help="selects the linear probe's L2 ('' for none)")
+    ap.add_argument("--eval_split", default="test")
+    ap.add_argument("--pool", default="cls,cls_mean")
+    ap.add_argument("--k", default="3,10,20")
+    ap.add_argument("--temperature", type=float, default=0.07, help="k-NN vote weight exp(sim/T); 0: majority")
+    ap.add_argument("--l2", default="1e-6,1e-5,1e-4,1e-3,1e-2")
+    ap.add_argument("--steps", type=int, default=300, help="L-BFGS iterations")
+    ap.add_argument("--batch_size", type=int, default=64)
+    ap.add_argument("--num_workers", type=int, default=2)
+    ap.add_argument("--output", default="probe_results.json")
+    args = ap.parse_args(argv)
+    run_io.setup_logging()
+    result = run_study(args)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

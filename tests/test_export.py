@@ -1,0 +1,131 @@
+"""Export of tiny LoRA runs (DINOv2 and DINOv3 families) to transformers + a safetensors head + a PEFT adapter,
+reloaded with the real torch / transformers / peft packages."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict
+from safetensors.numpy import load_file as load_numpy
+from safetensors.torch import load_file
+from transformers import AutoModel, DINOv3ViTConfig, DINOv3ViTModel, Dinov2Config, Dinov2Model
+
+from jaxvit import export, run_io
+from jaxvit.data.synthetic_gz2 import write_dataset
+from jaxvit.predict import Predictor
+from jaxvit.train import Trainer
+from test_train import tiny_config
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+FAMILIES = {
+    # family: (pretrained model, arch, LoRA targets, head_hidden, pool)
+    "dinov2": (lambda: Dinov2Model(Dinov2Config(**TINY, mlp_ratio=2, image_size=32, patch_size=8)), "dinov2_vits14",
+               ("query", "value", "layer_1/mlp/fc2"), (16,), "cls_mean"),
+    "dinov3": (lambda: DINOv3ViTModel(DINOv3ViTConfig(**TINY, intermediate_size=64, patch_size=8,
+                                                      num_register_tokens=4)), "dinov3_vits16",
+               ("query", "key", "value", "dense", "fc1", "fc2"), (), "cls"),
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gz2")
+    write_dataset(root, per_class={"train": 8, "val": 3, "test": 3}, size=32, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def lora_run(request, data_dir, tmp_path_factory):
+    """A one-epoch LoRA run on a (randomly perturbed) transformers checkpoint of the family."""
+    make, arch, targets, hidden, pool = FAMILIES[request.param]
+    torch.manual_seed(0)
+    hf = make().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    pretrained = tmp_path_factory.mktemp(f"{request.param}_hf")
+    hf.save_pretrained(pretrained)
+    c = tiny_config(data_dir, epochs=1)
+    c.model.arch, c.model.pretrained, c.model.head_hidden, c.model.pool = arch, str(pretrained), hidden, pool
+    c.lora.enabled, c.lora.rank, c.lora.alpha, c.lora.targets = True, 4, 16.0, targets
+    c.optim.lr = 2e-2
+    workdir = tmp_path_factory.mktemp(f"{request.param}_run")
+    Trainer(c, workdir).run()
+    return request.param, workdir
+
+
+def test_export_reloads_in_pytorch_and_peft(lora_run, data_dir, tmp_path):
+    family, workdir = lora_run
+    out = tmp_path / "export"
+    diffs = export.main([f"--workdir={workdir}", f"--output={out}", "--checkpoint=final"])
+    assert diffs["probs_max_abs_diff"] <= 1e-4 and diffs["peft_vs_model_rel_diff"] <= 1e-5
+
+    # Real test images, preprocessed as jaxvit evaluates them; jaxvit's probabilities from the checkpoint
+    # (LoRA applied unmerged, as in training).
+    predictor = Predictor.from_workdir(workdir, "final")
+    x = np.stack([predictor.preprocess(p) for p in sorted(data_dir.glob("gz2_5class_test/*/*.png"))[:6]])
+    want = predictor.probabilities(x)
+    pixels = torch.from_numpy(x).permute(0, 3, 1, 2)
+
+    # PyTorch: transformers backbone + the head rebuilt by hand from head.safetensors.
+    cfg = json.loads((out / "head_config.json").read_text())
+    assert cfg["classes"] == predictor.classes and cfg["num_outputs"] == 5
+    widths = [cfg["in_features"], *cfg["hidden"], cfg["num_outputs"]]
+    if cfg["hidden"]:
+        head = torch.nn.Sequential(torch.nn.Linear(widths[0], widths[1]), torch.nn.GELU(),
+                                   torch.nn.Linear(widths[1], widths[2]))
+    else:
+        head = torch.nn.Linear(widths[0], widths[1])
+        assert set(load_file(out / "head.safetensors")) == {"weight", "bias"}
+    head.load_state_dict(load_file(out / "head.safetensors"))
+    model = AutoModel.from_pretrained(out / "model").eval()
+    with torch.no_grad():
+        o = model(pixel_values=pixels)
+        feats = o.pooler_output
+        if cfg["pool"] == "cls_mean":
+            feats = torch.cat([feats, o.last_hidden_state[:, cfg["num_prefix_tokens"]:].mean(1)], -1)
+        got = torch.softmax(head(feats), -1).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+
+    # PEFT: base model + adapter reproduces the merged model; the adapter matters.
+    base = AutoModel.from_pretrained(out / "base_model").eval()
+    with torch.no_grad():
+        merged = o.last_hidden_state.numpy()
+        plain = base(pixel_values=pixels).last_hidden_state.numpy()
+        adapted = PeftModel.from_pretrained(base, out / "peft_adapter").eval()(pixel_values=pixels)
+    scale = np.abs(merged).max()
+    assert np.abs(adapted.last_hidden_state.numpy() - merged).max() <= 1e-5 * scale
+    assert np.abs(plain - merged).max() > 1e-3 * scale
+
+    # The adapter file has exactly the keys and shapes PEFT itself writes for this config.
+    adapter_cfg = json.loads((out / "peft_adapter" / "adapter_config.json").read_text())
+    assert (adapter_cfg["peft_type"], adapter_cfg["r"], adapter_cfg["lora_alpha"], adapter_cfg["task_type"]) == (
+        "LORA", 4, 16, None)
+    native = get_peft_model(AutoModel.from_pretrained(out / "base_model"), LoraConfig(
+        r=4, lora_alpha=16, target_modules=adapter_cfg["target_modules"]))
+    want_shapes = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(native).items()}
+    ours = load_numpy(out / "peft_adapter" / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in ours.items()} == want_shapes
+    if family == "dinov2":  # a subset of layers: full module names
+        assert "encoder.layer.1.mlp.fc2" in adapter_cfg["target_modules"]
+        assert "base_model.model.encoder.layer.0.attention.q_proj.lora_A.weight" in ours
+    else:
+        assert sorted(adapter_cfg["target_modules"]) == ["down_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                                                         "v_proj"]
+
+
+def test_load_run_without_the_pretrained_weights(lora_run, tmp_path, caplog):
+    """A run copied where its pretrained checkpoint is missing still loads (the architecture from the config)."""
+    _, workdir = lora_run
+    copy = tmp_path / "moved"
+    shutil.copytree(workdir, copy)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["model"]["pretrained"] = str(tmp_path / "not_here")
+    (copy / "config.json").write_text(json.dumps(cfg))
+    a, b = run_io.load_run(workdir, "final"), run_io.load_run(copy, "final")
+    assert "not available" in caplog.text
+    assert a.model == b.model
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    np.testing.assert_array_equal(a.model.apply(a.variables, x), b.model.apply(b.variables, x))
