@@ -39,7 +39,7 @@ DEFAULT_PER_CLASS: dict[str, int] = {"train": 400, "val": 60, "test": 100}
 METADATA_NAME = "gz2_5class_metadata.csv"
 MARKER_NAME = ".synthetic_gz2.json"
 PARTIAL_NAME = ".synthetic_gz2.partial"
-_VERSION = 1  # bump when the renderer changes so cached datasets are redone
+_VERSION = 2  # bump when the renderer changes so cached datasets are redone
 
 # Intrinsic axis-ratio and Sersic-index ranges for the smooth classes: round
 # systems are concentrated ellipticals, flattened ones are disky (S0-like).
@@ -97,16 +97,16 @@ _YELLOW = (1.25, 1.0, 0.72)  # old stellar populations (ellipticals, bulges)
 _BLUE = (0.75, 0.95, 1.3)  # star-forming arms
 
 
-def _smooth(cls: str, rng: np.random.Generator, size: int, u, v, s: float, p: dict) -> np.ndarray:
+def _smooth(cls: str, rng: np.random.Generator, u: np.ndarray, v: np.ndarray, s: float, p: dict) -> np.ndarray:
     q = rng.uniform(*_SMOOTH_Q[cls])
-    re = rng.uniform(8.0, 13.0) * s
+    re = rng.uniform(8.0, 13.0) * s  # large enough that the shape spans several ViT patches
     n = rng.uniform(*_SMOOTH_N[cls])
     p.update(axis_ratio=q, radius_px=re, sersic_n=n)
     prof = _sersic(_elliptical_r(u, v, q), re, n)
     return prof[None] * _tint(rng, _YELLOW)[:, None, None]
 
 
-def _edge_on(rng: np.random.Generator, size: int, u, v, s: float, p: dict) -> np.ndarray:
+def _edge_on(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, s: float, p: dict) -> np.ndarray:
     h = rng.uniform(5.5, 9.0) * s  # radial scale length
     q = rng.uniform(0.06, 0.12)  # scale height / scale length
     z0 = q * h
@@ -126,7 +126,7 @@ def _edge_on(rng: np.random.Generator, size: int, u, v, s: float, p: dict) -> np
     return img
 
 
-def _spiral(rng: np.random.Generator, size: int, u, v, s: float, p: dict) -> np.ndarray:
+def _spiral(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, s: float, p: dict) -> np.ndarray:
     h = rng.uniform(5.0, 8.0) * s
     q = rng.uniform(0.5, 1.0)  # cos(inclination)
     m = int(rng.choice([2, 2, 3, 4]))
@@ -167,11 +167,11 @@ def _render(cls: str, rng: np.random.Generator, size: int) -> tuple[np.ndarray, 
     u, v = _rotated(size, cx, cy, angle)
     p: dict[str, Any] = {"angle_deg": np.rad2deg(angle)}
     if cls == "edge_on":
-        img = _edge_on(rng, size, u, v, s, p)
+        img = _edge_on(rng, u, v, s, p)
     elif cls == "spiral":
-        img = _spiral(rng, size, u, v, s, p)
+        img = _spiral(rng, u, v, s, p)
     else:
-        img = _smooth(cls, rng, size, u, v, s, p)
+        img = _smooth(cls, rng, u, v, s, p)
     brightness = rng.uniform(0.6, 1.6)
     img = img * (0.12 * brightness)  # surface brightness at ~1 effective radius
 
@@ -199,12 +199,12 @@ def _render(cls: str, rng: np.random.Generator, size: int) -> tuple[np.ndarray, 
     k = _psf_matrix(size, psf)
     img = k @ img @ k.T
 
-    # Noise: Poisson photon noise on galaxy + sky, then Gaussian read/sky noise.
+    # Noise: photon noise on galaxy + sky (Gaussian approximation of Poisson,
+    # variance = counts / gain) plus Gaussian sky/read noise, in one draw.
     gain = rng.uniform(150.0, 400.0)
     sky_sigma = rng.uniform(0.006, 0.015)
-    sky = 0.02
-    img = rng.poisson((np.clip(img, 0, None) + sky) * gain) / gain - sky
-    img = img + rng.normal(0.0, sky_sigma, img.shape)
+    sigma = np.sqrt((np.clip(img, 0, None) + 0.02) / gain + sky_sigma**2)
+    img = img + sigma * rng.standard_normal(img.shape)
 
     # Lupton-style asinh stretch on total intensity (preserves colour).
     beta, alpha = 0.02, rng.uniform(0.9, 1.1)
