@@ -26,8 +26,11 @@ class Checkpoints:
         self.named: dict[str, ocp.CheckpointManager] = {}
 
     def _manager(self, name: str, keep: int) -> ocp.CheckpointManager:
+        # Multi-process: orbax names its barriers after the step directory ("5"), the same for every manager that
+        # saves step 5 at once (periodic, best_acc, best_f1); a per-manager prefix keeps them apart (else: hang).
         return ocp.CheckpointManager(self.root / name, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True))
+            max_to_keep=keep, create=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)))
 
     def _named(self, name: str) -> ocp.CheckpointManager:
         if name not in self.named:

@@ -9,7 +9,6 @@ from jaxvit.data.pipeline import default_data_config
 def base_config() -> mlc.ConfigDict:
     c = mlc.ConfigDict()
     c.seed = 0
-    c.task = "classification"
 
     c.model = mlc.ConfigDict()
     c.model.arch = "dinov2_vits14"  # preset name (jaxvit.models.PRESETS)
@@ -17,6 +16,7 @@ def base_config() -> mlc.ConfigDict:
     c.model.overrides = mlc.ConfigDict()  # ViTConfig fields, e.g. hidden_size=192 for a custom size
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.remat = "none"  # none | full | dots
+    c.model.frozen_dtype = "float32"  # storage of frozen weights (e.g. the LoRA base): float32 | bfloat16
     c.model.drop_path = 0.0
     c.model.pool = "cls"  # cls | cls_mean
     c.model.head_hidden = ()
@@ -70,6 +70,13 @@ def base_config() -> mlc.ConfigDict:
     c.checkpoint.every_epochs = 1
     c.checkpoint.every_steps = 0  # also save mid-epoch every N steps (0 = off)
     c.checkpoint.keep = 3  # periodic checkpoints kept
+
+    # Device mesh (jaxvit/sharding.py): batch over data*fsdp; params over fsdp (FSDP) and tensor (heads / MLP).
+    c.mesh = mlc.ConfigDict()
+    c.mesh.data = -1  # data parallel; -1 = the devices left over
+    c.mesh.fsdp = 1  # parameter + optimizer-state sharding
+    c.mesh.tensor = 1  # tensor parallel: attention heads and MLP hidden units (keep within one host)
+    c.mesh.fsdp_min_size = 2 ** 18  # leaves with fewer elements stay replicated under FSDP
     return c
 
 

@@ -11,6 +11,8 @@ Writes `<split>_results.json`, `<split>_confusion_matrix.png` (row-normalised), 
 """
 from __future__ import annotations
 
+import functools
+
 import argparse
 from pathlib import Path
 from typing import Callable, Sequence
@@ -47,7 +49,7 @@ def map_source(fn: Callable, variables, src: ImageFolder, cfg, mesh: Mesh) -> tu
     `index` holds each row's dataset index (-1 for padding), e.g. to seed per-image randomness. Batches are
     split over the mesh's batch axes; `variables` keep the placement they have (see `place`)."""
     batch_sharding = NamedSharding(mesh, sharding.batch_spec(mesh))
-    apply = jax.jit(fn)
+    apply = _jit(fn)
     out, ok = None, np.zeros(len(src), bool)
     for batch in pipeline.eval_iterator(src, cfg.data, global_batch=cfg.eval.batch_size):
         images, index = (jax.make_array_from_process_local_data(batch_sharding, batch[k]) for k in ("image", "index"))
@@ -60,10 +62,18 @@ def map_source(fn: Callable, variables, src: ImageFolder, cfg, mesh: Mesh) -> tu
     return out, ok
 
 
+_jit = functools.lru_cache(maxsize=16)(jax.jit)  # the same fn object reuses its compiled program
+
+
+@functools.lru_cache(maxsize=16)
+def _softmax_fn(model) -> Callable:
+    return lambda v, x, _: jax.nn.softmax(model.apply(v, x).astype(jnp.float32), -1)
+
+
 def predict_probs(model, variables: dict, src: ImageFolder, cfg, mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities [N, K], readable mask [N]) for every image of `src`, in dataset order, on every process."""
-    return map_source(lambda v, x, _: jax.nn.softmax(model.apply(v, x).astype(jnp.float32), -1),
-                      variables, src, cfg, mesh)
+    """(probabilities [N, K], readable mask [N]) for every image of `src`, in dataset order, on every process.
+    Per-epoch validation reuses one compiled program per model."""
+    return map_source(_softmax_fn(model), variables, src, cfg, mesh)
 
 
 def score(probs: np.ndarray, ok: np.ndarray, src: ImageFolder, out_dir: Path | None = None,

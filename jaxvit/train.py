@@ -22,7 +22,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxvit import checkpoint as ckpt
-from jaxvit import evaluate, lora, optim
+from jaxvit import evaluate, lora, optim, sharding
 from jaxvit.data import pipeline
 from jaxvit.data.sources import ImageFolder, scan
 from jaxvit.models import get_config, load_pretrained
@@ -123,9 +123,9 @@ class Trainer:
     def __init__(self, cfg, workdir: str | Path):
         self.cfg, self.workdir = cfg, Path(workdir)
         self.is_main = jax.process_index() == 0
-        self.mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+        self.mesh = sharding.make_mesh(cfg.mesh)  # config.mesh: data / fsdp / tensor (jaxvit/sharding.py)
         self.replicated = NamedSharding(self.mesh, P())
-        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        self.batch_sharding = NamedSharding(self.mesh, sharding.batch_spec(self.mesh))
         self._preflight()
         c = cfg
         self.train_src = ImageFolder(c.data.data_dir, "train", c.data.classes or None)
@@ -144,14 +144,12 @@ class Trainer:
     # -- setup helpers
     def _preflight(self):
         c = self.cfg
-        n_dev, n_proc = jax.device_count(), jax.process_count()
-        b = c.train.batch_size
-        if b % n_dev or b % (n_dev * c.train.grad_accum) and c.train.grad_accum > 1:
-            raise ValueError(f"train.batch_size={b} must divide evenly over {n_dev} devices"
-                             + (f" and train.grad_accum={c.train.grad_accum} micro-batches" if c.train.grad_accum > 1
-                                else "") + "; change train.batch_size")
-        if c.eval.batch_size % n_dev:
-            raise ValueError(f"eval.batch_size={c.eval.batch_size} must be a multiple of the {n_dev} devices")
+        n_proc = jax.process_count()
+        # Global batches: split over the mesh's batch shards and processes, or a clear error (sharding.py).
+        per_dev, per_proc = sharding.batch_shares(c.train.batch_size, self.mesh, micro=c.train.grad_accum)
+        sharding.batch_shares(c.eval.batch_size, self.mesh, "eval.batch_size")
+        log.info("mesh %s over %d processes: global batch %d = %d per batch shard, %d per process",
+                 dict(self.mesh.shape), n_proc, c.train.batch_size, per_dev, per_proc)
         if c.data.synthetic and self.is_main:
             from jaxvit.data.synthetic_gz2 import write_dataset
             write_dataset(c.data.data_dir, seed=c.seed)
@@ -171,12 +169,26 @@ class Trainer:
         trainable, frozen = self._partition(variables, stage)
         tx, schedule, mults = optim.make_optimizer(self.cfg, trainable, self._stage_steps(stage, start_step),
                                                    self.depth)
-        state = dict(step=jnp.asarray(start_step, jnp.int32),
-                     rng=jax.random.key_data(jax.random.key(self.cfg.seed + 1)),
-                     trainable=trainable, frozen=frozen, opt_state=tx.init(trainable))
-        if self.cfg.train.ema_decay:
-            state["ema"] = jax.tree_util.tree_map(jnp.copy, trainable)
-        return jax.device_put(state, self.replicated), (tx, schedule, mults)
+        # model.frozen_dtype: frozen matrices stored narrower; trainable leaves are always float32.
+        cast = lambda tree, dt, ndim: jax.tree_util.tree_map(
+            lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= ndim else x, tree)
+        trainable, frozen = cast(trainable, jnp.float32, 0), cast(frozen, jnp.dtype(self.cfg.model.frozen_dtype), 2)
+
+        def init(trainable, frozen):
+            state = dict(step=jnp.asarray(start_step, jnp.int32),
+                         rng=jax.random.key_data(jax.random.key(self.cfg.seed + 1)),
+                         trainable=trainable, frozen=frozen, opt_state=tx.init(trainable))
+            if self.cfg.train.ema_decay:
+                state["ema"] = jax.tree_util.tree_map(jnp.copy, trainable)
+            return state
+
+        # Created straight into its shardings (FSDP / tensor parallel from config.mesh).
+        self.state_sharding = sharding.state_shardings(jax.eval_shape(init, trainable, frozen), self.mesh,
+                                                       self.cfg.mesh.fsdp_min_size)
+        parts = (self.state_sharding["trainable"], self.state_sharding["frozen"])
+        state = jax.jit(init, in_shardings=parts, out_shardings=self.state_sharding)(
+            *jax.device_put((trainable, frozen), parts))
+        return state, (tx, schedule, mults)
 
     def _stage_steps(self, stage: int, start_step: int) -> int:
         t = self.cfg.train
@@ -186,8 +198,8 @@ class Trainer:
 
     def _compile(self, tx, schedule, num_classes: int):
         step = make_train_step(self.model, self.cfg, tx, num_classes, lambda s: schedule(s - self.stage_start))
-        return jax.jit(step, in_shardings=(self.replicated, self.batch_sharding),
-                       out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+        return jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
+                       out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
 
     def _global_batch(self, local: dict) -> dict:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
@@ -204,6 +216,7 @@ class Trainer:
         if self.is_main:
             self.workdir.mkdir(parents=True, exist_ok=True)
             (self.workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+            (self.workdir / "classes.json").write_text(json.dumps(self.classes))
         data = pipeline.train_iterator(self.train_src, c.data, global_batch=t.batch_size, seed=c.seed)
         meta = dict(stage=1 if (t.stage1_epochs or t.stage1_patience) else 2, stage_start=0, best_acc=-1.0,
                     best_f1=-1.0, history=[], since_best=0, epoch_sums=dict(loss=0.0, accuracy=0.0, steps=0),
@@ -266,6 +279,8 @@ class Trainer:
                 self.ckpts.save_periodic(step, state, data, meta)
         self.ckpts.save_named("final", step, state, data, meta)
         self.ckpts.wait()
+        if self.is_main:
+            evaluate.write_training_curves(self.workdir)
         data.close()
         return self._final_test(state, meta)
 
@@ -287,7 +302,8 @@ class Trainer:
     def _final_test(self, state: dict, meta: dict) -> dict:
         name = self.cfg.eval.test_checkpoint
         if name != "final":
-            state = jax.device_put(self.ckpts.restore_named(name), self.replicated)
+            state = self.ckpts.restore_named(name)
+            state = jax.device_put(state, sharding.state_shardings(state, self.mesh, self.cfg.mesh.fsdp_min_size))
         results = self.evaluate_split(state, "test", self.workdir / "eval_test")
         log.info("test (%s checkpoint): accuracy %.4f, macro F1 %.4f", name, results["accuracy"],
                  results["f1_macro"])

@@ -1,0 +1,292 @@
+"""Mesh and sharding rules; data / FSDP / tensor-parallel training on 8 CPU devices equals one device.
+
+The 8-device checks run this file as a script in a subprocess with
+XLA_FLAGS=--xla_force_host_platform_device_count=8 (other test modules may already have started jax with one
+device); the script writes what it measured to a JSON file and the tests below assert on it.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from jaxvit import sharding
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_VIT = dict(patch_size=8, hidden_size=32, depth=2, num_heads=4, mlp_hidden=64, pos_grid=4)
+MESHES = {  # name -> (data, fsdp, tensor): 1, 2, 4 and 8 devices; "one" is the single-device reference
+    "one": (1, 1, 1), "data2": (2, 1, 1), "fsdp4": (1, 4, 1), "data8": (8, 1, 1), "fsdp": (2, 4, 1),
+    "tensor": (2, 1, 4), "mixed": (2, 2, 2),
+}
+STEPS = 10
+# fp32 tolerance: sharded runs sum gradients and logits in a different order (relative error ~1e-7 per
+# step). Over 10 Adam steps the losses agree to ~1e-6; parameters to ~1e-5 (Adam's lr * g / |g| turns rounding
+# in near-zero gradients into differences up to a fraction of lr = 1e-3, as in test_train's accumulation test).
+LOSS_RTOL, PARAM_ATOL = 1e-5, 1e-4
+
+
+def mesh(data=1, fsdp=1, tensor=1) -> AbstractMesh:
+    return AbstractMesh((data, fsdp, tensor), sharding.AXES)
+
+
+# ------------------------------------------------------------------------------------- rules, in-process
+
+def test_tensor_parallel_rules_split_heads_and_mlp():
+    m = mesh(tensor=4)
+    spec = lambda path, shape: sharding.leaf_spec(path, shape, m, 2 ** 18)
+    layer = "trainable/params/backbone/encoder/layer_3"
+    for name in ("query", "key", "value"):
+        assert spec(f"{layer}/attention/{name}/kernel", (64, 64)) == P(None, "tensor")
+        assert spec(f"{layer}/attention/{name}/bias", (64,)) == P("tensor")
+    assert spec(f"{layer}/attention/dense/kernel", (64, 64)) == P("tensor")
+    assert spec(f"{layer}/attention/dense/bias", (64,)) == P()
+    for name in ("fc1", "gate_proj", "up_proj"):
+        assert spec(f"{layer}/mlp/{name}/kernel", (64, 256)) == P(None, "tensor")
+    for name in ("fc2", "down_proj"):
+        assert spec(f"{layer}/mlp/{name}/kernel", (256, 64)) == P("tensor")
+    # LoRA factors follow their layer: B of a column-split layer, A of a row-split one; the rest replicated.
+    lora = "trainable/lora/backbone/encoder/layer_3"
+    assert spec(f"{lora}/attention/query/lora_b", (8, 64)) == P(None, "tensor")
+    assert spec(f"{lora}/attention/query/lora_a", (64, 8)) == P()
+    assert spec(f"{lora}/attention/dense/lora_a", (64, 8)) == P("tensor")
+    assert spec(f"{lora}/mlp/fc2/lora_b", (8, 64)) == P()
+    # Optimizer state mirrors the parameter paths (adam mu/nu inside multi_transform / masked states).
+    opt = "opt_state/1/inner_states/x1/inner_state/0/mu/params/backbone/encoder/layer_3/attention/query/kernel"
+    assert spec(opt, (64, 64)) == P(None, "tensor")
+    assert spec("opt_state/1/inner_states/x1/inner_state/0/count", ()) == P()
+    assert spec("trainable/params/head/out/kernel", (64, 5)) == P()
+    with pytest.raises(ValueError, match="mesh.tensor=4 does not divide"):
+        spec(f"{layer}/attention/query/kernel", (64, 66))
+
+
+def test_fsdp_shards_large_leaves_on_their_largest_divisible_dim():
+    m = mesh(fsdp=4)
+    spec = lambda path, shape, min_size=1000: sharding.leaf_spec(path, shape, m, min_size)
+    assert spec("trainable/params/backbone/encoder/layer_0/mlp/fc1/kernel", (64, 256)) == P(None, "fsdp")
+    assert spec("trainable/params/backbone/encoder/layer_0/mlp/fc2/kernel", (256, 64)) == P("fsdp")
+    assert spec("frozen/params/backbone/embeddings/patch_embeddings/kernel", (14, 14, 3, 64)) == P(
+        None, None, None, "fsdp")
+    assert spec("trainable/params/backbone/embeddings/position_embeddings", (1, 1370, 64)) == P(None, None, "fsdp")
+    assert spec("x/odd", (999, 3)) == P()  # no dimension divides by 4
+    assert spec("trainable/params/backbone/encoder/layer_0/mlp/fc1/bias", (256,)) == P()  # small: replicated
+    assert spec("rng", (2,)) == P() and spec("step", ()) == P()
+    # With tensor parallelism too, FSDP takes a dimension tensor left free.
+    both = sharding.leaf_spec("p/attention/query/kernel", (64, 64), mesh(fsdp=2, tensor=2), 1000)
+    assert both == P("fsdp", "tensor")
+
+
+@pytest.mark.parametrize("arch, sizes", [("dinov2_vitg14", (1, 8, 1)), ("dinov3_vit7b16", (1, 8, 1)),
+                                         ("dinov3_vit7b16", (1, 4, 2))])
+def test_fsdp_divides_the_big_models_state_by_the_mesh_size(arch, sizes):
+    """The real ViT-g/14 and ViT-7B/16 parameter trees (shapes only): all but ~0.1% of the parameters split."""
+    import jax
+    import jax.numpy as jnp
+    from jaxvit.models import get_config
+    from jaxvit.models.heads import Classifier
+    model = Classifier(get_config(arch), 5)
+    params = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+    m = mesh(*sizes)
+    total = per_device = 0
+    for path, x in jax.tree_util.tree_leaves_with_path({"trainable": params}):
+        spec = sharding.leaf_spec(sharding.path_str(path), x.shape, m, 2 ** 18)
+        total += x.size
+        per_device += x.size / np.prod([m.shape[a] for a in jax.tree_util.tree_leaves(tuple(spec)) if a])
+    assert total / per_device > 7.9  # of 8 devices
+
+
+def test_mesh_shape_resolves_the_rest_and_rejects_bad_sizes():
+    assert sharding.mesh_shape(dict(data=-1, fsdp=2, tensor=1), 8) == dict(data=4, fsdp=2, tensor=1)
+    assert sharding.mesh_shape(dict(data=1, fsdp=-1, tensor=2), 8) == dict(data=1, fsdp=4, tensor=2)
+    with pytest.raises(ValueError, match="do not divide"):
+        sharding.mesh_shape(dict(data=-1, fsdp=3, tensor=1), 8)
+    with pytest.raises(ValueError, match="at most one -1"):
+        sharding.mesh_shape(dict(data=-1, fsdp=-1, tensor=1), 8)
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        sharding.mesh_shape(dict(data=4, fsdp=4, tensor=1), 8)
+
+
+def test_batch_spec_and_indivisible_global_batch():
+    assert sharding.batch_spec(mesh(2, 4, 2)) == P(("data", "fsdp"))
+    assert sharding.batch_spec(mesh(1, 4, 2)) == P("fsdp")
+    assert sharding.batch_spec(mesh(1, 1, 8)) == P()  # pure tensor parallel: every device sees the whole batch
+    m = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+    assert sharding.batch_shares(8, m) == (8, 8)
+    with pytest.raises(ValueError, match=r"train.batch_size=8 is the global batch .* 3 micro-batches"):
+        sharding.batch_shares(8, m, micro=3)
+
+
+# ------------------------------------------------------------------------------------- 8 devices, subprocess
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    from jaxvit.data.synthetic_gz2 import write_dataset
+    root = tmp_path_factory.mktemp("sharding")
+    write_dataset(root / "data", per_class={"train": 8, "val": 3, "test": 3}, size=32, seed=0)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               # Trainers built for different meshes compile the same model init: compile it once.
+               JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, __file__, str(root)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    out = json.loads((root / "measured.json").read_text())
+    print(f"8-device script: {time.time() - t0:.0f} s")
+    return out
+
+
+def test_every_mesh_gives_the_single_device_losses(measured):
+    ref = measured["losses"]["one"]
+    assert len(ref) == STEPS and len(set(ref)) == STEPS
+    for name in MESHES:
+        np.testing.assert_allclose(measured["losses"][name], ref, rtol=LOSS_RTOL, err_msg=name)
+        assert measured["param_diff"][name] < PARAM_ATOL, name
+
+
+def test_params_and_optimizer_state_are_sharded_as_configured(measured):
+    specs, shapes = measured["specs"], measured["shard_shapes"]
+    q, fc1, dense = "attention/query/kernel", "mlp/fc1/kernel", "attention/dense/kernel"
+    # Pure data parallel: everything replicated, every device holds the whole (32, 32) kernel.
+    assert specs["data8"][q] == [] and shapes["data8"][q] == [32, 32]
+    # Tensor parallel over 4: q/k/v and fc1 split on the output dim, dense on the input dim.
+    assert specs["tensor"][q] == specs["tensor"][fc1] == [None, "tensor"] and specs["tensor"][dense] == ["tensor"]
+    assert shapes["tensor"][q] == [32, 8] and shapes["tensor"][fc1] == [32, 16] and shapes["tensor"][dense] == [8, 32]
+    # FSDP over 4: the largest divisible dim; Adam's moments placed like their parameter.
+    assert specs["fsdp"][q] == ["fsdp"] and shapes["fsdp"][q] == [8, 32]
+    assert specs["fsdp"]["opt_mu/" + fc1] == specs["fsdp"][fc1] == [None, "fsdp"]
+    assert shapes["fsdp"]["opt_mu/" + fc1] == shapes["fsdp"][fc1] == [32, 16]
+    # Both: FSDP on the dim tensor left free.
+    assert specs["mixed"][q] == ["fsdp", "tensor"] and shapes["mixed"][q] == [16, 16]
+    # The step keeps the placement (explicit out_shardings) ...
+    assert measured["after_step_specs"] == specs["mixed"]
+    # ... and batches are split over data*fsdp (replicated over tensor).
+    assert measured["batch_spec"]["mixed"] == [["data", "fsdp"]] and measured["batch_spec"]["tensor"] == ["data"]
+
+
+def test_checkpoint_from_one_mesh_restores_onto_another(measured):
+    r = measured["restore"]
+    assert r["specs_match_target"] and r["values_equal"]
+    np.testing.assert_allclose(r["losses"], measured["losses"]["one"], rtol=LOSS_RTOL)
+
+
+def test_full_run_on_a_mixed_mesh_with_lora_and_bf16_frozen_base(measured):
+    r = measured["lora_run"]
+    assert 0.0 <= r["test_accuracy"] <= 1.0 and r["history_rows"] == 1
+    assert r["frozen_dtypes"] == ["bfloat16"] and "float32" in r["trainable_dtypes"]
+
+
+# ------------------------------------------------------------------------------------- the script
+
+def _config(data_dir: Path, mesh_sizes: tuple[int, int, int]):
+    from jaxvit.config import base_config
+    c = base_config()
+    c.data.data_dir = str(data_dir)
+    c.data.image_size, c.data.crop_ratio, c.data.num_workers = 32, 1.0, 0
+    c.model.overrides.update(TINY_VIT)
+    c.train.epochs, c.train.batch_size, c.train.log_every_steps = 2, 8, 5
+    c.eval.batch_size = 8
+    c.optim.lr, c.optim.warmup_ratio, c.optim.schedule = 1e-3, 0.0, "constant"
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_sizes
+    c.mesh.fsdp_min_size = 256
+    return c
+
+
+def _script(root: Path) -> None:
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import traverse_util
+    from jaxvit.data import pipeline
+    from jaxvit.train import Trainer
+
+    assert jax.device_count() == 8
+    layer0 = ("params", "backbone", "encoder", "layer_0")
+    watched = {"attention/query/kernel": layer0 + ("attention", "query", "kernel"),
+               "attention/dense/kernel": layer0 + ("attention", "dense", "kernel"),
+               "mlp/fc1/kernel": layer0 + ("mlp", "fc1", "kernel")}
+
+    def leaf(tree, path):
+        for k in path:
+            tree = tree[k]
+        return tree
+
+    def placement(state) -> tuple[dict, dict]:
+        mu = state["opt_state"][1].inner_states["x1"].inner_state[0].mu  # clip, multi_transform -> adamw
+        arrays = {k: leaf(state["trainable"], p) for k, p in watched.items()}
+        arrays |= {"opt_mu/" + k: leaf(mu, p) for k, p in watched.items()}
+        return ({k: spec_list(a.sharding.spec) for k, a in arrays.items()},
+                {k: list(a.addressable_shards[0].data.shape) for k, a in arrays.items()})
+
+    def spec_list(spec) -> list:  # JSON-able, trailing Nones dropped: P(None, None) and P() -> []
+        entries = [list(a) if isinstance(a, tuple) else a for a in spec]
+        while entries and entries[-1] is None:
+            entries.pop()
+        return entries
+
+    def flat(tree) -> dict:
+        return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+
+    def trainer_and_state(name, sizes):
+        t = Trainer(_config(root / "data", sizes), root / name)
+        state, (tx, schedule, _) = t._init_state(t.variables_template, 2, 0)
+        t.stage_start = 0
+        return t, state, t._compile(tx, schedule, len(t.classes))
+
+    def train(t, state, step_fn, data, n):
+        losses = []
+        for _ in range(n):
+            state, m = step_fn(state, t._global_batch(next(data)))
+            losses.append(float(m["loss"]))
+        return state, losses
+
+    out = {k: {} for k in ("losses", "param_diff", "specs", "shard_shapes", "batch_spec")}
+    ref_params = None
+    for name, sizes in MESHES.items():
+        t, state, step_fn = trainer_and_state(name, sizes)
+        out["specs"][name], out["shard_shapes"][name] = placement(state)
+        out["batch_spec"][name] = spec_list(t.batch_sharding.spec)
+        data = pipeline.train_iterator(t.train_src, t.cfg.data, global_batch=8, seed=0)
+        state, out["losses"][name] = train(t, state, step_fn, data, STEPS)
+        if name == "mixed":
+            out["after_step_specs"] = placement(state)[0]
+        params = flat(state["trainable"])
+        ref_params = ref_params or params
+        out["param_diff"][name] = max(float(np.abs(params[k] - ref_params[k]).max()) for k in params)
+
+    # A checkpoint written on the FSDP mesh after 4 steps, restored onto the tensor-parallel mesh, continued.
+    t, state, step_fn = trainer_and_state("ckpt", MESHES["fsdp"])
+    data = pipeline.train_iterator(t.train_src, t.cfg.data, global_batch=8, seed=0)
+    state, first = train(t, state, step_fn, data, 4)
+    t.ckpts.save_periodic(4, state, data, {"step": 4})
+    t.ckpts.wait()
+    saved = flat(state["trainable"])
+    t2, template, step_fn2 = trainer_and_state("ckpt", MESHES["tensor"])
+    data2 = pipeline.train_iterator(t2.train_src, t2.cfg.data, global_batch=8, seed=0)
+    restored = t2.ckpts.restore(4, template, data2)
+    got = [a.sharding for a in jax.tree_util.tree_leaves(restored)]
+    want = jax.tree_util.tree_leaves(t2.state_sharding)
+    values_equal = all(np.array_equal(saved[k], v) for k, v in flat(restored["trainable"]).items())
+    _, rest = train(t2, restored, step_fn2, data2, STEPS - 4)  # the restored iterator continues at step 4
+    out["restore"] = dict(specs_match_target=len(got) == len(want) and all(a == b for a, b in zip(got, want)),
+                          values_equal=values_equal, losses=first + rest)
+
+    # End to end: Trainer.run on data x fsdp x tensor = 2 x 2 x 2, LoRA, frozen base stored as bfloat16.
+    c = _config(root / "data", MESHES["mixed"])
+    c.lora.enabled, c.lora.rank = True, 4
+    c.model.frozen_dtype = "bfloat16"
+    c.train.epochs = 1
+    results = Trainer(c, root / "lora").run()
+    saved = ocp.CheckpointManager(root / "lora" / "checkpoints" / "final").restore(
+        None, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    out["lora_run"] = dict(
+        test_accuracy=results["accuracy"],
+        history_rows=len((root / "lora" / "training_history.csv").read_text().splitlines()) - 1,
+        frozen_dtypes=sorted({str(v.dtype) for v in flat(saved["frozen"]).values() if v.ndim >= 2}),
+        trainable_dtypes=sorted({str(v.dtype) for v in flat(saved["trainable"]).values()}))
+    (root / "measured.json").write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    _script(Path(sys.argv[1]))
