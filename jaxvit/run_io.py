@@ -184,7 +184,7 @@ def build_for_run(cfg: mlc.ConfigDict, num_classes: int) -> tuple[Classifier, di
 def load_run(workdir: str | Path, checkpoint: str | int = "best_acc", data_dir: str | None = None) -> Run:
     """Config, classes, model and evaluation variables of `checkpoint` (see `find_checkpoint`).
     `data_dir` replaces the data directory recorded in the config."""
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()  # orbax needs absolute paths
     cfg = load_config(workdir)
     if data_dir:
         cfg.data.data_dir = str(data_dir)
