@@ -54,9 +54,8 @@ class Checkpoints:
     def save_named(self, name: str, step: int, state: dict, data: Any, meta: dict) -> None:
         self._save(self._named(name), step, state, data, meta)
 
-    def read_meta(self, step: int, name: str | None = None) -> dict:
-        mngr = self._named(name) if name else self.periodic
-        return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    def read_meta(self, step: int) -> dict:
+        return self.periodic.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore(self, step: int, state: dict, data: Any) -> dict:
         """State shaped and sharded like `state`; the iterator is restored in place."""

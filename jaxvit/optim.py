@@ -58,7 +58,7 @@ def schedule(cfg, total_steps: int) -> optax.Schedule:
     o = cfg.optim
     warmup = o.warmup_steps or int(round(o.warmup_ratio * total_steps))
     if o.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, o.lr, max(warmup, 1) if warmup else 0, max(total_steps, 1),
+        return optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(total_steps, 1),
                                                   end_value=o.lr * o.lr_min_ratio)
     if o.schedule == "onecycle":
         return optax.cosine_onecycle_schedule(max(total_steps, 1), o.lr, pct_start=max(o.warmup_ratio, 1e-3))

@@ -233,8 +233,9 @@ def import_params(cfg: ViTConfig, sd: dict[str, np.ndarray], fmt: str, *, strict
                   where: str = "checkpoint") -> dict:
     """Nested float32 params from a torch state dict; every missing, extra or mis-shaped key is reported."""
     expected = param_shapes(cfg)
+    entries = keymap.entries(cfg, fmt)
     flat, missing, bad_shape = {}, [], []
-    for e in keymap.entries(cfg, fmt):
+    for e in entries:
         if e.key not in sd:
             missing.append(e.key)
             continue
@@ -243,7 +244,7 @@ def import_params(cfg: ViTConfig, sd: dict[str, np.ndarray], fmt: str, *, strict
                 bad_shape.append(f"{e.key} {tuple(sd[e.key].shape)} -> {'/'.join(path)} {value.shape}, "
                                  f"model expects {expected[path]}")
             flat[path] = value
-    used = {e.key for e in keymap.entries(cfg, fmt)}
+    used = {e.key for e in entries}
     unexpected = sorted(k for k in sd if k not in used and not (fmt == "official" and _IGNORED_OFFICIAL.search(k)))
     problems = []
     if missing:
