@@ -3,11 +3,13 @@ peer (transformers + PEFT, random weights), or the grain input pipeline alone.
 
     python -m jaxvit.benchmark --arch=dinov2_vits14 --batch=16 --mode=lora [--dtype=bfloat16] [--peer]
     python -m jaxvit.benchmark --mode=infer --batch=32 --peer
+    python -m jaxvit.benchmark --arch=dinov2_vits14,dinov2_vitb14 --mode=lora,full,infer --peer --markdown
     python -m jaxvit.benchmark --data [--data_dir=DIR]          # grain pipeline images/s
     python -m jaxvit.benchmark --override=hidden_size=64,depth=2,num_heads=2,mlp_hidden=256 ...
 
 Prints one JSON line per measured implementation ("impl": "jax" / "torch" / "grain") and, with --peer,
-a final {"impl": "ratio", "speedup_vs_torch": jax img/s / torch img/s} line.
+a {"impl": "ratio", "speedup_vs_torch": jax img/s / torch img/s} line, for each arch x mode of the
+comma-separated --arch and --mode lists; --markdown ends with a table of them all (benchmarks/RESULTS.md).
 
 Timing. lora/full: the jitted, state-donating train step of `jaxvit.train` (5 classes); infer: a jitted
 backbone + head forward. `compile_s` is the first call (trace, lower, compile, run; for torch the first
@@ -20,6 +22,10 @@ with --peer, jax does not preallocate GPU memory. jaxvit runs on one device (jax
 Memory: `peak_mem_bytes` on accelerators (jax memory_stats peak_bytes_in_use; torch
 max_memory_allocated), else `peak_rss_bytes` (the process's peak RSS, /proc VmHWM).
 `--override` sets ViTConfig fields, e.g. a tiny model or `attn_impl=cudnn`.
+
+`matmul_peak_tflops`: the best of a few large square matmuls in jax (8192 on accelerators, 2048 on
+the CPU) in the benchmarked dtype, measured once per run; `mfu_measured` = tflops / that peak, and `mfu`
+= tflops / the datasheet peak (PEAK_TFLOPS, GPUs only, or --peak_tflops).
 
 FLOPs (`flops_convention`): 2 * MACs of the matmuls only (patch embedding, q/k/v/output projections,
 QK^T and attention-weighted sum, MLP or SwiGLU, head), at the benchmarked resolution with CLS + register
@@ -73,6 +79,22 @@ def forward_flops(cfg, res: int, num_classes: int = 0) -> float:
     return embed + cfg.depth * (proj + attn + mlp) + 2 * d * num_classes
 
 
+def measure_matmul_peak(dtype: str, n: int | None = None, reps: int = 5) -> float:
+    """Best TFLOP/s of an n x n x n matmul in jax on the default device (float32 accumulation)."""
+    import jax
+    import jax.numpy as jnp
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(dtype))
+    f(a, a).block_until_ready()
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e12
+
+
 def peak_tflops(device_kind: str, dtype: str) -> float | None:
     for key, peaks in PEAK_TFLOPS:
         if key.lower() in device_kind.lower():
@@ -84,11 +106,11 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m jaxvit.benchmark", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", default="dinov2_vits14", help="preset name (jaxvit.models.PRESETS)")
+    ap.add_argument("--arch", default="dinov2_vits14", help="preset name(s), comma-separated")
     ap.add_argument("--override", default="", help="ViTConfig fields, e.g. hidden_size=64,depth=2")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--res", type=int, default=224)
-    ap.add_argument("--mode", choices=("lora", "full", "infer"), default="lora")
+    ap.add_argument("--mode", default="lora", help="lora | full | infer, comma-separated")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) call")
@@ -97,12 +119,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--peer", action="store_true", help="also run the PyTorch (transformers) peer")
     ap.add_argument("--lora_rank", type=int, default=16)
     ap.add_argument("--peak_tflops", type=float, default=None, help="device peak for mfu (default: table)")
+    ap.add_argument("--markdown", action="store_true", help="end with a markdown table of all runs")
     ap.add_argument("--data", action="store_true", help="measure the grain input pipeline alone")
     ap.add_argument("--data_dir", default="", help="--data: image folder with a train split (default: a "
                                                    "synthetic GZ2 set in a temp dir)")
     ap.add_argument("--data_px", type=int, default=64, help="--data: synthetic source image size")
     ap.add_argument("--data_workers", type=int, default=2, help="--data: grain worker processes")
     args = ap.parse_args(argv)
+    bad = set(args.mode.split(",")) - set(FLOPS_FACTOR)
+    if bad:
+        ap.error(f"--mode: unknown {sorted(bad)}; choose from {sorted(FLOPS_FACTOR)}")
     if args.rounds is None:
         args.rounds = 2 if args.peer else 1
     return args
@@ -149,7 +175,7 @@ class JaxBench:
         import jax.numpy as jnp
         import ml_collections as mlc
 
-        from jaxvit import optim
+        from jaxvit import optim, xla_options
         from jaxvit.config import base_config
         from jaxvit.train import build_model, make_train_step
 
@@ -166,7 +192,7 @@ class JaxBench:
         images = jax.device_put(rng.standard_normal((args.batch, args.res, args.res, 3), np.float32), self.device)
         self.n_params = sum(x.size for x in jax.tree_util.tree_leaves(variables))
         if args.mode == "infer":
-            forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+            forward = xla_options.jit(lambda v, x: model.apply(v, x, train=False))
             self.trainable = 0
             self._step = lambda: forward(variables, images)
             self.state = None
@@ -181,7 +207,7 @@ class JaxBench:
                                              trainable=trainable, frozen=frozen, opt_state=tx.init(trainable)),
                                         self.device)
             self.trainable = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
-            step = jax.jit(make_train_step(model, cfg, tx, NUM_CLASSES, schedule), donate_argnums=0)
+            step = xla_options.jit(make_train_step(model, cfg, tx, NUM_CLASSES, schedule), donate_argnums=0)
 
             def train_step():
                 self.state, metrics = step(self.state, batch)
@@ -363,7 +389,8 @@ class PeerProcess:
 
 # ------------------------------------------------------------------------------------------- records
 
-def _record(bench, args: argparse.Namespace, fwd_flops: float, compile_s: float, best_s: float) -> dict:
+def _record(bench, args: argparse.Namespace, fwd_flops: float, compile_s: float, best_s: float,
+            measured_peak: float) -> dict:
     info = bench.info()
     step_s = best_s / args.steps
     tflops = fwd_flops * FLOPS_FACTOR[args.mode] * args.batch / step_s / 1e12
@@ -373,13 +400,13 @@ def _record(bench, args: argparse.Namespace, fwd_flops: float, compile_s: float,
                 mode=args.mode, dtype=args.dtype, batch=args.batch, res=args.res,
                 img_per_s=round(args.batch / step_s, 2), step_ms=round(step_s * 1e3, 2),
                 compile_s=round(compile_s, 2), **{mem_key: mem}, tflops=_sig(tflops),
-                mfu=_sig(tflops / peak) if peak else None, gflops_per_img_fwd=_sig(fwd_flops / 1e9),
+                mfu=_sig(tflops / peak) if peak else None, matmul_peak_tflops=_sig(measured_peak),
+                mfu_measured=_sig(tflops / measured_peak), gflops_per_img_fwd=_sig(fwd_flops / 1e9),
                 flops_convention=FLOPS_CONVENTION, steps=args.steps, rounds=args.rounds, **info, date=_now())
 
 
-def bench_model(args: argparse.Namespace) -> list[dict]:
-    if args.peer:  # leave GPU memory for the peer process
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+def bench_model(args: argparse.Namespace, measured_peak: float) -> list[dict]:
+    """One arch x mode: jaxvit (and the peer), alternating rounds."""
     jb = JaxBench(args)
     flops = forward_flops(jb.vit_cfg, args.res, NUM_CLASSES)
     compile_s = {"jax": jb.first_call()}
@@ -399,7 +426,7 @@ def bench_model(args: argparse.Namespace) -> list[dict]:
             best[b.impl] = min(best[b.impl], b.run(args.steps))
     if args.peer:
         peer.finish()
-    records = [_record(b, args, flops, compile_s[b.impl], best[b.impl]) for b in benches]
+    records = [_record(b, args, flops, compile_s[b.impl], best[b.impl], measured_peak) for b in benches]
     if args.peer:
         records.append(dict(impl="ratio", arch=records[0]["arch"], mode=args.mode, dtype=args.dtype,
                             batch=args.batch, res=args.res,
@@ -429,11 +456,52 @@ def bench_data(args: argparse.Namespace) -> list[dict]:
                  device=platform.processor() or platform.machine(), cpus=os.cpu_count(), date=_now())]
 
 
+def bench_models(args: argparse.Namespace) -> list[dict]:
+    """Every arch x mode of the comma-separated lists, printing each record as it comes."""
+    if args.peer:  # leave GPU memory for the peer process
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    measured_peak = measure_matmul_peak(args.dtype)
+    records = []
+    for arch in args.arch.split(","):
+        for mode in args.mode.split(","):
+            for r in bench_model(argparse.Namespace(**dict(vars(args), arch=arch, mode=mode)), measured_peak):
+                print(json.dumps(r), flush=True)
+                records.append(r)
+    return records
+
+
+def markdown_table(records: list[dict]) -> str:
+    """jaxvit vs the peer, one row per arch x mode x dtype."""
+    def gib(r):
+        b = r.get("peak_mem_bytes") or r.get("peak_rss_bytes")
+        return f"{b / 2**30:.2f}" if b else ""
+    rows = ["| arch | mode | dtype | batch | jaxvit img/s | torch img/s | speedup | jaxvit compile s | "
+            "torch 1st step s | jaxvit / torch peak GiB | jaxvit TFLOP/s | share of matmul peak |",
+            "|" + "---|" * 12]
+    by_key = {}
+    for r in records:
+        by_key.setdefault((r["arch"], r["mode"], r["dtype"], r["batch"]), {})[r["impl"]] = r
+    for (arch, mode, dtype, batch), rs in by_key.items():
+        jx, pt = rs.get("jax"), rs.get("torch", {})
+        if jx is None:
+            continue
+        speed = rs.get("ratio", {}).get("speedup_vs_torch", "")
+        rows.append(f"| {arch} | {mode} | {dtype} | {batch} | {jx['img_per_s']} | {pt.get('img_per_s', '')} | "
+                    f"{speed} | {jx['compile_s']} | {pt.get('compile_s', '')} | {gib(jx)} / {gib(pt)} | "
+                    f"{jx['tflops']} | {jx['mfu_measured']:.0%} of {jx['matmul_peak_tflops']} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    records = bench_data(args) if args.data else bench_model(args)
-    for r in records:
-        print(json.dumps(r), flush=True)
+    if args.data:
+        records = bench_data(args)
+        for r in records:
+            print(json.dumps(r), flush=True)
+    else:
+        records = bench_models(args)
+        if args.markdown:
+            print(markdown_table(records), flush=True)
     return records
 
 

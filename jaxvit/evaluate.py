@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from jaxvit import metrics, report, run_io, sharding
+from jaxvit import metrics, report, run_io, sharding, xla_options
 from jaxvit.config import base_config
 from jaxvit.data import pipeline
 from jaxvit.data.sources import ImageFolder
@@ -62,7 +62,7 @@ def map_source(fn: Callable, variables, src: ImageFolder, cfg, mesh: Mesh) -> tu
     return out, ok
 
 
-_jit = functools.lru_cache(maxsize=16)(jax.jit)  # the same fn object reuses its compiled program
+_jit = functools.lru_cache(maxsize=16)(xla_options.jit)  # the same fn object reuses its compiled program
 
 
 @functools.lru_cache(maxsize=16)

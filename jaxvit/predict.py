@@ -31,7 +31,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from jaxvit import report, run_io
+from jaxvit import report, run_io, xla_options
 from jaxvit.data.sources import ImageLoadError, list_images, load_image
 from jaxvit.data.transforms import TransformConfig, eval_transform
 from jaxvit.models import ViT
@@ -63,14 +63,14 @@ class Predictor:
         self.tcfg = TransformConfig.from_config(data_cfg)
         self.variables = jax.device_put(variables)
         self.info = info or {}
-        self._probs = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x).astype(jnp.float32), -1))
+        self._probs = xla_options.jit(lambda v, x: jax.nn.softmax(model.apply(v, x).astype(jnp.float32), -1))
         vit = ViT(model.backbone)
         prefix = model.backbone.num_prefix
 
         def cls_attention(v, x):  # last block, CLS query, patch keys: [B, heads, patches]
             out = vit.apply(run_io.backbone_variables(v), x, return_attention=True)
             return out["attentions"][-1][:, :, 0, prefix:]
-        self._attention = jax.jit(cls_attention)
+        self._attention = xla_options.jit(cls_attention)
 
     @classmethod
     def from_workdir(cls, workdir: str | Path, checkpoint: str | int = "best_acc", batch_size: int = 32) -> Predictor:

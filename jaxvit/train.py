@@ -22,7 +22,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxvit import checkpoint as ckpt
-from jaxvit import evaluate, lora, optim, sharding
+from jaxvit import evaluate, lora, optim, sharding, xla_options
 from jaxvit.data import pipeline
 from jaxvit.data.sources import ImageFolder, scan
 from jaxvit.models import get_config, load_pretrained
@@ -198,8 +198,8 @@ class Trainer:
 
     def _compile(self, tx, schedule, num_classes: int):
         step = make_train_step(self.model, self.cfg, tx, num_classes, lambda s: schedule(s - self.stage_start))
-        return jax.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
-                       out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
+        return xla_options.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
+                               out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
 
     def _global_batch(self, local: dict) -> dict:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}

@@ -45,3 +45,21 @@ def test_cli_infer_bfloat16(capsys):
     assert _lines(capsys) == [r]
     assert KEYS <= r.keys() and r["impl"] == "jax" and r["dtype"] == "bfloat16" and r["trainable_params"] == 0
     assert r["mfu"] == pytest.approx(r["tflops"], rel=1e-2)
+
+
+def test_cli_matrix_and_markdown_table(capsys):
+    records = benchmark.main(TINY + ["--mode=infer,lora", "--markdown"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert [json.loads(line) for line in out[:2]] == records
+    assert [r["mode"] for r in records] == ["infer", "lora"]
+    for r in records:  # achieved FLOP/s against the matmul peak measured in the same run
+        assert r["matmul_peak_tflops"] > 0 and r["mfu_measured"] == pytest.approx(
+            r["tflops"] / r["matmul_peak_tflops"], rel=1e-2)
+    table = out[2:]
+    assert table[0].startswith("| arch | mode |") and len(table) == 2 + len(records)
+    assert all(f"| {r['mode']} | float32 | 2 | {r['img_per_s']} |" in row for r, row in zip(records, table[2:]))
+
+
+def test_cli_rejects_unknown_mode():
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--mode=lora,train"])

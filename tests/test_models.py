@@ -250,3 +250,35 @@ def test_jit_and_grad_run(hf_checkpoint):
 
     g = jax.grad(loss)(params, jax.random.key(0))
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree_util.tree_leaves(g))
+
+
+def test_attention_implementations_agree(hf_checkpoint):
+    """The CPU default (heads-first einsum) equals jax.nn.dot_product_attention's XLA path, with gradients."""
+    name, _, path = hf_checkpoint
+    x = jnp.asarray(images(*sizes(name)[2]))
+    results = {}
+    for impl in ("einsum", "xla"):
+        module, params = load_pretrained(path, attn_impl=impl)
+        forward = lambda p: module.apply({"params": p}, x)["last_hidden_state"]
+        results[impl] = (forward(params), jax.grad(lambda p: jnp.sum(forward(p) ** 2))(params))
+    (out_e, grad_e), (out_x, grad_x) = results.values()
+    assert rel_err(np.asarray(out_e), np.asarray(out_x)) <= 1e-5
+    flat = lambda tree: np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(tree)])
+    assert rel_err(flat(grad_e), flat(grad_x)) <= 1e-5
+
+
+def test_hashed_dropout_mask_statistics():
+    from jaxvit.models.vit import hashed_dropout
+    x, rate = jnp.ones((64, 128, 128)), 0.1
+    a = np.asarray(hashed_dropout(jax.random.key(0), x, rate))
+    b = np.asarray(hashed_dropout(jax.random.key(1), x, rate))
+    np.testing.assert_array_equal(a, hashed_dropout(jax.random.key(0), x, rate))  # a key fixes the mask
+    keep_a, keep_b = a != 0, b != 0
+    np.testing.assert_allclose(a[keep_a], 1 / (1 - rate), rtol=1e-6)  # inverted dropout keeps the mean
+    sigma = np.sqrt(0.09 / x.size)
+    assert abs(keep_a.mean() - 0.9) < 5 * sigma
+    assert abs((keep_a & keep_b).mean() - 0.81) < 5 * np.sqrt(0.81 * 0.19 / x.size)  # independent keys
+    for axis in range(3):  # no pattern along any axis: every slice keeps ~90%
+        per_slice = keep_a.mean(axis=tuple(i for i in range(3) if i != axis))
+        assert np.abs(per_slice - 0.9).max() < 5 * np.sqrt(0.09 * x.shape[axis] / x.size)
+    assert np.asarray(hashed_dropout(jax.random.key(0), x, 0.0)).min() == 1.0
