@@ -2,7 +2,7 @@
 
 On the CPU, XLA's YNNPACK fusions (on by default in recent jaxlib) turn attention's softmax and the two
 batched matmuls around it into one library call that runs ~2x slower than XLA's own loops, and make the
-ViT-S/14 LoRA step ~16% slower overall (benchmarks/RESULTS.md); jaxvit switches them off for its programs.
+LoRA step of a 4-block ViT-S/14 16% slower (benchmarks/RESULTS.md); jaxvit switches them off for its programs.
 Other backends compile with XLA's defaults. In your own `jax.jit` pass
 `compiler_options=jaxvit.xla_options.compiler_options()`, or set
 `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=` before jax starts.
