@@ -282,3 +282,4 @@ def test_hashed_dropout_mask_statistics():
         per_slice = keep_a.mean(axis=tuple(i for i in range(3) if i != axis))
         assert np.abs(per_slice - 0.9).max() < 5 * np.sqrt(0.09 * x.shape[axis] / x.size)
     assert np.asarray(hashed_dropout(jax.random.key(0), x, 0.0)).min() == 1.0
+    assert not np.asarray(hashed_dropout(jax.random.key(0), x, 1.0)).any()  # all dropped, no 0 / 0
