@@ -14,7 +14,8 @@ comma-separated --arch and --mode lists; --markdown ends with a table of them al
 Timing. lora/full: the jitted, state-donating train step of `jaxvit.train` (5 classes); infer: a jitted
 backbone + head forward. `compile_s` is the first call (trace, lower, compile, run; for torch the first
 eager step), then `--warmup` untimed steps, then `--rounds` rounds of `--steps` steps, each timed as wall
-time with one block at the end (async dispatch, as in the train loop); jax and torch rounds alternate
+time with one block at the end, as in the train loop (on the CPU, programs run inline and reuse their
+temporaries: `xla_options.keep_cpu_heap`); jax and torch rounds alternate
 so machine noise hits both alike, and the best round is reported: step_ms = round wall / steps.
 The torch peer runs in a spawned process (its own memory and threads; jax is never imported there);
 with --peer, jax does not preallocate GPU memory. jaxvit runs on one device (jax.devices()[0]).
@@ -460,6 +461,8 @@ def bench_models(args: argparse.Namespace) -> list[dict]:
     """Every arch x mode of the comma-separated lists, printing each record as it comes."""
     if args.peer:  # leave GPU memory for the peer process
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    from jaxvit import xla_options
+    xla_options.keep_cpu_heap()
     measured_peak = measure_matmul_peak(args.dtype)
     records = []
     for arch in args.arch.split(","):

@@ -21,7 +21,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     setup_logging()
     distributed.initialize()
-    from jaxvit import train  # after jax.distributed is up
+    from jaxvit import train, xla_options
+    xla_options.keep_cpu_heap()  # after jax.distributed is up
     train.run(_CONFIG.value, _WORKDIR.value)
 
 
