@@ -64,7 +64,8 @@ def keep_cpu_heap() -> bool:
 
     if os.environ.get("JAXVIT_KEEP_CPU_HEAP", "1") == "0":
         return False
-    if xla_bridge.backends_are_initialized():
+    started = getattr(xla_bridge, "backends_are_initialized", lambda: True)  # private API: unknown = started
+    if started():
         log.warning("keep_cpu_heap: jax's backends are already running, CPU temporaries stay per-step mmaps")
         return False
     jax.config.update("jax_cpu_enable_async_dispatch", False)
