@@ -18,7 +18,7 @@ def initialize() -> None:
     Failure detection (seconds, from the environment): a process that dies is noticed by the coordination
     service within JAXVIT_HEARTBEAT_TIMEOUT (30; jax's default is 100) and every other process then aborts
     with an error; the barrier at exit waits at most JAXVIT_SHUTDOWN_TIMEOUT (120) for slower peers;
-    start-up waits JAXVIT_INIT_TIMEOUT (300) for all processes to join.
+    start-up waits JAXVIT_INIT_TIMEOUT (300) for all processes to join. Starts no backend.
     """
     timeouts = dict(heartbeat_timeout_seconds=int(os.environ.get("JAXVIT_HEARTBEAT_TIMEOUT", "30")),
                     shutdown_timeout_seconds=int(os.environ.get("JAXVIT_SHUTDOWN_TIMEOUT", "120")),
@@ -29,7 +29,9 @@ def initialize() -> None:
                                    process_id=int(os.environ["JAX_PROCESS_ID"]), **timeouts)
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("JAXVIT_DISTRIBUTED") == "auto":
         jax.distributed.initialize(**timeouts)
-    else:
-        return
+
+
+def log_topology() -> None:
+    """Log this process's place and the device counts (starts jax's backends)."""
     log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())

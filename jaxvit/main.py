@@ -22,7 +22,8 @@ def main(argv):
     setup_logging()
     distributed.initialize()
     from jaxvit import train, xla_options
-    xla_options.keep_cpu_heap()  # after jax.distributed is up
+    xla_options.keep_cpu_heap()  # after jax.distributed is up, before anything starts the backends
+    distributed.log_topology()
     train.run(_CONFIG.value, _WORKDIR.value)
 
 
