@@ -176,18 +176,21 @@ class JaxBench:
         import jax.numpy as jnp
         import ml_collections as mlc
 
-        from jaxvit import optim, xla_options
+        from jaxvit import optim, sharding, tasks, xla_options
         from jaxvit.config import base_config
-        from jaxvit.train import build_model, make_train_step
+        from jaxvit.train import init_state, make_step
 
         cfg = base_config()
         cfg.model.arch, cfg.model.dtype = args.arch, args.dtype
         cfg.model.overrides = mlc.ConfigDict(parse_overrides(args.override))
         cfg.data.image_size, cfg.train.batch_size = args.res, args.batch
+        cfg.data.classes = tuple(f"class_{i}" for i in range(NUM_CLASSES))
         cfg.lora.enabled, cfg.lora.rank = args.mode == "lora", args.lora_rank
+        cfg.mesh.data = 1  # the first device
         self.cfg, self.jax = cfg, jax
         self.device = jax.devices()[0]
-        model, variables = build_model(cfg, NUM_CLASSES, jax.random.key(0))
+        task = tasks.create(cfg)
+        model, variables = task.build(jax.random.key(0))
         self.vit_cfg = model.backbone
         rng = np.random.default_rng(0)
         images = jax.device_put(rng.standard_normal((args.batch, args.res, args.res, 3), np.float32), self.device)
@@ -200,15 +203,13 @@ class JaxBench:
         else:
             batch = dict(image=images, label=jnp.asarray(rng.integers(0, NUM_CLASSES, args.batch), jnp.int32),
                          bad=jnp.zeros((args.batch,), jnp.int32))
-            trainable, frozen = optim.split(variables, lambda p: optim.is_trainable(p, cfg, stage=2))
+            rule = optim.trainable_rule("all", cfg, task.head)
+            trainable = optim.split(variables, rule)[0]
             total = 1 + args.warmup + args.rounds * args.steps
             tx, schedule, _ = optim.make_optimizer(cfg, trainable, total, self.vit_cfg.depth)
-            self.state = jax.device_put(dict(step=jnp.asarray(0, jnp.int32),
-                                             rng=jax.random.key_data(jax.random.key(1)),
-                                             trainable=trainable, frozen=frozen, opt_state=tx.init(trainable)),
-                                        self.device)
+            self.state, _ = init_state(cfg, variables, rule, tx, sharding.make_mesh(cfg.mesh))
             self.trainable = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
-            step = xla_options.jit(make_train_step(model, cfg, tx, NUM_CLASSES, schedule), donate_argnums=0)
+            step = xla_options.jit(make_step(task, model, cfg, tx, schedule), donate_argnums=0)
 
             def train_step():
                 self.state, metrics = step(self.state, batch)
@@ -440,6 +441,7 @@ def bench_data(args: argparse.Namespace) -> list[dict]:
     from jaxvit.data.pipeline import default_data_config, measure_throughput
     from jaxvit.data.sources import ImageFolder
     from jaxvit.data.synthetic_gz2 import CLASSES, write_dataset
+    from jaxvit.data.transforms import RGBExample, TransformConfig
 
     cfg = default_data_config()
     cfg.image_size, cfg.num_workers = args.res, args.data_workers
@@ -450,7 +452,7 @@ def bench_data(args: argparse.Namespace) -> list[dict]:
             per_class = -(-(args.steps + 1) * args.batch // len(CLASSES))
             root, px = write_dataset(tmp, per_class={"train": per_class}, size=args.data_px), args.data_px
         source = ImageFolder(root, "train")
-        ips = measure_throughput(source, cfg, args.steps, args.batch)
+        ips = measure_throughput(source, RGBExample(TransformConfig.from_config(cfg)), cfg, args.steps, args.batch)
     return [dict(impl="grain", mode="data", batch=args.batch, res=args.res, img_per_s=round(ips, 2),
                  step_ms=round(args.batch / ips * 1e3, 2), num_workers=args.data_workers,
                  source_images=len(source), source_px=px, peak_rss_bytes=_rss_bytes(), steps=args.steps,

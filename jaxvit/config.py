@@ -1,13 +1,22 @@
-"""The base ConfigDict every config file starts from: every key jaxvit reads, with its default."""
+"""The base ConfigDict every config file starts from (every key jaxvit reads, with its default), and the
+checks that turn a bad value into one clear line before anything runs."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import ml_collections as mlc
 
+from jaxvit import tasks
 from jaxvit.data.pipeline import default_data_config
+from jaxvit.errors import ConfigError
+from jaxvit.models import PRESETS
+from jaxvit.sharding import DEFAULT_MESH
 
 
-def base_config() -> mlc.ConfigDict:
+def base_config(task: str = "classification") -> mlc.ConfigDict:
+    """Every key with its default; the task's own section (config.<task>) is added when it has one."""
     c = mlc.ConfigDict()
+    c.task = task  # a key of jaxvit.tasks.TASKS
     c.seed = 0
 
     c.model = mlc.ConfigDict()
@@ -31,18 +40,21 @@ def base_config() -> mlc.ConfigDict:
 
     c.train = mlc.ConfigDict()
     c.train.epochs = 10
+    c.train.steps = 0  # > 0: a step-based run of this many steps (epochs is then ignored)
     c.train.batch_size = 32  # global batch over all devices and hosts
     c.train.grad_accum = 1  # micro-batches per step (same maths, less memory)
     c.train.freeze_first_n_layers = 0  # full fine-tuning: freeze embeddings + the first N blocks
-    c.train.stage1_epochs = 0  # two-stage: train the head only for this many epochs first (0 = off)
-    c.train.stage1_patience = 0  # ... or until val accuracy stops improving for this many epochs (0 = off)
+    # Phases: a tuple of dicts with keys name, trainable ("head" | "all" | regexes over variable paths), epochs,
+    # steps, patience (evaluations without a better best metric), lr (0: optim.lr), lr_mults (): optim.lr_mults).
+    c.train.phases = ()
+    c.train.stage1_epochs = 0  # shorthand for phases head -> all: the head alone for this many epochs first
+    c.train.stage1_patience = 0  # ... or until the best metric has not improved for this many evaluations
     c.train.label_smoothing = 0.0
     c.train.mixup_alpha = 0.0  # MixUp Beta(alpha, alpha); 0 = off
     c.train.cutmix_alpha = 0.0  # CutMix Beta(alpha, alpha); 0 = off (with both on, one is picked per batch)
     c.train.ema_decay = 0.0  # EMA of trainable params, used for evaluation when > 0
     c.train.skip_nonfinite = False  # True: skip a step with a non-finite loss/grad; False: stop the run
     c.train.log_every_steps = 20
-    c.train.max_steps = 0  # stop early after this many steps (debugging); 0 = run all epochs
 
     c.optim = mlc.ConfigDict()
     c.optim.lr = 1e-4  # base learning rate (the head's)
@@ -64,19 +76,24 @@ def base_config() -> mlc.ConfigDict:
 
     c.eval = mlc.ConfigDict()
     c.eval.batch_size = 64
-    c.eval.test_checkpoint = "best_acc"  # which checkpoint the end-of-run test evaluation uses
+    c.eval.every_steps = 0  # evaluate (and save a resume point) every N steps; 0 = at the end of each epoch
+    c.eval.val_split = "val"  # split evaluated during training ("" = none)
+    c.eval.test_split = "test"  # split evaluated at the end ("" = none)
+    c.eval.test_checkpoint = "best"  # best | final: the weights the end-of-run test uses
 
     c.checkpoint = mlc.ConfigDict()
-    c.checkpoint.every_epochs = 1
-    c.checkpoint.every_steps = 0  # also save mid-epoch every N steps (0 = off)
-    c.checkpoint.keep = 3  # periodic checkpoints kept
+    c.checkpoint.every_steps = 0  # also save a resume point every N steps (0 = only at evaluations)
+    c.checkpoint.keep = 3  # resume points kept
+    c.checkpoint.best_metric = ""  # "<split>/<metric>" picking the best checkpoint; "" = the task's
+    c.checkpoint.best_mode = ""  # max | min; "" = the task's
 
     # Device mesh (jaxvit/sharding.py): batch over data*fsdp; params over fsdp (FSDP) and tensor (heads / MLP).
-    c.mesh = mlc.ConfigDict()
-    c.mesh.data = -1  # data parallel; -1 = the devices left over
-    c.mesh.fsdp = 1  # parameter + optimizer-state sharding
-    c.mesh.tensor = 1  # tensor parallel: attention heads and MLP hidden units (keep within one host)
-    c.mesh.fsdp_min_size = 2 ** 18  # leaves with fewer elements stay replicated under FSDP
+    # data: data parallel (-1 = the devices left over); fsdp: parameter + optimizer-state sharding; tensor:
+    # attention heads and MLP hidden units (keep within one host); fsdp_min_size: smaller leaves stay replicated.
+    c.mesh = mlc.ConfigDict(DEFAULT_MESH)
+    section = tasks.config_section(task)
+    if section is not None:
+        c[task] = section
     return c
 
 
@@ -85,8 +102,8 @@ def load_config_file(spec: str) -> mlc.ConfigDict:
     import importlib.util
     path, _, arg = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("_jaxvit_config", path)
-    if module_spec is None:
-        raise FileNotFoundError(f"config file {path!r} not found")
+    if module_spec is None or not Path(path).is_file():
+        raise ConfigError(f"config file {path!r} not found (give --config=configs/NAME.py[:variant])")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
@@ -117,4 +134,85 @@ def check_overrides(argv: list[str]) -> None:
         return
     problems = unknown_overrides(load_config_file(spec), keys)
     if problems:
-        raise SystemExit("\n".join(problems))
+        raise ConfigError("\n".join(problems))
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+_CHOICES = {
+    "model.dtype": ("float32", "bfloat16"), "model.frozen_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"), "model.pool": ("cls", "cls_mean"),
+    "optim.schedule": ("cosine", "onecycle", "constant"), "data.preflight": ("auto", "full", "sample", "off"),
+    "eval.test_checkpoint": ("best", "final"), "checkpoint.best_mode": ("", "max", "min"),
+}
+_POSITIVE = ("train.batch_size", "eval.batch_size", "train.grad_accum", "train.log_every_steps", "data.image_size",
+             "checkpoint.keep", "lora.rank", "optim.lr", "data.preflight_sample")
+_NON_NEGATIVE = ("seed", "train.epochs", "train.steps", "train.freeze_first_n_layers", "train.stage1_epochs",
+                 "train.stage1_patience", "train.mixup_alpha", "train.cutmix_alpha", "optim.weight_decay",
+                 "optim.warmup_steps", "optim.grad_clip", "model.drop_path", "data.num_workers", "data.prefetch",
+                 "eval.every_steps", "checkpoint.every_steps")
+_UNIT = ("train.label_smoothing", "train.ema_decay", "optim.warmup_ratio", "optim.lr_min_ratio", "lora.dropout",
+         "model.head_dropout", "data.aug.erasing_prob", "data.aug.color_jitter_prob")  # in [0, 1)
+_PHASE_KEYS = ("name", "trainable", "epochs", "steps", "patience", "lr", "lr_mults")
+
+
+def _get(cfg: mlc.ConfigDict, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def problems(cfg: mlc.ConfigDict) -> list[str]:
+    """One line per bad value: the key, the value, what is allowed."""
+    out = []
+    if cfg.task not in tasks.TASKS:
+        out.append(f"task={cfg.task!r} is not a jaxvit task; use one of {', '.join(tasks.TASKS)}")
+    for key, allowed in _CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            out.append(f"{key}={_get(cfg, key)!r}: use one of {', '.join(repr(a) for a in allowed)}")
+    for key in _POSITIVE:
+        if not _get(cfg, key) > 0:
+            out.append(f"{key}={_get(cfg, key)!r}: must be positive")
+    for key in _NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            out.append(f"{key}={_get(cfg, key)!r}: must be >= 0")
+    for key in _UNIT:
+        if not 0 <= _get(cfg, key) < 1:
+            out.append(f"{key}={_get(cfg, key)!r}: must lie in [0, 1)")
+    if not (cfg.train.epochs or cfg.train.steps):
+        out.append("train.epochs and train.steps are both 0: set one of them")
+    if not 0 < cfg.data.crop_ratio <= 1:
+        out.append(f"data.crop_ratio={cfg.data.crop_ratio!r}: must lie in (0, 1]")
+    lo, hi = cfg.data.aug.crop_scale
+    if not 0 < lo <= hi <= 1:
+        out.append(f"data.aug.crop_scale={tuple(cfg.data.aug.crop_scale)!r}: need 0 < low <= high <= 1")
+    if not 0 < cfg.optim.layer_decay <= 1:
+        out.append(f"optim.layer_decay={cfg.optim.layer_decay!r}: must lie in (0, 1]")
+    if not cfg.data.data_dir and not cfg.data.synthetic:
+        out.append("data.data_dir is empty: pass --config.data.data_dir=/path/to/your/data")
+    if not cfg.model.pretrained:
+        if cfg.model.arch not in PRESETS:
+            out.append(f"model.arch={cfg.model.arch!r} is not a preset; use one of {', '.join(sorted(PRESETS))}")
+        else:
+            patch = cfg.model.overrides.get("patch_size", PRESETS[cfg.model.arch].patch_size)
+            if cfg.data.image_size % patch:
+                out.append(f"data.image_size={cfg.data.image_size} is not a multiple of the patch size {patch}")
+    for i, phase in enumerate(cfg.train.phases):
+        phase = dict(phase)
+        unknown = sorted(set(phase) - set(_PHASE_KEYS))
+        if unknown or "name" not in phase:
+            out.append(f"train.phases[{i}]={phase!r}: needs a name; allowed keys {', '.join(_PHASE_KEYS)}")
+        if any(phase.get(k, 0) < 0 for k in ("epochs", "steps", "patience", "lr")):
+            out.append(f"train.phases[{i}]: epochs, steps, patience and lr must be >= 0")
+        last = i == len(cfg.train.phases) - 1
+        if not last and not (phase.get("epochs") or phase.get("steps") or phase.get("patience")):
+            out.append(f"train.phases[{i}] ({phase.get('name')!r}) never ends: give it epochs, steps or patience")
+    return out
+
+
+def validate(cfg: mlc.ConfigDict) -> None:
+    """Raise ConfigError listing every bad value (one line each)."""
+    found = problems(cfg)
+    if found:
+        raise ConfigError("\n".join(found))

@@ -1,4 +1,8 @@
-"""Entry point: python -m jaxvit.main --config=configs/gz2_lora.py[:variant] --workdir=DIR [--config.key=value]"""
+"""Entry point: python -m jaxvit.main --config=configs/gz2_lora.py[:variant] --workdir=DIR [--config.key=value]
+
+A mistake the user can fix (an unknown key, a bad value, missing data or weights) ends with one line on stderr
+and exit code 2.
+"""
 from __future__ import annotations
 
 import sys
@@ -8,6 +12,7 @@ from ml_collections import config_flags
 
 from jaxvit import distributed
 from jaxvit.config import check_overrides
+from jaxvit.errors import exit_on_user_error
 from jaxvit.run_io import setup_logging
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file under configs/, e.g. configs/gz2_lora.py:demo",
@@ -24,9 +29,9 @@ def main(argv):
     from jaxvit import train, xla_options
     xla_options.keep_cpu_heap()  # after jax.distributed is up, before anything starts the backends
     distributed.log_topology()
-    train.run(_CONFIG.value, _WORKDIR.value)
+    exit_on_user_error(train.run, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    check_overrides(sys.argv)  # unknown --config.KEY: a message listing the valid keys, not a traceback
+    exit_on_user_error(check_overrides, sys.argv)  # unknown --config.KEY: the valid keys, not a traceback
     app.run(main)

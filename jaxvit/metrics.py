@@ -193,3 +193,18 @@ def classification_metrics(
         for c, name in enumerate(names)
     }
     return out
+
+
+def regression_metrics(pred: Any, true: Any, names: Sequence[str]) -> dict[str, Any]:
+    """R^2 (1 - SS_res / SS_tot, as sklearn's r2_score), RMSE and MAE per target and averaged over targets
+    (`r2` is the unweighted mean of the per-target R^2). pred, true: [N, T]."""
+    p, y = np.asarray(pred, np.float64), np.asarray(true, np.float64)
+    if p.shape != y.shape or p.ndim != 2 or p.shape[1] != len(names):
+        raise ValueError(f"pred {p.shape} and true {y.shape} must both be [N, {len(names)}]")
+    ss_res = ((y - p) ** 2).sum(0)
+    ss_tot = ((y - y.mean(0)) ** 2).sum(0)
+    r2 = np.where(ss_tot > 0, 1 - ss_res / np.where(ss_tot > 0, ss_tot, 1), 0.0)
+    rmse, mae = np.sqrt(((y - p) ** 2).mean(0)), np.abs(y - p).mean(0)
+    return {"r2": float(r2.mean()), "rmse": float(rmse.mean()), "mae": float(mae.mean()),
+            "per_target": {n: {"r2": float(a), "rmse": float(b), "mae": float(c)}
+                           for n, a, b, c in zip(names, r2, rmse, mae)}}

@@ -6,65 +6,65 @@ Every rule acts on "/"-joined variable paths such as `params/backbone/encoder/la
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-_LAYER = re.compile(r"/encoder/layer_(\d+)/")
-
+from jaxvit.models import rules
 
 def path_str(path: tuple[str, ...]) -> str:
     return "/".join(path)
 
 
-def layer_index(path: str) -> int | None:
-    """Block index of a backbone path; -1 for the embeddings; None for anything else (final norm, head)."""
-    m = _LAYER.search(path)
-    if m:
-        return int(m.group(1))
-    return -1 if "/backbone/embeddings/" in path else None
+def trainable_rule(spec: str | Sequence[str], cfg, head: str) -> Callable[[str], bool]:
+    """Which variables a phase trains. "head": the task's head (`head`, a regex); "all": the head plus what
+    the config fine-tunes (LoRA adapters when lora.enabled, else every block from
+    train.freeze_first_n_layers on; freezing N blocks freezes the embeddings too); or a tuple of regexes."""
+    if isinstance(spec, str) and spec == "head":
+        return lambda p: bool(re.search(head, p))
+    if isinstance(spec, str) and spec == "all":
+        n = cfg.train.freeze_first_n_layers
+
+        def rule(p: str) -> bool:
+            if re.search(head, p):
+                return True
+            if cfg.lora.enabled:
+                return p.startswith("lora/")
+            i = rules.layer_index(p)
+            return not (n and i is not None and i < n)
+        return rule
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    return lambda p: any(re.search(r, p) for r in patterns)
 
 
-def is_trainable(path: str, cfg, stage: int) -> bool:
-    """Which variables get gradients. Stage 1 of two-stage training trains the head only."""
-    if path.startswith("params/head/"):
-        return True
-    if stage == 1:
-        return False
-    if cfg.lora.enabled:
-        return path.startswith("lora/")
-    n, i = cfg.train.freeze_first_n_layers, layer_index(path)
-    return not (n and i is not None and i < n)  # freezing N blocks freezes the embeddings too
-
-
-def lr_multiplier(path: str, cfg, depth: int) -> float:
-    """First matching `optim.lr_mults` rule (regex, multiplier), times layer decay for backbone blocks."""
+def lr_multiplier(path: str, cfg, depth: int, lr_mults: Sequence = ()) -> float:
+    """First matching rule of `lr_mults` (a phase's) or else `optim.lr_mults`, (regex, multiplier), times
+    layer decay for backbone blocks."""
     mult = 1.0
-    for pattern, value in cfg.optim.lr_mults:
+    for pattern, value in lr_mults or cfg.optim.lr_mults:
         if re.search(pattern, path):
             mult = float(value)
             break
-    i = layer_index(path)
-    decay = cfg.optim.layer_decay
-    if decay != 1.0 and "/backbone/" in path:
-        mult *= decay ** (depth - (i if i is not None else depth - 1))  # final norm decays like the last block
+    i = rules.decay_index(path, depth)
+    if cfg.optim.layer_decay != 1.0 and i is not None:
+        mult *= cfg.optim.layer_decay ** (depth - i)
     return mult
 
 
-def schedule(cfg, total_steps: int) -> optax.Schedule:
-    o = cfg.optim
+def schedule(cfg, total_steps: int, lr: float | None = None) -> optax.Schedule:
+    """Warmup then `optim.schedule` over `total_steps`, peaking at `lr` (default optim.lr)."""
+    o, peak, n = cfg.optim, cfg.optim.lr if lr is None else lr, max(total_steps, 1)
     warmup = o.warmup_steps or int(round(o.warmup_ratio * total_steps))
     if o.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(total_steps, 1),
-                                                  end_value=o.lr * o.lr_min_ratio)
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, n, end_value=peak * o.lr_min_ratio)
     if o.schedule == "onecycle":
-        return optax.cosine_onecycle_schedule(max(total_steps, 1), o.lr, pct_start=max(o.warmup_ratio, 1e-3))
+        return optax.cosine_onecycle_schedule(n, peak, pct_start=max(o.warmup_ratio, 1e-3))
     if o.schedule == "constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup), optax.constant_schedule(o.lr)],
-                                    [warmup]) if warmup else optax.constant_schedule(o.lr)
+        return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)],
+                                    [warmup]) if warmup else optax.constant_schedule(peak)
     raise ValueError(f"optim.schedule={o.schedule!r}; use cosine, onecycle or constant")
 
 
@@ -73,14 +73,15 @@ def _decays(path: str, ndim: int) -> bool:
     return ndim >= 2 and not re.search(r"/(cls_token|mask_token|register_tokens|position_embeddings)$", path)
 
 
-def make_optimizer(cfg, trainable: dict, total_steps: int, depth: int) -> tuple[optax.GradientTransformation,
-                                                                                 Callable[[int], float], dict]:
-    """(optimizer over the trainable tree, base lr schedule, {path: lr multiplier})."""
+def make_optimizer(cfg, trainable: dict, total_steps: int, depth: int, lr: float | None = None,
+                   lr_mults: Sequence = ()) -> tuple[optax.GradientTransformation, Callable[[int], float], dict]:
+    """(optimizer over the trainable tree, base lr schedule, {path: lr multiplier}); `lr` and `lr_mults`
+    default to optim.lr and optim.lr_mults (a phase may set its own)."""
     flat = traverse_util.flatten_dict(trainable)
-    mults = {path_str(k): lr_multiplier(path_str(k), cfg, depth) for k in flat}
+    mults = {path_str(k): lr_multiplier(path_str(k), cfg, depth, lr_mults) for k in flat}
     labels = traverse_util.unflatten_dict({k: f"x{mults[path_str(k)]:.6g}" for k in flat})
     decay_mask = traverse_util.unflatten_dict({k: _decays(path_str(k), v.ndim) for k, v in flat.items()})
-    base = schedule(cfg, total_steps)
+    base = schedule(cfg, total_steps, lr)
     o = cfg.optim
 
     def group(mult: float) -> optax.GradientTransformation:

@@ -1,8 +1,9 @@
-"""Inference with a trained run: one image, a directory, or Python (`Predictor`); attention-map overlays.
+"""Inference with a trained run of an image-level task (classification, regression): one image, a directory,
+or Python (`Predictor`); attention-map overlays.
 
     python -m jaxvit.predict --workdir=W --image=galaxy.jpg --output=prediction.json
     python -m jaxvit.predict --workdir=W --image_dir=images/ --output=predictions.csv --batch_size=32 \
-        [--checkpoint=best_acc] [--attention_dir=attn/ --attention_max=16]
+        [--checkpoint=best] [--attention_dir=attn/ --attention_max=16]
 
     from jaxvit.predict import Predictor
     p = Predictor.from_workdir("runs/gz2")
@@ -26,16 +27,17 @@ from pathlib import Path
 from typing import Any, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from jaxvit import report, run_io, xla_options
+from jaxvit import run_io, xla_options
 from jaxvit.data.sources import ImageLoadError, list_images, load_image
 from jaxvit.data.transforms import TransformConfig, eval_transform
+from jaxvit.errors import exit_on_user_error
 from jaxvit.models import ViT
 from jaxvit.models.heads import Classifier
+from jaxvit.tasks.base import Task
 
 log = logging.getLogger("jaxvit")
 
@@ -55,15 +57,16 @@ def to_rgb8(image: ImageLike) -> np.ndarray:
 
 
 class Predictor:
-    """A classifier with its preprocessing: images in, class probabilities out, in fixed-size jitted batches."""
+    """A trained model with its preprocessing: images in, the task's outputs (class probabilities, regression
+    values) out, in fixed-size jitted batches."""
 
-    def __init__(self, model: Classifier, variables: dict, classes: Sequence[str], data_cfg: Any,
-                 batch_size: int = 32, info: dict | None = None):
-        self.model, self.classes, self.batch_size = model, list(classes), batch_size
+    def __init__(self, model: Classifier, variables: dict, task: Task, data_cfg: Any, batch_size: int = 32,
+                 info: dict | None = None):
+        self.model, self.task, self.batch_size = model, task, batch_size
         self.tcfg = TransformConfig.from_config(data_cfg)
         self.variables = jax.device_put(variables)
         self.info = info or {}
-        self._probs = xla_options.jit(lambda v, x: jax.nn.softmax(model.apply(v, x).astype(jnp.float32), -1))
+        self._outputs = xla_options.jit(task.predict_fn(model))
         vit = ViT(model.backbone)
         prefix = model.backbone.num_prefix
 
@@ -73,9 +76,9 @@ class Predictor:
         self._attention = xla_options.jit(cls_attention)
 
     @classmethod
-    def from_workdir(cls, workdir: str | Path, checkpoint: str | int = "best_acc", batch_size: int = 32) -> Predictor:
+    def from_workdir(cls, workdir: str | Path, checkpoint: str | int = "best", batch_size: int = 32) -> Predictor:
         run = run_io.load_run(workdir, checkpoint)
-        return cls(run.model, run.variables, run.classes, run.cfg.data, batch_size, run_io.describe(run))
+        return cls(run.model, run.variables, run.task, run.cfg.data, batch_size, run_io.describe(run))
 
     # -- preprocessing
     def preprocess(self, image: ImageLike) -> np.ndarray:
@@ -105,28 +108,29 @@ class Predictor:
         chunks = [xs[i:i + self.batch_size] for i in range(0, len(xs), self.batch_size)]
         return np.concatenate([np.asarray(fn(self.variables, self._padded(list(c))))[:len(c)] for c in chunks])
 
-    def probabilities(self, xs: np.ndarray) -> np.ndarray:
-        """Class probabilities [N, K] of preprocessed images [N, S, S, 3]."""
-        return self._batched(self._probs, xs)
+    def outputs(self, xs: np.ndarray) -> np.ndarray:
+        """The task's outputs [N, K] (class probabilities, regression values) of preprocessed images [N, S, S, 3]."""
+        return self._batched(self._outputs, xs)
 
     def _result(self, p: np.ndarray) -> dict:
-        best = int(p.argmax())
-        return {"class": self.classes[best], "class_index": best, "confidence": float(p[best]),
-                "probabilities": {c: float(v) for c, v in zip(self.classes, p)}}
+        return self.task.describe_prediction(p)
+
+    def raw_outputs(self, images: Sequence[ImageLike]) -> list[np.ndarray | str]:
+        """Per input, in order: the task's output vector, or the reason the input could not be read."""
+        results: list[np.ndarray | str] = []
+        for start in range(0, len(images), self.batch_size):  # bounded memory for long lists
+            xs = self._load_all(images[start:start + self.batch_size])
+            good = [x for x in xs if not isinstance(x, str)]
+            outs = iter(self.outputs(np.stack(good)) if good else ())
+            results += [x if isinstance(x, str) else next(outs) for x in xs]
+        return results
 
     def predict_batch(self, images: Sequence[ImageLike]) -> list[dict]:
-        """One dict per input, in order: {class, class_index, confidence, probabilities} (+ path for paths),
-        or {error} (+ path) for an input that could not be read."""
-        results = []
-        for start in range(0, len(images), self.batch_size):  # bounded memory for long lists
-            chunk = images[start:start + self.batch_size]
-            xs = self._load_all(chunk)
-            good = [x for x in xs if not isinstance(x, str)]
-            probs = iter(self.probabilities(np.stack(good)) if good else ())
-            for image, x in zip(chunk, xs):
-                r = {"error": x} if isinstance(x, str) else self._result(next(probs))
-                results.append(({"path": str(image)} if isinstance(image, (str, os.PathLike)) else {}) | r)
-        return results
+        """One dict per input, in order: the task's record (classification: {class, class_index, confidence,
+        probabilities}) (+ path for paths), or {error} (+ path) for an input that could not be read."""
+        return [({"path": str(image)} if isinstance(image, (str, os.PathLike)) else {})
+                | ({"error": y} if isinstance(y, str) else self._result(y))
+                for image, y in zip(images, self.raw_outputs(images))]
 
     def predict(self, image: ImageLike) -> dict:
         return self.predict_batch([image])[0]
@@ -134,7 +138,7 @@ class Predictor:
     def warmup(self) -> None:
         """Compile the forward pass (the first call otherwise pays for it)."""
         size = self.tcfg.image_size
-        self.probabilities(np.zeros((1, size, size, 3), np.float32))
+        self.outputs(np.zeros((1, size, size, 3), np.float32))
 
     def benchmark(self, n: int = 256) -> dict:
         """Model throughput on random preprocessed batches (decoding excluded), after compilation."""
@@ -144,7 +148,7 @@ class Predictor:
             (self.batch_size, size, size, 3)).astype(np.float32))
         start = time.perf_counter()
         for _ in range(steps):
-            out = self._probs(self.variables, batch)
+            out = self._outputs(self.variables, batch)
         out.block_until_ready()
         elapsed = time.perf_counter() - start
         return {"images_per_s": steps * self.batch_size / elapsed, "ms_per_batch": 1e3 * elapsed / steps,
@@ -163,7 +167,7 @@ class Predictor:
         x = self.preprocess(image)
         maps = self.attention_maps(x[None])[0]
         shown = np.clip(x * np.asarray(self.tcfg.std) + np.asarray(self.tcfg.mean), 0, 1)
-        plot_attention(shown, maps, path, title or self._result(self.probabilities(x[None])[0])["class"])
+        plot_attention(shown, maps, path, title or json.dumps(self._result(self.outputs(x[None])[0]))[:80])
         return maps
 
 
@@ -207,18 +211,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     src.add_argument("--image", help="one image: writes JSON")
     src.add_argument("--image_dir", help="every image below this directory: writes CSV")
     ap.add_argument("--output", required=True, help="R.json for --image, R.csv for --image_dir")
-    ap.add_argument("--checkpoint", default="best_acc", help="best_acc | best_f1 | final | periodic | a step")
+    ap.add_argument("--checkpoint", default="best", help="best | final | periodic | a step")
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--attention_dir", default=None, help="also write attention-map overlays (PNG) here")
     ap.add_argument("--attention_max", type=int, default=16, help="at most this many overlays")
     args = ap.parse_args(argv)
     run_io.setup_logging()
-    predictor = Predictor.from_workdir(args.workdir, args.checkpoint, args.batch_size)
+    predictor = exit_on_user_error(Predictor.from_workdir, args.workdir, args.checkpoint, args.batch_size)
     paths = [Path(args.image)] if args.image else list_images(Path(args.image_dir))
     predictor.warmup()
     start = time.perf_counter()
-    results = predictor.predict_batch(paths)
+    outputs = predictor.raw_outputs(paths)
     elapsed = time.perf_counter() - start
+    results = [{"path": str(p)} | ({"error": y} if isinstance(y, str) else predictor._result(y))
+               for p, y in zip(paths, outputs)]
     good = [r for r in results if "error" not in r]
     bad = [r for r in results if "error" in r]
     output = Path(args.output)
@@ -226,17 +232,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.image:
         output.write_text(json.dumps(results[0] | {"model": predictor.info}, indent=2) + "\n")
     else:
-        report.write_predictions_csv(output, [r["path"] for r in good], None,
-                                     np.array([list(r["probabilities"].values()) for r in good]).reshape(
-                                         len(good), len(predictor.classes)), predictor.classes)
+        kept = [(str(p), y) for p, y in zip(paths, outputs) if not isinstance(y, str)]
+        predictor.task.write_predictions(output, [p for p, _ in kept],
+                                         np.stack([y for _, y in kept]) if kept else np.zeros((0, 1)))
     if bad:
         where = _write_unreadable(output, bad) if args.image_dir else output
         log.warning("%d unreadable images (listed in %s): %s", len(bad), where,
                     "; ".join(f"{r['path']}: {r['error']}" for r in bad[:10]))
     if args.attention_dir:
         for r in good[:args.attention_max]:
+            label = f"{r['class']} ({r['confidence']:.2f})" if "class" in r else ""
             predictor.save_attention(r["path"], Path(args.attention_dir) / f"{Path(r['path']).stem}_attention.png",
-                                     f"{Path(r['path']).name}: {r['class']} ({r['confidence']:.2f})")
+                                     f"{Path(r['path']).name}: {label}")
     print(f"{len(good)} images predicted ({len(bad)} unreadable) in {elapsed:.2f} s: "
           f"{len(results) / max(elapsed, 1e-9):.1f} images/s (decoding included) -> {output}")
     return results

@@ -2,7 +2,7 @@
 
     python -m jaxvit.probe --data_dir=D --pretrained=facebook/dinov2-small           # any load_pretrained source
     python -m jaxvit.probe --data_dir=D --arch=dinov2_vits14 [--override=depth=2]   # random init (a baseline)
-    python -m jaxvit.probe --data_dir=D --workdir=W [--checkpoint=best_acc]         # a fine-tuned run
+    python -m jaxvit.probe --data_dir=D --workdir=W [--checkpoint=best]         # a fine-tuned run
         [--pool=cls,cls_mean] [--k=3,10,20] [--temperature=0.07] [--l2=1e-6,1e-5,1e-4,1e-3,1e-2]
         [--image_size=224] [--output=probe_results.json]
 
@@ -23,15 +23,15 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections as mlc
 import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxvit import evaluate, metrics, run_io
+from jaxvit import inference, metrics, run_io
 from jaxvit.benchmark import parse_overrides
 from jaxvit.data.pipeline import default_data_config
 from jaxvit.data.sources import ImageFolder, find_split_dir
+from jaxvit.data.transforms import RGBExample, TransformConfig
 from jaxvit.models import ViT, get_config, load_pretrained
 from jaxvit.models.heads import Head, pool_features
 
@@ -43,9 +43,9 @@ log = logging.getLogger("jaxvit")
 def extract_features(vit: ViT, variables: dict, src: ImageFolder, data_cfg: Any, batch_size: int,
                      mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
     """(CLS ++ mean patch token [N, 2D] float32, readable mask [N]); the CLS features are the first D columns."""
-    cfg = mlc.ConfigDict(dict(data=data_cfg, eval=dict(batch_size=batch_size)))
-    fn = lambda v, x, _: pool_features(vit.apply(v, x), "cls_mean").astype(jnp.float32)
-    return evaluate.map_source(fn, variables, src, cfg, mesh)
+    fn = lambda v, batch: pool_features(vit.apply(v, batch["image"]), "cls_mean").astype(jnp.float32)
+    return inference.map_source(fn, variables, src, RGBExample(TransformConfig.from_config(data_cfg)), data_cfg,
+                                batch_size, mesh)
 
 
 def pooled(features: np.ndarray, pool: str) -> np.ndarray:
@@ -149,9 +149,9 @@ def run_study(args: argparse.Namespace) -> dict:
         raise ValueError(f"image size {data_cfg.image_size} is not a multiple of the patch size "
                          f"{vit.cfg.patch_size}; pass --image_size")
     run_cfg = run.cfg if run else None
-    mesh = evaluate.run_mesh(run_cfg)
-    variables = evaluate.place(variables, mesh, run_cfg)
-    batch = evaluate.round_batch(args.batch_size, mesh)
+    mesh = inference.run_mesh(run_cfg)
+    variables = inference.place(variables, mesh, run_cfg)
+    batch = inference.round_batch(args.batch_size, mesh)
     splits = {"train": args.train_split, "eval": args.eval_split}
     if args.val_split:
         try:
@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     src.add_argument("--pretrained", help="transformers dir, cached hub id or original .pth")
     src.add_argument("--arch", help="preset name, randomly initialised")
     src.add_argument("--workdir", help="a fine-tuned run")
-    ap.add_argument("--checkpoint", default="best_acc")
+    ap.add_argument("--checkpoint", default="best")
     ap.add_argument("--override", default="", help="ViTConfig fields, e.g. hidden_size=64,depth=2")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--image_size", type=int, default=224, help="not for --workdir (the run's is used)")

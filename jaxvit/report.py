@@ -117,16 +117,16 @@ def _read_history(path: PathLike) -> dict[str, np.ndarray]:
 
 
 def plot_training_curves(history_csv_path: PathLike, path: PathLike) -> None:
-    """Loss, accuracy/F1, learning-rate (and throughput) panels against epoch.
-
-    Columns absent from the CSV are skipped, as are panels with nothing to show.
+    """Loss, the task's other metrics (every other train_* / val_* column), learning-rate and throughput panels
+    against epoch. Columns absent from the CSV are skipped, as are panels with nothing to show.
     """
     hist = _read_history(history_csv_path)
     n = len(next(iter(hist.values()))) if hist else 0
     epoch = hist.get("epoch", np.arange(1, n + 1, dtype=np.float64))
+    others = [c for c in hist if c.startswith(("train_", "val_")) and c not in ("train_loss", "val_loss")]
     panels = [
         ("Loss", [("train_loss", "train"), ("val_loss", "val")]),
-        ("Accuracy / F1", [("train_acc", "train acc"), ("val_acc", "val acc"), ("val_f1", "val macro F1")]),
+        ("Metrics", [(c, c.replace("_", " ", 1)) for c in others]),
         ("Learning rate", [("lr", "lr")]),
         ("Throughput (images/s)", [("images_per_s", "images/s")]),
     ]

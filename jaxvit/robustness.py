@@ -1,6 +1,6 @@
 """Accuracy under synthetic corruptions (the CIFAR-10 seed's out-of-distribution table).
 
-    python -m jaxvit.robustness --workdir=W [--split=test] [--checkpoint=best_acc] [--severities=1,2,3,4,5]
+    python -m jaxvit.robustness --workdir=W [--split=test] [--checkpoint=best] [--severities=1,2,3,4,5]
         [--corruptions=gaussian_noise,brightness,blur,contrast] [--output_dir=W/robustness_<split>]
 
 Corruptions act on the evaluation image (after resize and crop) in [0, 1] RGB, inside the jitted forward pass,
@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvit import evaluate, metrics, run_io
+from jaxvit import inference, metrics, run_io
+from jaxvit.errors import exit_on_user_error
+from jaxvit.tasks import classification
 from jaxvit.data.sources import ImageFolder
 
 SEVERITY = {  # ImageNet-C (Hendrycks & Dietterich 2019) parameters for severities 1..5
@@ -64,16 +66,16 @@ def corrupt(x: jax.Array, name: str, s: jax.Array, keys: jax.Array) -> jax.Array
 
 
 def corrupted_probs(model, mean: Sequence[float], std: Sequence[float], name: str | None, seed: int = 0) -> Callable:
-    """fn((variables, parameter), normalised images, index) -> probabilities, corrupting in [0, 1] space first.
-    The parameter is an input, so all severities of a corruption share one compiled program."""
+    """fn((variables, parameter), batch) -> probabilities of batch["image"] (normalised), corrupted in [0, 1]
+    space first. The parameter is an input, so all severities of a corruption share one compiled program."""
     mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
 
-    def fn(inputs, x, index):
-        variables, s = inputs
+    def fn(inputs, batch):
+        (variables, s), x = inputs, batch["image"]
         if name is not None:
-            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(index)
+            keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(batch["index"])
             x = (corrupt(x * std + mean, name, s, keys) - mean) / std
-        return jax.nn.softmax(model.apply(variables, x).astype(jnp.float32), -1)
+        return classification.probabilities(model, variables, x)
     return fn
 
 
@@ -83,15 +85,16 @@ def evaluate_corruptions(run: run_io.Run, src: ImageFolder, corruptions: Sequenc
     unknown = sorted(set(corruptions) - set(SEVERITY))
     if unknown:
         raise ValueError(f"unknown corruptions {unknown}; known: {', '.join(SEVERITY)}")
-    mesh, d = evaluate.run_mesh(run.cfg), run.cfg.data
-    variables = evaluate.place(run.variables, mesh, run.cfg)
-    run.cfg.eval.batch_size = evaluate.round_batch(run.cfg.eval.batch_size, mesh)
+    mesh, d = inference.run_mesh(run.cfg), run.cfg.data
+    variables = inference.place(run.variables, mesh, run.cfg)
+    batch_size = inference.round_batch(run.cfg.eval.batch_size, mesh)
 
     def accuracies(name: str | None, params: Sequence[float]) -> list[float]:
         fn = corrupted_probs(run.model, d.mean, d.std, name)
         out = []
         for s in params:
-            probs, ok = evaluate.map_source(fn, (variables, np.float32(s)), src, run.cfg, mesh)
+            probs, ok = inference.map_source(fn, (variables, np.float32(s)), src, run.task.eval_transform(), d,
+                                             batch_size, mesh)
             out.append(metrics.accuracy(src.labels[ok], probs[ok].argmax(-1)))
         return out
 
@@ -122,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m jaxvit.robustness", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--split", default="test")
-    ap.add_argument("--checkpoint", default="best_acc")
+    ap.add_argument("--checkpoint", default="best")
     ap.add_argument("--corruptions", default=",".join(SEVERITY))
     ap.add_argument("--severities", default="1,2,3,4,5")
     ap.add_argument("--output_dir", default=None, help="default: <workdir>/robustness_<split>")
@@ -130,9 +133,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--data_dir", default=None)
     args = ap.parse_args(argv)
     run_io.setup_logging()
-    run = run_io.load_run(args.workdir, args.checkpoint, args.data_dir)
+    run = exit_on_user_error(run_io.load_run, args.workdir, args.checkpoint, args.data_dir)
+    if not isinstance(run.task, classification.Classification):
+        raise SystemExit(f"error: robustness measures accuracy; {args.workdir} is a {run.cfg.task!r} run")
     run.cfg.eval.batch_size = args.batch_size or run.cfg.eval.batch_size
-    src = ImageFolder(run.cfg.data.data_dir, args.split, run.classes)
+    src = run.task.source(args.split)
     severities = [int(s) for s in args.severities.split(",")]
     if not all(1 <= s <= 5 for s in severities):
         raise SystemExit(f"--severities must lie in 1..5, got {args.severities}")

@@ -3,9 +3,9 @@
 - batch: split over ("data", "fsdp"), replicated over "tensor". `train.batch_size` is the global batch.
 - parameters, optimizer state, EMA: placed by leaf path (optax states mirror the parameter tree, so one
   function of (path, shape) covers them all):
-  * tensor parallel (Megatron style): query/key/value/fc1/gate_proj/up_proj split their output dim,
-    attention dense/fc2/down_proj their input dim, over "tensor" (`PARAM_RULES`, in logical axis names);
-    LoRA factors follow their layer (lora_b of a column-split layer, lora_a of a row-split one);
+  * tensor parallel (Megatron style), from each model family's rules (`jaxvit.models.rules`): for the ViT,
+    query/key/value/fc1/gate_proj/up_proj split their output dim, attention dense/fc2/down_proj their input
+    dim, over "tensor"; LoRA factors follow their layer (lora_b of a column-split layer, lora_a of a row one);
   * FSDP: on top of that, every leaf of at least `fsdp_min_size` elements is split over "fsdp" along its
     largest dimension that "tensor" left free and the fsdp size divides;
   * everything else (biases, norms, step, rng, small leaves) is replicated.
@@ -21,21 +21,15 @@ from typing import Any, Mapping
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "fsdp", "tensor")
+from jaxvit.models import rules
 
-# Logical axis name -> mesh axes. Changing the layout means editing these two tables.
+AXES = ("data", "fsdp", "tensor")
+# config.mesh defaults: data parallel over every device (-1: the devices left over); leaves with fewer than
+# fsdp_min_size elements stay replicated under FSDP.
+DEFAULT_MESH = dict(data=-1, fsdp=1, tensor=1, fsdp_min_size=2 ** 18)
+
+# Logical axis name -> mesh axes (the per-path layouts are in jaxvit.models.rules).
 LOGICAL_AXES: dict[str, Any] = {"batch": ("data", "fsdp"), "heads": "tensor", "mlp": "tensor"}
-_COL_ATTN, _COL_MLP = r"/attention/(query|key|value)", r"/mlp/(fc1|gate_proj|up_proj)"
-PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (_COL_ATTN + r"/kernel$", (None, "heads")),
-    (_COL_ATTN + r"/bias$", ("heads",)),
-    (_COL_ATTN + r"/lora_b$", (None, "heads")),
-    (r"/attention/dense/(kernel|lora_a)$", ("heads", None)),
-    (_COL_MLP + r"/kernel$", (None, "mlp")),
-    (_COL_MLP + r"/bias$", ("mlp",)),
-    (_COL_MLP + r"/lora_b$", (None, "mlp")),
-    (r"/mlp/(fc2|down_proj)/(kernel|lora_a)$", ("mlp", None)),
-)
 
 
 def mesh_shape(spec: Mapping[str, int], n_devices: int) -> dict[str, int]:
@@ -82,7 +76,7 @@ def batch_spec(mesh: Mesh) -> P:
 def leaf_spec(path: str, shape: tuple[int, ...], mesh: Mesh, fsdp_min_size: int) -> P:
     """PartitionSpec of one parameter / optimizer-state leaf, from its "/"-joined path and its shape."""
     axes: list[Any] = [None] * len(shape)
-    for pattern, logical in PARAM_RULES:
+    for pattern, logical in rules.shard_rules():
         if re.search(pattern, path) and len(logical) == len(shape):
             axes = [_mesh_axes(name, mesh) for name in logical]
             break

@@ -268,7 +268,7 @@ def test_attention_implementations_agree(hf_checkpoint):
 
 
 def test_hashed_dropout_mask_statistics():
-    from jaxvit.models.vit import hashed_dropout
+    from jaxvit.models.layers import hashed_dropout
     x, rate = jnp.ones((64, 128, 128)), 0.1
     a = np.asarray(hashed_dropout(jax.random.key(0), x, rate))
     b = np.asarray(hashed_dropout(jax.random.key(1), x, rate))

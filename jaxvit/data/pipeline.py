@@ -1,4 +1,10 @@
-"""grain input pipelines for training and evaluation over an `ImageFolder`.
+"""grain input pipelines for training and evaluation over any random-access source.
+
+A source has `__len__` and `__getitem__(i) -> dict` of cheap fields (a path, a label, targets); a task's
+transform turns one such example into arrays: `train_transform(example, rng) -> dict` (decoding and
+augmenting; it may raise `ImageLoadError`) and `eval_transform(example) -> dict`. The pipeline adds `bad`
+(train: 1 where an unreadable example was replaced) or `mask` / `index` (eval: padding and unreadable rows
+have mask False and index -1).
 
 Sample addressing (what makes everything deterministic and worker-count independent):
   local stream index k -> step = k // local_b, j = k % local_b
@@ -25,15 +31,15 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import ml_collections
 from absl import flags
 import numpy as np
 
-from jaxvit.data.sources import ImageFolder, ImageLoadError, load_image
-from jaxvit.data.transforms import TransformConfig, eval_transform, train_transform
+from jaxvit.data.sources import ImageLoadError
+from jaxvit.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +59,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.prefetch = 2  # batches prepared ahead (per worker)
     cfg.class_balanced = False
     cfg.skip_bad_images = True
+    cfg.preflight = "auto"  # full (decode every file) | sample (headers + a decoded sample) | auto | off
+    cfg.preflight_sample = 1000  # files decoded by the sample check
     cfg.aug = ml_collections.ConfigDict()
     cfg.aug.crop_scale = (0.8, 1.0)
     cfg.aug.crop_ratio = (3 / 4, 4 / 3)
@@ -99,20 +107,19 @@ def _cfg(cfg: Any, name: str, default: Any) -> Any:
 
 
 class _TrainExample:
-    """Maps a local stream index to one augmented example (picklable, runs in workers)."""
+    """Maps a local stream index to one transformed example (picklable, runs in workers)."""
 
-    def __init__(self, source: ImageFolder, cfg: Any, *, seed: int, global_batch: int,
+    def __init__(self, source: Any, transform: Callable, cfg: Any, *, seed: int, global_batch: int,
                  process_index: int, local_batch: int):
-        self.paths, self.labels = source.paths, source.labels
-        self.tcfg = TransformConfig.from_config(cfg)
+        self.source, self.transform = source, transform
         self.seed, self.global_batch = seed, global_batch
         self.process_index, self.local_batch = process_index, local_batch
-        self.steps = steps_per_epoch(len(self.paths), global_batch)
+        self.steps = steps_per_epoch(len(source), global_batch)
         self.skip_bad = bool(_cfg(cfg, "skip_bad_images", True))
         self.weights = None
         if _cfg(cfg, "class_balanced", False):
-            counts = np.bincount(self.labels)
-            w = 1.0 / counts[self.labels]
+            counts = np.bincount(source.labels)
+            w = 1.0 / counts[source.labels]
             self.weights = w / w.sum()
         self._orders: dict[int, np.ndarray] = {}
 
@@ -124,7 +131,7 @@ class _TrainExample:
         order = self._orders.get(epoch)
         if order is None:
             rng = np.random.default_rng([_ORDER, self.seed, epoch])
-            n = len(self.paths)
+            n = len(self.source)
             order = rng.permutation(n) if self.weights is None else rng.choice(n, n, p=self.weights)
             if len(self._orders) >= 2:  # only the current and next epoch are ever needed
                 self._orders.pop(min(self._orders))
@@ -136,60 +143,62 @@ class _TrainExample:
         epoch, s = divmod(step, self.steps)
         position = s * self.global_batch + self.process_index * self.local_batch + j
         index = int(self.order(epoch)[position])
-        bad = 0
+        rng = np.random.default_rng([_AUGMENT, self.seed, epoch, position])
         try:
-            image = load_image(self.paths[index])
+            return {**self.transform(self.source[index], rng), "bad": np.int32(0)}
         except ImageLoadError as e:
             if not self.skip_bad:
                 raise
-            index, image = self._replacement(epoch, position, e)
-            bad = 1
-        rng = np.random.default_rng([_AUGMENT, self.seed, epoch, position])
-        return {
-            "image": train_transform(image, self.tcfg, rng),
-            "label": np.int32(self.labels[index]),
-            "bad": np.int32(bad),
-        }
+            return {**self._replacement(epoch, position, e), "bad": np.int32(1)}
 
-    def _replacement(
-        self, epoch: int, position: int, err: ImageLoadError
-    ) -> tuple[int, np.ndarray]:
-        log.warning("replacing unreadable training image %s (%s)", err.path, err.reason)
+    def _replacement(self, epoch: int, position: int, err: ImageLoadError) -> dict[str, np.ndarray]:
+        log.warning("replacing unreadable training example %s (%s)", err.path, err.reason)
         rng = np.random.default_rng([_REPLACE, self.seed, epoch, position])
         for _ in range(_MAX_REPLACEMENT_TRIES):
-            index = int(rng.integers(len(self.paths)))
+            index = int(rng.integers(len(self.source)))
             try:
-                return index, load_image(self.paths[index])
+                return self.transform(self.source[index],
+                                      np.random.default_rng([_AUGMENT, self.seed, epoch, position]))
             except ImageLoadError as e:
                 log.warning("replacement also unreadable: %s (%s)", e.path, e.reason)
-        raise RuntimeError(f"{_MAX_REPLACEMENT_TRIES} replacement images in a row were unreadable")
+        raise RuntimeError(f"{_MAX_REPLACEMENT_TRIES} replacement examples in a row were unreadable")
 
 
 class _EvalExample:
-    """Maps a local stream index to one eval example or padding (picklable)."""
+    """Maps a local stream index to one eval example or padding (picklable). Padding and unreadable rows are
+    zeros shaped like a readable example, with mask False and index -1."""
 
-    def __init__(self, source: ImageFolder, cfg: Any, *, global_batch: int, process_index: int,
+    def __init__(self, source: Any, transform: Callable, *, global_batch: int, process_index: int,
                  local_batch: int):
-        self.paths, self.labels = source.paths, source.labels
-        self.tcfg = TransformConfig.from_config(cfg)
+        self.source, self.transform = source, transform
         self.global_batch, self.process_index, self.local_batch = (
             global_batch, process_index, local_batch)
+        self._blank: dict[str, np.ndarray] | None = None
+
+    def blank(self) -> dict[str, np.ndarray]:
+        if self._blank is None:
+            for i in range(len(self.source)):
+                try:
+                    example = self.transform(self.source[i])
+                    break
+                except ImageLoadError:
+                    continue
+            else:
+                raise ImageLoadError(str(getattr(self.source, "root", "source")), "no readable example at all")
+            self._blank = {k: np.zeros_like(v) for k, v in example.items()}
+        return {**self._blank, "mask": np.bool_(False), "index": np.int32(-1)}
 
     def __call__(self, k: int) -> dict[str, np.ndarray]:
         step, j = divmod(int(k), self.local_batch)
         index = step * self.global_batch + self.process_index * self.local_batch + j
-        size = self.tcfg.image_size
-        blank = {"image": np.zeros((size, size, 3), np.float32), "label": np.int32(0),
-                 "mask": np.bool_(False), "index": np.int32(-1)}
-        if index >= len(self.paths):
-            return blank
-        blank.update(label=np.int32(self.labels[index]), index=np.int32(index))
+        if index >= len(self.source):
+            return self.blank()
         try:
-            image = load_image(self.paths[index])
+            example = self.transform(self.source[index])
         except ImageLoadError as e:
-            log.warning("skipping unreadable eval image %s (%s)", e.path, e.reason)
-            return blank
-        return {**blank, "image": eval_transform(image, self.tcfg), "mask": np.bool_(True)}
+            log.warning("skipping unreadable eval example %s (%s)", e.path, e.reason)
+            return self.blank()
+        return {**example, "mask": np.bool_(True), "index": np.int32(index)}
 
 
 def _to_iterator(ds: grain.MapDataset, cfg: Any) -> grain.DatasetIterator:
@@ -218,7 +227,7 @@ def _to_iterator(ds: grain.MapDataset, cfg: Any) -> grain.DatasetIterator:
 class TrainIterator(grain.DatasetIterator):
     """Infinite iterator of local training batches; checkpointable via `get_state`/`set_state`.
 
-    Yields {"image": float32 [local_b, S, S, 3], "label": int32 [local_b], "bad": int32 [local_b]}.
+    Yields the transform's fields batched over [local_b, ...] plus "bad": int32 [local_b].
     The grain pipeline underneath is (re)built lazily from the current step.
     """
 
@@ -260,12 +269,12 @@ class TrainIterator(grain.DatasetIterator):
     def get_state(self) -> dict[str, Any]:
         ex = self._example
         return {"step": self.step, "bad_count": self.bad_count, "seed": ex.seed,
-                "global_batch": ex.global_batch, "num_examples": len(ex.paths)}
+                "global_batch": ex.global_batch, "num_examples": len(ex.source)}
 
     def set_state(self, state: dict[str, Any]) -> None:
         ex = self._example
         for key, mine in (("seed", ex.seed), ("global_batch", ex.global_batch),
-                          ("num_examples", len(ex.paths))):
+                          ("num_examples", len(ex.source))):
             if key in state and state[key] != mine:
                 log.warning("restoring iterator state with %s=%s into one with %s=%s; "
                             "the sample order will differ", key, state[key], key, mine)
@@ -292,7 +301,8 @@ class TrainIterator(grain.DatasetIterator):
 
 
 def train_iterator(
-    source: ImageFolder,
+    source: Any,
+    transform: Callable,
     cfg: Any,
     *,
     global_batch: int,
@@ -309,9 +319,9 @@ def train_iterator(
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
     if steps_per_epoch(len(source), global_batch) == 0:
-        raise ValueError(
-            f"dataset of {len(source)} images is smaller than global_batch={global_batch}")
-    example = _TrainExample(source, cfg, seed=seed, global_batch=global_batch,
+        raise DataError(f"the training set has {len(source)} examples, fewer than train.batch_size="
+                        f"{global_batch}: use a smaller batch")
+    example = _TrainExample(source, transform, cfg, seed=seed, global_batch=global_batch,
                             process_index=process_index, local_batch=local_b)
     return TrainIterator(example, cfg)
 
@@ -335,7 +345,8 @@ def eval_steps(n: int, global_batch: int) -> int:
 
 
 def eval_iterator(
-    source: ImageFolder,
+    source: Any,
+    transform: Callable,
     cfg: Any,
     *,
     global_batch: int,
@@ -345,12 +356,12 @@ def eval_iterator(
     """One pass over `source`, each example exactly once across processes, no shuffling.
 
     Every process yields `eval_steps(n, global_batch)` batches of exactly `global_batch //
-    process_count` rows: {"image" float32, "label" int32, "mask" bool (False for padding and
-    unreadable files), "index" int32 (dataset index, -1 for padding)}.
+    process_count` rows: the transform's fields, "mask" bool (False for padding and unreadable
+    files) and "index" int32 (dataset index, -1 for padding).
     """
     process_index, process_count, local_b = _resolve_processes(
         global_batch, process_index, process_count)
-    example = _EvalExample(source, cfg, global_batch=global_batch,
+    example = _EvalExample(source, transform, global_batch=global_batch,
                            process_index=process_index, local_batch=local_b)
     n_steps = eval_steps(len(source), global_batch)
     ds = grain.MapDataset.range(n_steps * local_b).map(example).batch(local_b)
@@ -360,10 +371,10 @@ def eval_iterator(
 # ----------------------------------------------------------------------------- benchmarking
 
 
-def measure_throughput(source: ImageFolder, cfg: Any, n_batches: int, global_batch: int,
+def measure_throughput(source: Any, transform: Callable, cfg: Any, n_batches: int, global_batch: int,
                        seed: int = 0) -> float:
-    """Training-pipeline images/s (single process), after one warm-up batch (worker start-up)."""
-    it = train_iterator(source, cfg, global_batch=global_batch, seed=seed,
+    """Training-pipeline examples/s (single process), after one warm-up batch (worker start-up)."""
+    it = train_iterator(source, transform, cfg, global_batch=global_batch, seed=seed,
                         process_index=0, process_count=1)
     try:
         next(it)

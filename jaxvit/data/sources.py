@@ -7,6 +7,7 @@ found recursively; hidden files and directories (leading '.') are ignored.
 from __future__ import annotations
 
 import concurrent.futures
+import csv
 import dataclasses
 import logging
 import os
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from jaxvit.errors import DataError, MissingDataError
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +48,19 @@ def find_split_dir(data_dir: str | os.PathLike, split: str) -> Path:
     """Returns `<data_dir>/<split>` or the single `<data_dir>/*_<split>` directory."""
     root = Path(data_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"data_dir {str(root)!r} does not exist or is not a directory")
+        raise MissingDataError(f"data.data_dir={str(root)!r} does not exist or is not a directory: "
+                               "set --config.data.data_dir to your data")
     candidates = [d for d in _visible_dirs(root) if d.name == split or d.name.endswith(f"_{split}")]
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
         present = ", ".join(p.name for p in sorted(root.iterdir())) or "<empty>"
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"no directory for split {split!r} in {str(root)!r}: looked for '{split}/' or "
             f"'*_{split}/'; found: {present}"
         )
     names = ", ".join(d.name for d in candidates)
-    raise ValueError(f"ambiguous split {split!r} in {str(root)!r}: several candidates ({names})")
+    raise DataError(f"ambiguous split {split!r} in {str(root)!r}: several candidates ({names})")
 
 
 # ----------------------------------------------------------------------------- listing
@@ -90,18 +94,19 @@ class ImageFolder:
         found = [d.name for d in _visible_dirs(self.split_dir)]
         if classes is None:
             if not found:
-                raise ValueError(f"no class directories in {str(self.split_dir)!r}")
+                raise DataError(f"no class directories in {str(self.split_dir)!r}")
             self.classes = found
         else:
             self.classes = list(classes)
             missing = sorted(set(self.classes) - set(found))
             extra = sorted(set(found) - set(self.classes))
             if missing:
-                raise ValueError(f"class directories missing in {str(self.split_dir)!r}: {missing}")
+                raise DataError(f"class directories missing in {str(self.split_dir)!r}: {missing} "
+                                "(every split needs the same classes)")
             if extra:
-                raise ValueError(
+                raise DataError(
                     f"unexpected class directories in {str(self.split_dir)!r}: {extra} "
-                    f"(expected only {self.classes})"
+                    f"(expected only {self.classes}; every split needs the same classes)"
                 )
         paths: list[str] = []
         labels: list[int] = []
@@ -113,7 +118,7 @@ class ImageFolder:
             labels.extend([label] * len(files))
         if not paths:
             exts = ", ".join(sorted(IMAGE_EXTENSIONS))
-            raise ValueError(f"no images ({exts}) found under {str(self.split_dir)!r}")
+            raise DataError(f"no images ({exts}) found under {str(self.split_dir)!r}")
         self.paths: list[str] = paths
         self.labels: np.ndarray = np.asarray(labels, dtype=np.int32)
 
@@ -285,7 +290,7 @@ def scan(
     reference = class_sets[splits[0]]
     for s, classes in class_sets.items():
         if classes != reference:
-            raise ValueError(
+            raise DataError(
                 f"class directories differ between splits {splits[0]!r} and {s!r}: "
                 f"only in {splits[0]!r}: {sorted(set(reference) - set(classes))}, "
                 f"only in {s!r}: {sorted(set(classes) - set(reference))}"
@@ -312,3 +317,97 @@ def scan(
         unreadable=unreadable,
         decoded=decode,
     )
+
+
+# ----------------------------------------------------------------------------- CSV source
+
+
+class CsvSourceError(DataError):
+    """A CSV data file is malformed or refers to images that do not exist (a ValueError)."""
+
+
+class CsvSource:
+    """Random-access source over a CSV with one row per image (grain RandomAccessDataSource).
+
+    `image_column` holds image paths, absolute or relative to `root` (default: the CSV's
+    directory); `target_columns` are read as float32 targets [N, T] and `label_column`, if given,
+    as int32 labels. Every image file must exist.
+    """
+
+    def __init__(
+        self,
+        csv_path: str | os.PathLike,
+        image_column: str = "image_path",
+        target_columns: Sequence[str] = (),
+        root: str | os.PathLike | None = None,
+        label_column: str | None = None,
+    ):
+        self.csv_path = Path(csv_path)
+        self.root = Path(root) if root is not None else self.csv_path.parent
+        self.image_column = image_column
+        self.target_columns = list(target_columns)
+        self.label_column = label_column
+        where = str(self.csv_path)
+        with open(self.csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                raise CsvSourceError(f"{where} is empty: expected a header row naming the "
+                                     f"columns ({image_column!r}, ...) and one row per image")
+            reader.fieldnames = [name.strip() for name in reader.fieldnames]
+            wanted = [image_column, *self.target_columns] + ([label_column] if label_column else [])
+            missing = [c for c in wanted if c not in reader.fieldnames]
+            if missing:
+                raise CsvSourceError(f"{where}: column(s) {missing} not found; columns present: "
+                                     f"{reader.fieldnames}; pass the right column names")
+            paths, targets, labels = [], [], []
+            for row in reader:
+                line = reader.line_num
+                paths.append(self._image_path(row, where, line))
+                targets.append([self._number(row, c, float, where, line)
+                                for c in self.target_columns])
+                if label_column:
+                    labels.append(self._number(row, label_column, int, where, line))
+        if not paths:
+            raise CsvSourceError(f"{where} has a header but no rows: add one row per image")
+        absent = [p for p in paths if not os.path.isfile(p)]
+        if absent:
+            raise CsvSourceError(
+                f"{where}: {len(absent)} of {len(paths)} image files do not exist, e.g. "
+                f"{absent[:3]}; relative paths in column {image_column!r} are resolved against "
+                f"root {str(self.root)!r}: fix the paths or pass root=")
+        self.paths: list[str] = paths
+        self.targets: np.ndarray = np.asarray(targets, np.float32).reshape(len(paths), -1)
+        self.labels: np.ndarray | None = np.asarray(labels, np.int32) if label_column else None
+
+    def _image_path(self, row: dict, where: str, line: int) -> str:
+        value = (row[self.image_column] or "").strip()
+        if not value:
+            raise CsvSourceError(f"{where}: line {line}: column {self.image_column!r} is empty; "
+                                 f"every row needs an image path")
+        return str(self.root / value)  # an absolute value replaces root
+
+    @staticmethod
+    def _number(row: dict, column: str, kind: type, where: str, line: int) -> float | int:
+        value = (row[column] or "").strip()
+        try:
+            x = kind(value)
+        except ValueError:
+            x = None
+        if x is None or not np.isfinite(x):
+            what = "an integer" if kind is int else "a finite number"
+            raise CsvSourceError(f"{where}: line {line}: column {column!r} has value {value!r}, "
+                                 f"expected {what}; fix or drop that row")
+        return x
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        item = {"path": self.paths[index], "targets": self.targets[index]}
+        if self.labels is not None:
+            item["label"] = int(self.labels[index])
+        return item
+
+    def __repr__(self) -> str:
+        return (f"CsvSource({str(self.csv_path)!r}, n={len(self)}, "
+                f"targets={self.target_columns}, label={self.label_column!r})")

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from jaxvit.data.sources import load_image
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _TRAIN_RESAMPLE = Image.Resampling.BILINEAR
@@ -229,3 +231,23 @@ def eval_transform(image: np.ndarray, cfg: TransformConfig) -> np.ndarray:
     """uint8 RGB (H, W, 3) -> resized, centre-cropped, normalised float32 (S, S, 3)."""
     img = resize_center_crop(Image.fromarray(image), cfg.image_size, cfg.crop_ratio)
     return normalize(np.asarray(img), cfg.mean, cfg.std)
+
+
+@dataclasses.dataclass(frozen=True)
+class RGBExample:
+    """A source example {"path", other fields...} -> {"image": float32 (S, S, 3), other fields as arrays}:
+    decodes the path to 8-bit RGB (`load_image`), then `train_transform` (when called with an rng) or
+    `eval_transform`. Picklable, for grain workers."""
+
+    cfg: TransformConfig
+
+    def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        image = load_image(example["path"])
+        x = eval_transform(image, self.cfg) if rng is None else train_transform(image, self.cfg, rng)
+        return {"image": x, **{k: _as_array(v) for k, v in example.items() if k != "path"}}
+
+
+def _as_array(v: Any) -> np.ndarray:
+    """int -> int32, float -> float32 (the dtypes batches carry)."""
+    a = np.asarray(v)
+    return a.astype(np.int32) if a.dtype.kind in "iu" else a.astype(np.float32) if a.dtype.kind == "f" else a

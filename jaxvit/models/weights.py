@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxvit.errors import UserError
 from jaxvit.models import keymap
 from jaxvit.models.variants import HUB_IDS, get_config
 from jaxvit.models.vit import ViT, ViTConfig
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 _IGNORED_OFFICIAL = re.compile(r"(^rope_embed\.periods$|\.bias_mask$|^local_cls_norm\.)")
 
 
-class WeightLoadError(ValueError):
+class WeightLoadError(UserError, ValueError):
     pass
 
 

@@ -1,0 +1,33 @@
+"""Workloads. `create(cfg)` builds the task named by `config.task`; `config_section(name)` is its part of the
+config (added by `jaxvit.config.base_config(task)`)."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import ml_collections
+
+from jaxvit.errors import ConfigError
+from jaxvit.tasks.base import Task
+
+TASKS = {  # config.task -> "module:class"
+    "classification": "jaxvit.tasks.classification:Classification",
+    "regression": "jaxvit.tasks.regression:Regression",
+}
+
+
+def _load(name: str):
+    if name not in TASKS:
+        raise ConfigError(f"task={name!r} is not a jaxvit task; use one of {', '.join(TASKS)}")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def create(cfg, workdir: str | Path | None = None) -> Task:
+    return _load(cfg.task)(cfg, workdir)
+
+
+def config_section(name: str) -> ml_collections.ConfigDict | None:
+    """The task's own config keys (under `config.<task name>`), or None when it has none."""
+    section = getattr(_load(name), "default_config", None)
+    return section() if section else None

@@ -1,12 +1,124 @@
-"""Classification: soft-target cross-entropy, label smoothing, MixUp / CutMix inside the jitted step."""
+"""Image classification: ImageFolder data, soft-target cross-entropy with label smoothing and MixUp / CutMix
+in the step, accuracy / F1 / confusion-matrix reports, `classes.json`.
+
+Config keys it reads: data.* (ImageFolder layout, transforms), train.label_smoothing, train.mixup_alpha,
+train.cutmix_alpha, model.* (backbone, pool, head).
+"""
 from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from jaxvit import inference, metrics, report
+from jaxvit.data import preflight
+from jaxvit.data.sources import ImageFolder, load_image
+from jaxvit.data.transforms import RGBExample, TransformConfig
+from jaxvit.errors import DataError
+from jaxvit.tasks.base import Task, build_head_model, check_preflight
 
-def targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+log = logging.getLogger("jaxvit")
+
+
+class Classification(Task):
+    name = "classification"
+    best_metric = "val/accuracy"
+    best_mode = "max"
+    history_metrics = ("loss", "accuracy", "f1_macro")
+
+    def __init__(self, cfg, workdir: str | Path | None = None):
+        super().__init__(cfg, workdir)
+        self._classes = list(cfg.data.classes) or None
+        saved = Path(workdir) / "classes.json" if workdir else None
+        if self._classes is None and saved is not None and saved.exists():
+            self._classes = list(json.loads(saved.read_text()))
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in label order: data.classes, else the run's classes.json, else the train split's dirs."""
+        if self._classes is None:
+            self._classes = ImageFolder(self.cfg.data.data_dir, "train").classes
+        return self._classes
+
+    # -- data
+    def source(self, split: str) -> ImageFolder:
+        return ImageFolder(self.cfg.data.data_dir, split, self.classes)
+
+    def train_transform(self) -> RGBExample:
+        return RGBExample(TransformConfig.from_config(self.cfg.data))
+
+    eval_transform = train_transform  # RGBExample without an rng is the eval transform
+
+    def preflight(self, splits: tuple[str, ...], manifest: Path | None) -> None:
+        folders = {s: self.source(s) for s in splits}
+        width = max(len(c) for c in self.classes)
+        lines = ["class".ljust(width) + "".join(f"  {s:>8}" for s in splits)]
+        lines += [c.ljust(width) + "".join(f"  {int(f.class_counts()[i]):>8}" for f in folders.values())
+                  for i, c in enumerate(self.classes)]
+        lines.append("total".ljust(width) + "".join(f"  {len(f):>8}" for f in folders.values()))
+        log.info("data in %s:\n%s", self.cfg.data.data_dir, "\n".join(lines))
+        paths = [p for f in folders.values() for p in f.paths]
+        check_preflight(preflight.check_files(paths, self.cfg.data.preflight, load_image, manifest,
+                                              sample=self.cfg.data.preflight_sample, seed=self.cfg.seed),
+                        self.cfg.data.skip_bad_images)
+
+    def run_files(self) -> dict[str, Any]:
+        return {"classes.json": self.classes}
+
+    # -- model and loss
+    def build(self, rng: jax.Array):
+        return build_head_model(self.cfg, len(self.classes), rng)
+
+    def loss(self, model, variables: dict, batch: dict, rng: jax.Array):
+        t, k = self.cfg.train, len(self.classes)
+        mix_rng, drop_rng = jax.random.split(rng)
+        soft = soft_targets(batch["label"], k, t.label_smoothing)
+        images, soft = mix(batch["image"], soft, mix_rng, t.mixup_alpha, t.cutmix_alpha)
+        logits = model.apply(variables, images, train=True, rngs={"dropout": drop_rng})
+        accuracy = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+        return cross_entropy(logits, soft), {"accuracy": accuracy}, {}
+
+    # -- evaluation and prediction
+    def evaluate(self, model, variables: dict, split: str, mesh, out_dir: Path | None = None,
+                 extra: dict | None = None) -> dict:
+        src = self.source(split)
+        probs, ok = inference.map_source(_probs_fn(model), variables, src, self.eval_transform(), self.cfg.data,
+                                         self.cfg.eval.batch_size, mesh)
+        return score(probs, ok, src, out_dir, extra)
+
+    def predict_fn(self, model) -> Callable:
+        return lambda variables, images: probabilities(model, variables, images)
+
+    def describe_prediction(self, output: np.ndarray) -> dict:
+        best = int(np.argmax(output))
+        return {"class": self.classes[best], "class_index": best, "confidence": float(output[best]),
+                "probabilities": {c: float(v) for c, v in zip(self.classes, output)}}
+
+    def write_predictions(self, path: Path, paths: list[str], outputs: np.ndarray) -> None:
+        report.write_predictions_csv(path, paths, None, outputs, self.classes)
+
+
+# ------------------------------------------------------------------------------------------- maths
+
+def probabilities(model, variables: dict, images: jax.Array) -> jax.Array:
+    """Class probabilities [B, K] in float32: the one place jaxvit turns a classifier's logits into them."""
+    return jax.nn.softmax(model.apply(variables, images).astype(jnp.float32), -1)
+
+
+@functools.lru_cache(maxsize=16)
+def _probs_fn(model) -> Callable:
+    """One function object per model, so per-epoch validation reuses one compiled program."""
+    return lambda v, batch: probabilities(model, v, batch["image"])
+
+
+def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
     one_hot = jax.nn.one_hot(labels, num_classes)
     return one_hot * (1.0 - smoothing) + smoothing / num_classes
 
@@ -42,6 +154,39 @@ def mix(images: jax.Array, soft: jax.Array, rng: jax.Array, mixup_alpha: float, 
     return mixed.astype(images.dtype), lam * soft + (1 - lam) * partner_soft
 
 
-def loss(logits: jax.Array, soft_targets: jax.Array) -> jax.Array:
+def cross_entropy(logits: jax.Array, soft: jax.Array) -> jax.Array:
     """Per-example cross-entropy against soft targets, in float32."""
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), soft_targets)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), soft)
+
+
+# ------------------------------------------------------------------------------------------- reports
+
+def score(probs: np.ndarray, ok: np.ndarray, src: ImageFolder, out_dir: Path | None = None,
+          extra: dict | None = None) -> dict:
+    """Metrics over the readable images (plus `extra` entries); with `out_dir`, also the report files
+    `<split>_results.json`, `<split>_confusion_matrix{,_raw}.png`, `<split>_per_class_metrics.png`,
+    `<split>_predictions.csv`."""
+    classes = list(src.classes)
+    if not ok.any():
+        raise DataError(f"no readable image in split {src.split!r} ({src.split_dir})")
+    result = metrics.classification_metrics(probs[ok], src.labels[ok], classes)
+    result["unreadable"] = [src.paths[i] for i in np.flatnonzero(~ok)]
+    result.update(extra or {})
+    if out_dir is not None:
+        write_report(out_dir, src.split, result, classes, [src.paths[i] for i in np.flatnonzero(ok)],
+                     src.labels[ok], probs[ok])
+    return result
+
+
+def write_report(out_dir: Path, split: str, result: dict, classes: list[str], paths, labels, probs) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report.write_results_json(out_dir / f"{split}_results.json", result)
+    cm = np.asarray(result["confusion_matrix"])
+    report.plot_confusion_matrix(cm, classes, out_dir / f"{split}_confusion_matrix.png", normalize=True,
+                                 title=f"{split}: normalised confusion matrix")
+    report.plot_confusion_matrix(cm, classes, out_dir / f"{split}_confusion_matrix_raw.png", normalize=False,
+                                 title=f"{split}: confusion matrix (counts)")
+    report.plot_per_class_metrics(result["per_class"], classes, out_dir / f"{split}_per_class_metrics.png",
+                                  title=f"{split}: per-class precision / recall / F1")
+    report.write_predictions_csv(out_dir / f"{split}_predictions.csv", paths, labels, probs, classes)

@@ -1,0 +1,130 @@
+"""The task interface: what a workload gives the training loop, the evaluation tools and export.
+
+The loop (`jaxvit.train`) owns optimisation, sharding, phases, EMA, checkpoints and logs; a task owns the
+model, the data fields, the loss, evaluation and prediction. Adding a workload is a subclass of `Task` in
+`jaxvit/tasks/<name>.py`, an entry in `jaxvit.tasks.TASKS` and a config file.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxvit import lora
+from jaxvit.errors import DataError
+from jaxvit.models import get_config, load_pretrained
+from jaxvit.models.heads import Classifier
+
+log = logging.getLogger("jaxvit")
+
+# train_transform(example, rng) -> dict of arrays; eval_transform(example) -> dict of arrays (see data.pipeline)
+TrainTransform = Callable[[dict, np.random.Generator], dict]
+EvalTransform = Callable[[dict], dict]
+
+
+class Task:
+    """Subclasses set the class attributes and implement the methods that raise NotImplementedError."""
+
+    name = ""
+    best_metric = "val/loss"  # "<split>/<key of evaluate()'s result>": picks the `best` checkpoint
+    best_mode = "min"  # "min" | "max"
+    history_metrics: tuple[str, ...] = ("loss",)  # evaluate() results written to training_history.csv
+    head = r"^params/head/"  # regex of the variables a head-only phase trains
+
+    def __init__(self, cfg, workdir: str | Path | None = None):
+        self.cfg, self.workdir = cfg, workdir
+
+    # -- data
+    def source(self, split: str) -> Any:
+        """Random-access source of `split`: __len__ and __getitem__(i) -> dict of cheap fields."""
+        raise NotImplementedError
+
+    def train_transform(self) -> TrainTransform:
+        raise NotImplementedError
+
+    def eval_transform(self) -> EvalTransform:
+        raise NotImplementedError
+
+    def preflight(self, splits: tuple[str, ...], manifest: Path | None) -> None:
+        """Check the data of `splits` before training (counts, readability); raise a UserError on problems."""
+
+    def run_files(self) -> dict[str, Any]:
+        """JSON files the task writes into the workdir (name -> content), e.g. the class names."""
+        return {}
+
+    # -- model
+    def build(self, rng: jax.Array) -> tuple[Any, dict]:
+        """(model, variables) with pretrained weights loaded; variables are collections {"params", ...}."""
+        raise NotImplementedError
+
+    def depth(self, model: Any) -> int:
+        """Blocks of the backbone (layer-wise learning-rate decay)."""
+        return model.backbone.depth
+
+    def loss(self, model: Any, variables: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict, dict]:
+        """(per-example loss [B], per-example metrics {name: [B]}, updated mutable collections {name: tree})."""
+        raise NotImplementedError
+
+    # -- evaluation and prediction
+    def evaluate(self, model: Any, variables: dict, split: str, mesh: Any, out_dir: Path | None = None,
+                 extra: dict | None = None) -> dict:
+        """Metrics of `split` (a JSON-able dict with at least the keys of history_metrics, plus `extra`); with
+        `out_dir`, also the task's report files. Every process calls it; only process 0 passes out_dir."""
+        raise NotImplementedError
+
+    def predict_fn(self, model: Any) -> Callable[[dict, jax.Array], jax.Array]:
+        """fn(variables, images) -> per-example outputs (probabilities, regression values, ...)."""
+        raise NotImplementedError
+
+    def describe_prediction(self, output: np.ndarray) -> dict:
+        """One example's output as a JSON-able record."""
+        return {"output": np.asarray(output).tolist()}
+
+    def write_predictions(self, path: Path, paths: list[str], outputs: np.ndarray) -> None:
+        """A CSV of outputs [N, K], one row per image path."""
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", *(f"output_{i}" for i in range(outputs.shape[1]))])
+            w.writerows([p, *(repr(float(v)) for v in row)] for p, row in zip(paths, outputs))
+
+
+def build_head_model(cfg, num_outputs: int, rng: jax.Array) -> tuple[Classifier, dict]:
+    """Backbone + pooled head ({"params": {"backbone", "head"}[, "lora"]}), pretrained weights loaded, LoRA
+    adapters added when lora.enabled. Used by the classification and regression tasks."""
+    runtime = dict(dtype=cfg.model.dtype, remat=cfg.model.remat, drop_path=cfg.model.drop_path,
+                   lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, **cfg.model.overrides.to_dict())
+    if cfg.model.pretrained:
+        backbone, backbone_params = load_pretrained(cfg.model.pretrained, **runtime)
+        vit_cfg = backbone.cfg
+    else:
+        vit_cfg, backbone_params = get_config(cfg.model.arch, **runtime), None
+    model = Classifier(vit_cfg, num_outputs, cfg.model.pool, tuple(cfg.model.head_hidden), cfg.model.head_dropout)
+    size = cfg.data.image_size
+    init_rng, lora_rng = jax.random.split(rng)
+    variables = jax.jit(model.init)(init_rng, jnp.zeros((1, size, size, vit_cfg.num_channels)))
+    variables = {"params": dict(variables["params"])}
+    fresh = ["params/head"]
+    if backbone_params is not None:
+        variables["params"]["backbone"] = backbone_params
+    else:
+        fresh.append("params/backbone")
+    if cfg.lora.enabled:
+        variables["lora"] = {"backbone": lora.init_adapters(variables["params"]["backbone"], cfg.lora.targets,
+                                                            cfg.lora.rank, lora_rng)}
+        fresh.append("lora (B = 0: starts equal to the base model)")
+    log.info("initialised fresh (not in any checkpoint): %s", ", ".join(fresh))
+    return model, variables
+
+
+def check_preflight(report: Any, skip_bad: bool) -> None:
+    """Log a `jaxvit.data.preflight` report; unreadable files end the run before training when
+    data.skip_bad_images is False (otherwise training replaces them and counts them)."""
+    log.info("%s", report.summary())
+    if report.unreadable and not skip_bad:
+        raise DataError(f"{len(report.unreadable)} unreadable files (data.skip_bad_images=False): "
+                        + "; ".join(f"{p}: {r}" for p, r in report.unreadable[:20]))
