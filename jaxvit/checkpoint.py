@@ -119,11 +119,16 @@ def find(workdir: str | Path, checkpoint: str | int = "best") -> tuple[str, int,
 def _restore_numpy(directory: Path, keys: tuple[str, ...] | None = None) -> dict:
     """A saved pytree as numpy arrays (only `keys` of its top level, when given), on any number of devices."""
     ckptr = ocp.PyTreeCheckpointer()
-    saved = ckptr.metadata(directory).item_metadata
-    item = {k: saved[k] for k in (keys or saved.keys()) if k in saved}
-    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    return ckptr.restore(directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                                partial_restore=True))
+    absl_log = logging.getLogger("absl")  # orbax warns that the step's metadata is one directory up
+    level, absl_log.level = absl_log.level, logging.ERROR
+    try:
+        saved = ckptr.metadata(directory).item_metadata
+        item = {k: saved[k] for k in (keys or saved.keys()) if k in saved}
+        restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        return ckptr.restore(directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                                    partial_restore=True))
+    finally:
+        absl_log.level = level
 
 
 def read_variables(directory: Path) -> tuple[dict, int, bool]:

@@ -81,7 +81,7 @@ def _quiet(logger: logging.Logger, level: int):
 
 def _update(cfg: mlc.ConfigDict, values: dict) -> None:
     for k, v in values.items():
-        if k not in cfg:
+        if k not in cfg and len(cfg):  # an empty section (model.overrides) takes any key
             log.warning("config.json key %r is not a config key any more; ignored", k)
         elif isinstance(v, dict) and isinstance(cfg.get(k), mlc.ConfigDict):
             _update(cfg[k], v)
@@ -155,8 +155,7 @@ def load_run(workdir: str | Path, checkpoint_name: str | int = "best", data_dir:
     task = tasks.create(cfg, workdir)
     name, step, directory = checkpoint.find(workdir, checkpoint_name)
     model, template = build_for_run(cfg, task)
-    with _quiet(logging.getLogger("absl"), logging.ERROR):  # orbax: metadata one directory up
-        variables, step, ema = checkpoint.read_variables(directory)
+    variables, step, ema = checkpoint.read_variables(directory)
     _check_matches(template, variables, str(directory))
     log.info("loaded %s (%s, step %d%s)", workdir, name, step, ", EMA weights" if ema else "")
     return Run(workdir, cfg, task, model, variables, f"{name}/{step}", step, ema)

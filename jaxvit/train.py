@@ -242,6 +242,19 @@ class Trainer:
             state = self.ckpts.restore(latest, state, data)
             log.info("resumed from step %d (phase %s)", latest, self.phases[meta["phase"]].name)
         self._log_overview(state, mults)
+        try:
+            state, step = self._loop(state, step_fn, data, meta)
+            self.ckpts.save_inference("final", step, eval_variables(state), self._info(step, meta))
+        finally:  # a run that stops on an error still completes the checkpoints it started
+            self.ckpts.wait()
+            data.close()
+        if self.is_main and meta["history"]:
+            plot_training_curves(self.workdir / "training_history.csv", self.workdir / "training_curves.png")
+        return self._final_test(state)
+
+    def _loop(self, state: dict, step_fn: Callable, data: Any, meta: dict) -> tuple[dict, int]:
+        """Steps until the end (or an early stop): logs, evaluations, phase switches, resume points."""
+        c, t = self.cfg, self.cfg.train
         step = int(state["step"])
         pending, t_log, n_log, t_eval, step_eval = [], time.time(), 0, time.time(), step
         while step < self.total_steps:
@@ -255,27 +268,20 @@ class Trainer:
                 ips = n_log * t.batch_size / (time.time() - t_log)
                 self._log_train(jax.device_get(pending), meta, step, ips)  # the one host sync per log period
                 pending, t_log, n_log = [], time.time(), 0
-            stop = False
             if at_eval:
                 self._eval_point(state, meta, step, (step - step_eval) * t.batch_size / (time.time() - t_eval))
                 t_eval, step_eval = time.time(), step
-            if self._phase_over(meta, step):
-                if meta["phase"] == len(self.phases) - 1:
-                    log.info("stopping early at step %d: %s has not improved for %d evaluations", step,
-                             self.best_metric, meta["since_best"])
-                    stop = True
-                else:
-                    state, step_fn, mults = self._next_phase(state, meta, step)
+            stop = self._phase_over(meta, step) and meta["phase"] == len(self.phases) - 1
+            if stop:
+                log.info("stopping early at step %d: %s has not improved for %d evaluations", step,
+                         self.best_metric, meta["since_best"])
+            elif self._phase_over(meta, step):
+                state, step_fn = self._next_phase(state, meta, step)
             if at_eval or save_now or stop:
                 self.ckpts.save(step, state, data, meta)
             if stop:
                 break
-        self.ckpts.save_inference("final", step, eval_variables(state), self._info(step, meta))
-        self.ckpts.wait()
-        data.close()
-        if self.is_main and meta["history"]:
-            plot_training_curves(self.workdir / "training_history.csv", self.workdir / "training_curves.png")
-        return self._final_test(state)
+        return state, step
 
     def _eval_point(self, state: dict, meta: dict, step: int, ips: float) -> None:
         """Validation, a history row, the best checkpoint."""
@@ -315,7 +321,7 @@ class Trainer:
         variables = optim.combine(optim.combine(state["trainable"], state["frozen"]), state.get("mutable", {}))
         state, step_fn, mults = self._phase_setup(index, variables, step)  # EMA restarts from the weights
         self._log_overview(state, mults)
-        return state, step_fn, mults
+        return state, step_fn
 
     def _final_test(self, state: dict) -> dict:
         c = self.cfg

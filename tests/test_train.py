@@ -1,4 +1,5 @@
-"""The fine-tuning pipeline on tiny models and real files: LoRA, layer-wise rates, stages, accumulation, resume."""
+"""The training loop on tiny models and real files: LoRA, phases, layer-wise rates, accumulation, checkpoints,
+resume, a second task through the same loop, and user mistakes that end in one line."""
 import csv
 import os
 import signal
@@ -13,80 +14,55 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import traverse_util
+from PIL import Image
 
-from jaxvit import lora, optim
-from jaxvit.checkpoint import Checkpoints
+from conftest import ROOT, TINY_VIT, tiny_config
+from jaxvit import checkpoint, lora, optim, run_io, sharding, tasks
 from jaxvit.config import base_config
-from jaxvit.data.synthetic_gz2 import write_dataset
-from jaxvit.models import get_config
+from jaxvit.models import get_config, load_pretrained
 from jaxvit.models.heads import Classifier
-from jaxvit.train import Trainer, build_model, make_train_step
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_VIT = dict(patch_size=8, hidden_size=32, depth=2, num_heads=2, mlp_hidden=64, pos_grid=4)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gz2")
-    write_dataset(root, per_class={"train": 8, "val": 3, "test": 3}, size=32, seed=0)
-    return root
-
-
-def tiny_config(data_dir, **train):
-    c = base_config()
-    c.data.data_dir = str(data_dir)
-    c.data.image_size = 32
-    c.data.crop_ratio = 1.0
-    c.data.num_workers = 0
-    c.model.overrides.update(TINY_VIT)
-    c.train.epochs = 2
-    c.train.batch_size = 8
-    c.train.log_every_steps = 2
-    c.eval.batch_size = 8
-    c.optim.warmup_ratio = 0.0
-    c.optim.lr = 1e-3
-    c.checkpoint.keep = 20
-    for k, v in train.items():
-        c.train[k] = v
-    return c
+from jaxvit.train import Trainer, init_state, make_step
 
 
 def flat(tree):
     return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
-def restore_state(workdir: Path, name: str = "final", step: int | None = None) -> dict:
-    """The train state saved under <workdir>/checkpoints/<name>, read back from disk as numpy."""
-    ck = Checkpoints(workdir / "checkpoints")
-    mngr = ck.periodic if name == "periodic" else ck._named(name)
-    step = mngr.latest_step() if step is None else step
-    return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+def saved_state(workdir: Path, step: int | None = None) -> dict:
+    """The train state of a resume point (default: the newest), read back from disk as numpy."""
+    directory = Path(workdir) / "checkpoints" / "periodic"
+    step = max(checkpoint.steps(directory)) if step is None else step
+    return checkpoint._restore_numpy(directory / str(step) / "state")
 
 
-def test_lora_freezes_base_and_has_no_state_for_it(data_dir, tmp_path):
-    c = tiny_config(data_dir)
-    c.lora.enabled = True
-    c.lora.rank = 4
-    trainer = Trainer(c, tmp_path)
-    initial = flat(trainer.variables_template["params"]["backbone"])
-    result = trainer.run()
-    state = restore_state(tmp_path)
+def history(workdir: Path) -> list[dict]:
+    return list(csv.DictReader((Path(workdir) / "training_history.csv").open()))
+
+
+# ------------------------------------------------------------------------------------------- LoRA and phases
+
+def test_lora_run_trains_adapters_and_head_only(lora_run):
+    workdir, c = lora_run
+    _, base = load_pretrained(c.model.pretrained)
+    state = saved_state(workdir)
     frozen = flat(state["frozen"]["params"]["backbone"])
-    assert frozen.keys() == initial.keys()
-    for k in initial:
-        np.testing.assert_array_equal(frozen[k], initial[k], err_msg=k)  # bit-identical
-    # Optimizer state exists for trainable leaves only: adapters and head.
-    opt_paths = {"/".join(str(getattr(p, "key", p)) for p in path)
-                 for path, _ in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]}
-    assert not any("params/backbone" in p for p in opt_paths)
+    assert frozen.keys() == flat(base).keys()
+    for k, v in flat(base).items():
+        np.testing.assert_array_equal(frozen[k], v, err_msg=k)  # the base is bit-identical
+    opt_paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]}
+    assert not any("'backbone'" in p and "'params'" in p for p in opt_paths)  # no optimizer state for the base
     assert any("lora_a" in p for p in opt_paths)
-    # The adapters did train.
-    assert np.abs(flat(state["trainable"]["lora"])[
-        "backbone/encoder/layer_0/attention/query/lora_b"]).max() > 0
-    assert (tmp_path / "eval_test" / "test_results.json").exists()
-    assert (tmp_path / "config.json").exists()
-    assert 0.0 <= result["accuracy"] <= 1.0
+    # Phase "head" (epoch 1) left the adapters at their start (B = 0); phase "all" trained them.
+    rows = history(workdir)
+    assert [r["phase"] for r in rows] == ["head", "all", "all"]
+    at_switch = saved_state(workdir, int(rows[0]["step"]))  # saved just after the switch to phase "all"
+    after_head = flat(optim.combine(at_switch["trainable"], at_switch["frozen"])["lora"])
+    assert not any(v.any() for k, v in after_head.items() if k.endswith("lora_b"))
+    assert np.abs(flat(state["trainable"]["lora"])["backbone/encoder/layer_0/attention/query/lora_b"]).max() > 0
+    # Inference checkpoints hold the evaluation variables and no optimizer state.
+    variables, _, ema = checkpoint.read_variables(checkpoint.find(workdir, "best")[2])
+    assert ema and set(variables) == {"params", "lora"}
+    assert (workdir / "eval_test" / "test_results.json").exists()
 
 
 def test_merged_lora_equals_unmerged_forward():
@@ -132,56 +108,145 @@ def test_multi_transform_groups_get_configured_rates():
     _, _, mults = optim.make_optimizer(c, tree, 100, depth=2)
     assert mults == {"params/backbone/encoder/layer_0/w": 0.25, "params/backbone/encoder/layer_1/w": 0.5,
                      "params/backbone/embeddings/w": 0.125, "params/head/w": 1.0}
+    # A phase's own rules replace optim.lr_mults; its lr replaces optim.lr.
+    tx, schedule, mults = optim.make_optimizer(c, tree, 100, depth=2, lr=1e-4, lr_mults=((r"head", 3.0),))
+    assert mults["params/head/w"] == 3.0 and schedule(50) == pytest.approx(1e-4)
 
 
-def test_freeze_first_n_layers():
+def test_trainable_rules():
     c = base_config()
     c.train.freeze_first_n_layers = 1
-    assert not optim.is_trainable("params/backbone/embeddings/cls_token", c, 2)
-    assert not optim.is_trainable("params/backbone/encoder/layer_0/mlp/fc1/kernel", c, 2)
-    assert optim.is_trainable("params/backbone/encoder/layer_1/mlp/fc1/kernel", c, 2)
-    assert optim.is_trainable("params/head/out/kernel", c, 1)
-    assert not optim.is_trainable("params/backbone/encoder/layer_1/mlp/fc1/kernel", c, 1)
+    every = optim.trainable_rule("all", c, r"^params/head/")
+    head = optim.trainable_rule("head", c, r"^params/head/")
+    assert not every("params/backbone/embeddings/cls_token")
+    assert not every("params/backbone/encoder/layer_0/mlp/fc1/kernel")
+    assert every("params/backbone/encoder/layer_1/mlp/fc1/kernel") and every("params/backbone/layernorm/scale")
+    assert head("params/head/out/kernel") and not head("params/backbone/encoder/layer_1/mlp/fc1/kernel")
+    c.lora.enabled = True
+    every = optim.trainable_rule("all", c, r"^params/head/")
+    assert every("lora/backbone/encoder/layer_0/attention/query/lora_a") and every("params/head/out/bias")
+    assert not every("params/backbone/encoder/layer_1/mlp/fc1/kernel")
+    regexes = optim.trainable_rule((r"layer_1/", r"^params/head/"), c, r"^params/head/")
+    assert regexes("params/backbone/encoder/layer_1/mlp/fc1/kernel") and not regexes("params/backbone/layernorm/scale")
 
 
-def test_two_stage_switches_after_stage1_epochs(data_dir, tmp_path):
-    c = tiny_config(data_dir, epochs=3, stage1_epochs=1)
+def test_two_stage_full_fine_tuning_leaves_the_backbone_alone_in_stage_one(gz2_dir, tmp_path):
+    c = tiny_config(gz2_dir, epochs=3, stage1_epochs=1)
     trainer = Trainer(c, tmp_path)
-    backbone0 = flat(trainer.variables_template["params"]["backbone"])
+    backbone0 = flat(trainer.variables["params"]["backbone"])
     trainer.run()
-    rows = list(csv.DictReader((tmp_path / "training_history.csv").open()))
-    assert [r["stage"] for r in rows] == ["1", "2", "2"]
-    # After stage 1 the backbone was untouched; the checkpoint at the end of epoch 1 shows it.
-    step1 = int(rows[0]["step"])
-    saved = restore_state(tmp_path, "periodic", step1)
+    rows = history(tmp_path)
+    assert [r["phase"] for r in rows] == ["head", "all", "all"]
+    saved = saved_state(tmp_path, int(rows[0]["step"]))
     after1 = flat(optim.combine(saved["trainable"], saved["frozen"])["params"]["backbone"])
     for k in backbone0:
         np.testing.assert_array_equal(after1[k], backbone0[k])
-    final = flat(restore_state(tmp_path)["trainable"]["params"]["backbone"])
+    final = flat(saved_state(tmp_path)["trainable"]["params"]["backbone"])
     assert any(np.abs(final[k] - backbone0[k]).max() > 0 for k in backbone0)
 
 
-def test_gradient_accumulation_equals_full_batch(data_dir):
+def test_step_based_phases_with_their_own_learning_rates(gz2_dir, tmp_path):
+    """train.steps with phases of given steps and lr; evaluations every 3 steps; patience ends the last phase."""
+    c = tiny_config(gz2_dir, steps=12)
+    c.train.phases = (dict(name="head", trainable="head", steps=4, lr=5e-3),
+                      dict(name="blocks", trainable=(r"layer_1/", r"^params/head/"), steps=4, lr=2e-3),
+                      dict(name="all", lr=1e-3))
+    c.optim.schedule = "constant"
+    c.eval.every_steps = 3
+    trainer = Trainer(c, tmp_path)
+    start = flat(trainer.variables["params"])
+    trainer.run()
+    rows = history(tmp_path)
+    assert [int(r["step"]) for r in rows] == [3, 6, 9, 12]
+    assert [r["phase"] for r in rows] == ["head", "blocks", "all", "all"]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([5e-3, 2e-3, 1e-3, 1e-3])
+    mid_blocks = saved_state(tmp_path, 6)  # in phase "blocks" (steps 4-8)
+    after_blocks = flat(optim.combine(mid_blocks["trainable"], mid_blocks["frozen"])["params"])
+    assert np.array_equal(after_blocks["backbone/encoder/layer_0/mlp/fc1/kernel"],
+                          start["backbone/encoder/layer_0/mlp/fc1/kernel"])  # phase 2 trained layer_1 only
+    assert not np.array_equal(after_blocks["backbone/encoder/layer_1/mlp/fc1/kernel"],
+                              start["backbone/encoder/layer_1/mlp/fc1/kernel"])
+
+
+def test_gradient_accumulation_equals_full_batch(gz2_dir):
     results = []
     for k in (1, 4):
-        c = tiny_config(data_dir, grad_accum=k)
-        model, variables = build_model(c, 5, jax.random.key(0))
-        trainable, frozen = optim.split(variables, lambda p: optim.is_trainable(p, c, 2))
-        tx, schedule, _ = optim.make_optimizer(c, trainable, 10, 2)
-        state = dict(step=jnp.int32(0), rng=jax.random.key_data(jax.random.key(1)), trainable=trainable,
-                     frozen=frozen, opt_state=tx.init(trainable))
-        step = jax.jit(make_train_step(model, c, tx, 5, schedule))
-        batch = dict(image=jax.random.normal(jax.random.key(2), (8, 32, 32, 3)),
-                     label=jnp.arange(8) % 5, bad=jnp.zeros(8, jnp.int32))
+        c = tiny_config(gz2_dir, grad_accum=k)
+        task = tasks.create(c)
+        model, variables = task.build(jax.random.key(0))
+        rule = optim.trainable_rule("all", c, task.head)
+        tx, schedule, _ = optim.make_optimizer(c, optim.split(variables, rule)[0], 10, 2)
+        state, _ = init_state(c, variables, rule, tx, sharding.make_mesh(c.mesh))
+        step = jax.jit(make_step(task, model, c, tx, schedule))
+        batch = dict(image=jax.random.normal(jax.random.key(2), (8, 32, 32, 3)), label=jnp.arange(8) % 5)
         state, m = step(state, batch)
-        results.append((flat(state["trainable"]), float(m["loss"])))
-    (p1, l1), (p4, l4) = results
-    assert abs(l1 - l4) < 1e-5
+        results.append((flat(state["trainable"]), float(m["loss"]), float(m["accuracy"])))
+    (p1, l1, a1), (p4, l4, a4) = results
+    assert abs(l1 - l4) < 1e-5 and a1 == a4
     # Adam's first step is lr * g / |g| per coordinate: where g is ~0, float rounding of the two gradient sums
     # can move a coordinate by a visible fraction of lr (1e-3), so the bound is 2% of lr.
     for name in p1:
         np.testing.assert_allclose(p4[name], p1[name], rtol=1e-5, atol=2e-5, err_msg=name)
 
+
+def test_nonfinite_loss_stops_with_checkpoint_intact(gz2_dir, tmp_path):
+    c = tiny_config(gz2_dir, epochs=2)
+    c.optim.lr = 1e30  # diverges within a few steps
+    c.optim.grad_clip = 0.0
+    c.train.log_every_steps = 1
+    c.checkpoint.every_steps = 1
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        Trainer(c, tmp_path).run()
+    saved = checkpoint.steps(tmp_path / "checkpoints" / "periodic")
+    assert saved
+    for step in saved:  # what was saved is finite
+        assert all(np.isfinite(v).all() for v in flat(saved_state(tmp_path, step)["trainable"]).values())
+
+
+# ------------------------------------------------------------------------------------------- a second task
+
+def write_disc_regression(root: Path, n: dict[str, int], size: int = 32, seed: int = 0) -> Path:
+    """Images of one bright disc on noise; targets: its radius and its brightness (CSV per split)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    for split, count in n.items():
+        (root / split).mkdir(parents=True, exist_ok=True)
+        rows = ["image_path,radius,brightness"]
+        for i in range(count):
+            r, b = rng.uniform(3, 12), rng.uniform(0.3, 1.0)
+            cy, cx = rng.uniform(r, size - r, 2)
+            img = rng.normal(0.1, 0.03, (size, size)) + b * ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r)
+            rgb = (np.clip(np.repeat(img[..., None], 3, -1), 0, 1) * 255).astype(np.uint8)
+            Image.fromarray(rgb).save(root / split / f"{i}.png")
+            rows.append(f"{split}/{i}.png,{r:.4f},{b:.4f}")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_regression_task_through_the_same_loop(tmp_path):
+    root = write_disc_regression(tmp_path / "data", {"train": 64, "val": 24, "test": 24})
+    c = tiny_config(root, task="regression", epochs=8)
+    c.regression.targets = ("radius", "brightness")
+    c.data.aug.rotate_degrees, c.data.aug.color_jitter_prob, c.data.aug.crop_scale = 0.0, 0.0, (1.0, 1.0)
+    c.optim.lr = 3e-3
+    c.train.batch_size = 16
+    result = Trainer(c, tmp_path / "run").run()
+    rows = history(tmp_path / "run")
+    assert {"val_r2", "val_rmse", "train_loss"} <= set(rows[0])
+    r2 = [float(r["val_r2"]) for r in rows]
+    assert max(r2) > 0.4 and r2[-1] > r2[0] + 0.3  # it learns the radius and brightness
+    # The best checkpoint is the one with the highest val R^2, and evaluating it reproduces that value.
+    best_step = int(rows[int(np.argmax(r2))]["step"])
+    run = run_io.load_run(tmp_path / "run", "best")
+    assert run.step == best_step and run.cfg.task == "regression"
+    from jaxvit import inference
+    mesh = inference.run_mesh(run.cfg)
+    again = run.task.evaluate(run.model, inference.place(run.variables, mesh), "val", mesh)
+    assert again["r2"] == pytest.approx(max(r2), abs=1e-5)
+    assert result["r2"] > 0.3 and (tmp_path / "run" / "eval_test" / "test_predictions.csv").exists()
+
+
+# ------------------------------------------------------------------------------------------- resume, old layouts
 
 def _cli(workdir, data_dir, *extra):
     overrides = [f"--config.model.overrides.{k}={v}" for k, v in TINY_VIT.items()]
@@ -192,12 +257,12 @@ def _cli(workdir, data_dir, *extra):
             *overrides, *extra]
 
 
-def test_killed_run_resumes_to_the_same_result(data_dir, tmp_path):
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(gz2_dir, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    # Uninterrupted reference.
-    subprocess.run(_cli(tmp_path / "ref", data_dir), cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run(_cli(tmp_path / "ref", gz2_dir), cwd=ROOT, env=env, check=True, capture_output=True)
     # Killed with SIGKILL after its third step's checkpoint, in the middle of epoch 1 (5 steps per epoch).
-    proc = subprocess.Popen(_cli(tmp_path / "run", data_dir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cli(tmp_path / "run", gz2_dir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     periodic = tmp_path / "run" / "checkpoints" / "periodic"
     deadline = time.time() + 240
@@ -206,47 +271,79 @@ def test_killed_run_resumes_to_the_same_result(data_dir, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "run" / "checkpoints" / "final").exists(), "the run finished before it was killed"
-    subprocess.run(_cli(tmp_path / "run", data_dir), cwd=ROOT, env=env, check=True, capture_output=True)
-    ref = list(csv.DictReader((tmp_path / "ref" / "training_history.csv").open()))
-    got = list(csv.DictReader((tmp_path / "run" / "training_history.csv").open()))
-    keys = ("epoch", "step", "train_loss", "val_loss", "val_acc")
-    assert [[r[k] for k in keys] for r in got] == [[r[k] for k in keys] for r in ref]
-    fa, fb = (flat(restore_state(tmp_path / d)["trainable"]) for d in ("ref", "run"))
+    subprocess.run(_cli(tmp_path / "run", gz2_dir), cwd=ROOT, env=env, check=True, capture_output=True)
+    keys = ("epoch", "step", "train_loss", "val_loss", "val_accuracy")
+    assert [[r[k] for k in keys] for r in history(tmp_path / "run")] == [[r[k] for k in keys]
+                                                                         for r in history(tmp_path / "ref")]
+    fa, fb = (flat(saved_state(tmp_path / d)["trainable"]) for d in ("ref", "run"))
     for k in fa:
         np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
 
 
-def test_corrupt_image_is_reported_by_path(data_dir, tmp_path):
+def test_workdir_of_the_old_layout_still_loads(lora_run, tmp_path):
+    """Before the redesign, `best_acc/<step>/state` held the whole train state; it still evaluates as "best"."""
+    import shutil
+    workdir, _ = lora_run
+    old = tmp_path / "old"
+    shutil.copytree(workdir, old, ignore=shutil.ignore_patterns("best", "final"))
+    step = max(checkpoint.steps(old / "checkpoints" / "periodic"))
+    state = saved_state(old, step)
+    mngr = ocp.CheckpointManager(old / "checkpoints" / "best_acc", options=ocp.CheckpointManagerOptions(create=True))
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+    mngr.wait_until_finished()
+    run = run_io.load_run(old, "best")
+    assert run.checkpoint == f"best_acc/{step}" and run.ema
+    want = checkpoint.eval_variables(state)
+    for k, v in flat(want).items():
+        np.testing.assert_array_equal(flat(run.variables)[k], v, err_msg=k)
+
+
+# ------------------------------------------------------------------------------------------- user mistakes
+
+def _main(tmp_path, *overrides, config="configs/gz2_lora.py:demo"):
+    return subprocess.run([sys.executable, "-m", "jaxvit.main", f"--config={config}",
+                           f"--workdir={tmp_path / 'w'}", "--config.data.synthetic=False", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def _one_line_error(proc, *words):
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) >= 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for w in words:
+        assert w in proc.stderr, (w, proc.stderr[-2000:])
+
+
+def test_user_mistakes_end_in_one_line_with_exit_code_2(gz2_dir, tmp_path):
+    import shutil
+    _one_line_error(_main(tmp_path, "--config.train.epochz=3"), "train.epochz", "epochs", "batch_size")
+    _one_line_error(_main(tmp_path, f"--config.data.data_dir={gz2_dir}", "--config.train.batch_size=0"),
+                    "train.batch_size=0", "positive")
+    _one_line_error(_main(tmp_path, f"--config.data.data_dir={tmp_path / 'nowhere'}"), "nowhere", "data_dir")
+    _one_line_error(_main(tmp_path, f"--config.data.data_dir={gz2_dir}", "--config.optim.schedule=linear"),
+                    "optim.schedule='linear'", "cosine")
+    broken = tmp_path / "broken"
+    shutil.copytree(gz2_dir, broken)
+    shutil.rmtree(broken / "gz2_5class_test")
+    _one_line_error(_main(tmp_path, f"--config.data.data_dir={broken}"), "'test'", "gz2_5class_train")
+    shutil.copytree(gz2_dir / "gz2_5class_test", broken / "gz2_5class_test")
+    shutil.rmtree(broken / "gz2_5class_val" / "spiral")
+    _one_line_error(_main(tmp_path, f"--config.data.data_dir={broken}"), "spiral", "same classes")
+    _one_line_error(_main(tmp_path, f"--config.data.data_dir={gz2_dir}",
+                          f"--config.model.pretrained={tmp_path / 'no_such_checkpoint'}"), "no_such_checkpoint")
+    _one_line_error(_main(tmp_path, config="configs/no_such_config.py"), "no_such_config.py")
+
+
+def test_corrupt_image_is_reported_by_path(gz2_dir, tmp_path):
     import shutil
     root = tmp_path / "data"
-    shutil.copytree(data_dir, root)
-    bad = root / "gz2_5class_train" / "spiral" / "zz_corrupt.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    shutil.copytree(gz2_dir, root)
+    (root / "gz2_5class_train" / "spiral" / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
     c = tiny_config(root)
     c.data.skip_bad_images = False
     with pytest.raises(ValueError, match="zz_corrupt.png"):
         Trainer(c, tmp_path / "w1")
-    # Skipped by default: training runs and replaces it.
-    c.data.skip_bad_images = True
-    c.train.epochs = 1
+    # Skipped by default: the run trains, replaces it and counts it.
+    c.data.skip_bad_images, c.train.epochs = True, 1
     Trainer(c, tmp_path / "w2").run()
-
-
-def test_unknown_config_key_lists_valid_keys(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "jaxvit.main", "--config=configs/gz2_lora.py",
-                           f"--workdir={tmp_path}", "--config.train.epochz=3"], cwd=ROOT, capture_output=True,
-                          text=True)
-    assert proc.returncode != 0
-    assert "train.epochz" in proc.stderr and "epochs" in proc.stderr and "batch_size" in proc.stderr
-
-
-def test_nonfinite_loss_stops_with_checkpoint_intact(data_dir, tmp_path):
-    c = tiny_config(data_dir, epochs=2)
-    c.optim.lr = 1e30  # diverges within a few steps
-    c.optim.grad_clip = 0.0
-    c.train.log_every_steps = 1
-    with pytest.raises(FloatingPointError, match="non-finite"):
-        Trainer(c, tmp_path).run()
-    for step in Checkpoints(tmp_path / "checkpoints").periodic.all_steps():  # what was saved is finite
-        s = restore_state(tmp_path, "periodic", step)
-        assert all(np.isfinite(v).all() for v in flat(s["trainable"]).values())
+    assert (tmp_path / "w2" / "checkpoints" / "final").is_dir()
