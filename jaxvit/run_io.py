@@ -80,8 +80,9 @@ def _quiet(logger: logging.Logger, level: int):
 
 
 def _update(cfg: mlc.ConfigDict, values: dict) -> None:
+    free_form = not len(cfg)  # an empty section (model.overrides) takes any key
     for k, v in values.items():
-        if k not in cfg and len(cfg):  # an empty section (model.overrides) takes any key
+        if k not in cfg and not free_form:
             log.warning("config.json key %r is not a config key any more; ignored", k)
         elif isinstance(v, dict) and isinstance(cfg.get(k), mlc.ConfigDict):
             _update(cfg[k], v)
