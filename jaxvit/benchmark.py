@@ -5,9 +5,10 @@ peer (transformers + PEFT, random weights), or the grain input pipeline alone.
     python -m jaxvit.benchmark --mode=infer --batch=32 --peer
     python -m jaxvit.benchmark --arch=dinov2_vits14,dinov2_vitb14 --mode=lora,full,infer --peer --markdown
     python -m jaxvit.benchmark --data [--data_dir=DIR]          # grain pipeline images/s
+    python -m jaxvit.benchmark --heap                           # page faults with/without keep_cpu_heap
     python -m jaxvit.benchmark --override=hidden_size=64,depth=2,num_heads=2,mlp_hidden=256 ...
 
-Prints one JSON line per measured implementation ("impl": "jax" / "torch" / "grain") and, with --peer,
+Prints one JSON line per measured implementation ("impl": "jax" / "torch" / "grain" / "heap") and, with --peer,
 a {"impl": "ratio", "speedup_vs_torch": jax img/s / torch img/s} line, for each arch x mode of the
 comma-separated --arch and --mode lists; --markdown ends with a table of them all (benchmarks/RESULTS.md).
 
@@ -23,6 +24,10 @@ with --peer, jax does not preallocate GPU memory. jaxvit runs on one device (jax
 Memory: `peak_mem_bytes` on accelerators (jax memory_stats peak_bytes_in_use; torch
 max_memory_allocated), else `peak_rss_bytes` (the process's peak RSS, /proc VmHWM).
 `--override` sets ViTConfig fields, e.g. a tiny model or `attn_impl=cudnn`.
+
+`--heap`: minor page faults per execution of a CPU program with a 128 MB temporary, in two fresh processes
+(default malloc settings, then `xla_options.keep_cpu_heap`): the temporary is mapped and zero-filled anew
+each run (~`temp_pages` faults) unless the heap is kept. Machine dependent, hence a benchmark, not a test.
 
 `matmul_peak_tflops`: the best of a few large square matmuls in jax (8192 on accelerators, 2048 on
 the CPU) in the benchmarked dtype, measured once per run; `mfu_measured` = tflops / that peak, and `mfu`
@@ -45,6 +50,7 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -126,6 +132,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                    "synthetic GZ2 set in a temp dir)")
     ap.add_argument("--data_px", type=int, default=64, help="--data: synthetic source image size")
     ap.add_argument("--data_workers", type=int, default=2, help="--data: grain worker processes")
+    ap.add_argument("--heap", action="store_true", help="page faults per CPU step with and without "
+                                                        "xla_options.keep_cpu_heap (fresh processes)")
     args = ap.parse_args(argv)
     bad = set(args.mode.split(",")) - set(FLOPS_FACTOR)
     if bad:
@@ -459,6 +467,41 @@ def bench_data(args: argparse.Namespace) -> list[dict]:
                  device=platform.processor() or platform.machine(), cpus=os.cpu_count(), date=_now())]
 
 
+HEAP_PROBE = """
+import json, resource
+from jaxvit import xla_options
+applied = xla_options.keep_cpu_heap()
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x, w, v: jnp.tanh(x @ w) @ v)  # the [16384, 2048] product: a 128 MB temporary
+x, w, v = jnp.ones((16384, 8)), jnp.ones((8, 2048)) / 8, jnp.ones((2048, 1))
+for _ in range(10):  # the heap settles
+    out = jax.block_until_ready(f(x, w, v))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    out = jax.block_until_ready(f(x, w, v))
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+print(json.dumps(dict(applied=applied, faults_per_run=faults, out=float(out[0, 0]))))
+"""
+HEAP_TEMP_BYTES = 16384 * 2048 * 4
+
+
+def heap_probe(keep: bool) -> dict:
+    """{applied, faults_per_run, out} of HEAP_PROBE in a fresh CPU process, keep_cpu_heap on or off."""
+    env = dict(os.environ, JAXVIT_KEEP_CPU_HEAP="1" if keep else "0", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", HEAP_PROBE], env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"heap probe failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_heap(args: argparse.Namespace) -> list[dict]:
+    """Minor page faults per run of a program with a 128 MB temporary, default heap vs kept heap."""
+    default, kept = heap_probe(False), heap_probe(True)
+    return [dict(impl="heap", mode="heap", temp_pages=HEAP_TEMP_BYTES // resource.getpagesize(),
+                 default=default, kept=kept, device=platform.processor() or platform.machine(),
+                 cpus=os.cpu_count(), date=_now())]
+
+
 def bench_models(args: argparse.Namespace) -> list[dict]:
     """Every arch x mode of the comma-separated lists, printing each record as it comes."""
     if args.peer:  # leave GPU memory for the peer process
@@ -499,8 +542,8 @@ def markdown_table(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    if args.data:
-        records = bench_data(args)
+    if args.data or args.heap:
+        records = bench_data(args) if args.data else bench_heap(args)
         for r in records:
             print(json.dumps(r), flush=True)
     else:

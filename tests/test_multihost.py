@@ -1,6 +1,7 @@
 """Several real processes on this machine, coordinated through jax.distributed (gloo CPU collectives).
 
 - launch/local.sh 2 trains to the same history as one process; evaluation counts every image exactly once;
+- a 2-process run killed mid-run resumes on 1 process and finishes with the 1-process history;
 - a process killed mid-run makes the surviving one exit non-zero within a minute (heartbeat timeout);
 - local.sh prefixes output with the process index and stops the others when one fails.
 """
@@ -16,27 +17,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxvit.data.synthetic_gz2 import write_dataset
+from conftest import ROOT, TINY_VIT
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 LOCAL = str(ROOT / "launch" / "local.sh")
-TINY_VIT = dict(patch_size=8, hidden_size=32, depth=2, num_heads=2, mlp_hidden=64, pos_grid=4)
 # fp32: the 2-process run all-reduces gradients and metrics in a different order than one process.
 RTOL = 1e-4
+HISTORY = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "val_f1_macro")
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gz2")
-    write_dataset(root, per_class={"train": 8, "val": 3, "test": 3}, size=32, seed=0)  # 15 val / test images
-    return root
+def data_dir(gz2_dir):
+    return gz2_dir  # 15 val / test images
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")  # the runs below share compiled programs
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable, JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+def env():
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHON=sys.executable)  # conftest set the shared XLA cache
 
 
 def _args(workdir, data_dir, *extra):
@@ -65,7 +62,7 @@ def test_two_processes_match_one(data_dir, env, tmp_path):
     assert proc.stdout.count("heap kept between steps (ok)") == 2  # keep_cpu_heap ran before the backends
     one, two = _rows(tmp_path / "one" / "training_history.csv"), _rows(tmp_path / "two" / "training_history.csv")
     assert [r["step"] for r in two] == [r["step"] for r in one] == ["5", "10"]
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "val_f1"):
+    for key in HISTORY:
         np.testing.assert_allclose([float(r[key]) for r in two], [float(r[key]) for r in one], rtol=RTOL,
                                    err_msg=key)
     # Evaluation over two hosts: each of the 15 test images exactly once (8 per step, 4 per process, one pad row).
@@ -79,6 +76,33 @@ def test_two_processes_match_one(data_dir, env, tmp_path):
                                [[float(r[k]) for k in prob_cols] for r in p_one], rtol=RTOL, atol=1e-6)
     # Only process 0 writes: one config, one history, one TensorBoard directory, one report.
     assert (tmp_path / "two" / "config.json").exists() and len(list((tmp_path / "two").glob("tensorboard/*"))) == 1
+
+
+def test_two_process_run_killed_resumes_on_one_process(data_dir, env, tmp_path):
+    """Resume points hold one data-iterator file per process; with another process count the data restart at
+    the saved step (the batch at step t depends only on (seed, t)), so the history equals one process's."""
+    args = _args(tmp_path / "run", data_dir, "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=50")
+    two = subprocess.Popen([LOCAL, "2", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    periodic = tmp_path / "run" / "checkpoints" / "periodic"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (periodic / "7").exists():  # epoch 1 done, in epoch 2
+        assert two.poll() is None, "the 2-process run stopped before it was killed"
+        time.sleep(0.05)
+    os.killpg(two.pid, signal.SIGKILL)
+    two.wait()
+    assert not (tmp_path / "run" / "checkpoints" / "final").exists(), "the run finished before it was killed"
+    assert (periodic / "7" / "data" / "process_1-of-2.json").exists()
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "another number of processes" in proc.stderr
+    subprocess.run([sys.executable, *_args(tmp_path / "one", data_dir)], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    got, want = _rows(tmp_path / "run" / "training_history.csv"), _rows(tmp_path / "one" / "training_history.csv")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == ["5", "10"]
+    for key in HISTORY:
+        np.testing.assert_allclose([float(r[key]) for r in got], [float(r[key]) for r in want], rtol=RTOL,
+                                   err_msg=key)
 
 
 def _free_port() -> int:
