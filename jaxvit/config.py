@@ -198,6 +198,10 @@ def problems(cfg: mlc.ConfigDict) -> list[str]:
             patch = cfg.model.overrides.get("patch_size", PRESETS[cfg.model.arch].patch_size)
             if cfg.data.image_size % patch:
                 out.append(f"data.image_size={cfg.data.image_size} is not a multiple of the patch size {patch}")
+    if not cfg.eval.val_split and cfg.eval.test_checkpoint == "best":
+        out.append("eval.val_split is empty, so no best checkpoint exists: set eval.test_checkpoint='final'")
+    if cfg.checkpoint.best_metric and not cfg.checkpoint.best_metric.startswith("val/"):
+        out.append(f"checkpoint.best_metric={cfg.checkpoint.best_metric!r}: use 'val/<metric>'")
     for i, phase in enumerate(cfg.train.phases):
         phase = dict(phase)
         unknown = sorted(set(phase) - set(_PHASE_KEYS))

@@ -31,6 +31,7 @@ from jaxvit import config as config_lib
 from jaxvit import lora, optim, sharding, tasks, xla_options
 from jaxvit.checkpoint import Checkpoints, eval_variables, find, read_variables
 from jaxvit.data import pipeline
+from jaxvit.errors import ConfigError
 from jaxvit.report import plot_training_curves
 from jaxvit.writers import create_writer
 
@@ -177,6 +178,9 @@ class Trainer:
         self.model, self.variables = self.task.build(jax.random.key(cfg.seed))
         self.depth = self.task.depth(self.model)
         self.best_metric = cfg.checkpoint.best_metric or self.task.best_metric
+        if self.best_metric.split("/", 1)[1] not in self.task.history_metrics:
+            raise ConfigError(f"checkpoint.best_metric={self.best_metric!r}: the {cfg.task} task reports "
+                              + ", ".join(f"val/{m}" for m in self.task.history_metrics))
         self.best_sign = 1.0 if (cfg.checkpoint.best_mode or self.task.best_mode) == "max" else -1.0
         self.writer = create_writer(self.workdir, self.is_main)
         self.ckpts = Checkpoints(self.workdir / "checkpoints", keep=cfg.checkpoint.keep)

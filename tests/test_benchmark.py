@@ -1,4 +1,5 @@
-"""Smoke tests of `python -m jaxvit.benchmark` (tiny model, in-process) and of its FLOP formula."""
+"""Smoke tests of `python -m jaxvit.benchmark` (tiny model, in-process) and of its FLOP formula; the PyTorch
+peer is in the slow tier. `--heap` is exercised by test_cpu_runtime."""
 import json
 
 import pytest
@@ -21,10 +22,18 @@ def test_forward_flops_match_published(arch, overrides, gflops):
     assert benchmark.forward_flops(cfg, 224) / 1e9 == pytest.approx(gflops, rel=5e-3)
 
 
+@pytest.fixture(autouse=True)
+def _no_process_wide_heap_settings(monkeypatch):
+    """The benchmark calls xla_options.keep_cpu_heap, which would switch this pytest process (and so every later
+    test) to inline dispatch and a kept heap whenever it happens to start jax first."""
+    monkeypatch.setenv("JAXVIT_KEEP_CPU_HEAP", "0")
+
+
 def _lines(capsys) -> list[dict]:
     return [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
 
 
+@pytest.mark.slow
 def test_cli_lora_with_torch_peer(capsys):
     pytest.importorskip("peft")
     records = benchmark.main(TINY + ["--mode=lora", "--peer", "--rounds=1"])
@@ -58,6 +67,15 @@ def test_cli_matrix_and_markdown_table(capsys):
     table = out[2:]
     assert table[0].startswith("| arch | mode |") and len(table) == 2 + len(records)
     assert all(f"| {r['mode']} | float32 | 2 | {r['img_per_s']} |" in row for r, row in zip(records, table[2:]))
+
+
+def test_cli_data_pipeline_on_a_given_folder(gz2_dir, capsys):
+    (r,) = benchmark.main(["--data", f"--data_dir={gz2_dir}", "--data_workers=0", "--batch=4", "--steps=2",
+                           "--res=16"])
+    assert _lines(capsys) == [r]
+    assert r["impl"] == "grain" and r["mode"] == "data" and r["batch"] == 4 and r["num_workers"] == 0
+    assert r["source_images"] == 5 * 8 and r["source_px"] is None  # the folder's train split, not a synthetic set
+    assert r["step_ms"] == pytest.approx(4 / r["img_per_s"] * 1e3, rel=1e-2)
 
 
 def test_cli_rejects_unknown_mode():

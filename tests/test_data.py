@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 
 from jaxvit.data import pipeline, sources, transforms
 from jaxvit.data.sources import ImageFolder, ImageLoadError, load_image
+from jaxvit.errors import DataError, MissingDataError
 
 MEAN, STD = np.array(transforms.IMAGENET_MEAN), np.array(transforms.IMAGENET_STD)
 COUNTS = {"edge_on": 4, "elliptical": 24, "spiral": 8}  # deliberately imbalanced, n = 36
@@ -62,6 +64,11 @@ def plain_cfg(image_size: int = 16, **overrides):
     return cfg
 
 
+def rgb(cfg) -> transforms.RGBExample:
+    """The decoding transform of a data config (what the classification task hands the pipeline)."""
+    return transforms.RGBExample(transforms.TransformConfig.from_config(cfg))
+
+
 def decode_ids(images: np.ndarray) -> np.ndarray:
     red = images[..., 0].mean(axis=(1, 2)) * STD[0] + MEAN[0]
     return np.rint(red * 255 / 4).astype(int)
@@ -96,9 +103,9 @@ def test_find_split_dir_layouts(tmp_path: Path):
     (tmp_path / "b" / "val").mkdir(parents=True)
     assert sources.find_split_dir(tmp_path / "a", "train").name == "gz2_5class_train"
     assert sources.find_split_dir(tmp_path / "b", "val").name == "val"
-    with pytest.raises(FileNotFoundError, match=r"'test'.*gz2_5class_train"):
+    with pytest.raises(MissingDataError, match=r"'test'.*gz2_5class_train"):
         sources.find_split_dir(tmp_path / "a", "test")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(MissingDataError, match="does not exist"):
         sources.find_split_dir(tmp_path / "missing", "train")
 
 
@@ -121,9 +128,9 @@ def test_image_folder_listing(tmp_path: Path):
     reordered = ImageFolder(root, "train", classes=["b_cls", "a_cls"])
     assert {Path(p).name: int(l) for p, l in zip(reordered.paths, reordered.labels)} == {
         "z.webp": 0, "y.JpEg": 1, "x.PNG": 1}
-    with pytest.raises(ValueError, match="missing.*c_cls"):
+    with pytest.raises(DataError, match="missing.*c_cls"):
         ImageFolder(root, "train", classes=["a_cls", "b_cls", "c_cls"])
-    with pytest.raises(ValueError, match="unexpected.*b_cls"):
+    with pytest.raises(DataError, match="unexpected.*b_cls"):
         ImageFolder(root, "train", classes=["a_cls"])
 
 
@@ -219,14 +226,14 @@ def test_scan(tmp_path: Path):
     # Header-only scanning does not decode, so the truncated file passes.
     assert sources.scan(root, splits=("train", "val"), decode=False).ok
 
-    with pytest.raises(FileNotFoundError, match="test"):
+    with pytest.raises(MissingDataError, match="test"):
         sources.scan(root, splits=("train", "test"))
     (root / "gz2_5class_val" / "irregular").mkdir()
-    with pytest.raises(ValueError, match="irregular"):
+    with pytest.raises(DataError, match="irregular"):
         sources.scan(root, splits=("train", "val"))
     empty = tmp_path / "e"
     (empty / "train" / "a").mkdir(parents=True)
-    with pytest.raises(ValueError, match="no images"):
+    with pytest.raises(DataError, match="no images"):
         sources.scan(empty, splits=("train",))
 
 
@@ -264,6 +271,25 @@ def test_transforms():
     np.testing.assert_allclose(const[0, 0], (128 / 255 - MEAN) / STD, rtol=1e-5)
 
 
+def test_rgb_example_decodes_then_transforms(tmp_path: Path):
+    """The transform the pipeline calls: a source example {"path", ...} -> {"image", other fields as arrays}."""
+    path = _save(tmp_path / "x.png", Image.fromarray(
+        np.random.default_rng(0).integers(0, 256, (40, 28, 3), dtype=np.uint8)))
+    cfg = transforms.TransformConfig(image_size=16)
+    t = transforms.RGBExample(cfg)
+    example = {"path": str(path), "label": 3, "targets": [0.5, 2.0]}
+    train = t(example, np.random.default_rng(1))
+    np.testing.assert_array_equal(
+        train["image"], transforms.train_transform(load_image(path), cfg, np.random.default_rng(1)))
+    ev = t(example)
+    np.testing.assert_array_equal(ev["image"], transforms.eval_transform(load_image(path), cfg))
+    assert set(ev) == {"image", "label", "targets"}
+    assert ev["label"] == 3 and ev["label"].dtype == np.int32
+    assert ev["targets"].dtype == np.float32 and ev["targets"].tolist() == [0.5, 2.0]
+    with pytest.raises(ImageLoadError, match="gone.png"):
+        t({"path": str(tmp_path / "gone.png"), "label": 0})
+
+
 # ----------------------------------------------------------------------------- train pipeline
 
 
@@ -271,21 +297,21 @@ def test_train_shapes_and_determinism(id_root: Path):
     src = ImageFolder(id_root, "train")
     cfg = pipeline.default_data_config()
     cfg.image_size, cfg.num_workers = 32, 0
-    it = pipeline.train_iterator(src, cfg, global_batch=8, seed=3, process_index=0, process_count=1)
+    it = pipeline.train_iterator(src, rgb(cfg), cfg, global_batch=8, seed=3, process_index=0, process_count=1)
     batch = next(it)
     assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
     assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
     assert batch["bad"].dtype == np.int32 and not batch["bad"].any()
-    again = pipeline.train_iterator(src, cfg, global_batch=8, seed=3, process_index=0,
+    again = pipeline.train_iterator(src, rgb(cfg), cfg, global_batch=8, seed=3, process_index=0,
                                     process_count=1)
     assert_batches_equal([batch] + take(it, 2), take(again, 3))
-    other = pipeline.train_iterator(src, cfg, global_batch=8, seed=4, process_index=0,
+    other = pipeline.train_iterator(src, rgb(cfg), cfg, global_batch=8, seed=4, process_index=0,
                                     process_count=1)
     assert not np.array_equal(next(other)["image"], batch["image"])
     with pytest.raises(ValueError, match="not divisible"):
-        pipeline.train_iterator(src, cfg, global_batch=7, seed=0, process_index=0, process_count=2)
-    with pytest.raises(ValueError, match="smaller than global_batch"):
-        pipeline.train_iterator(src, cfg, global_batch=64, seed=0, process_index=0,
+        pipeline.train_iterator(src, rgb(cfg), cfg, global_batch=7, seed=0, process_index=0, process_count=2)
+    with pytest.raises(DataError, match="36 examples, fewer than train.batch_size=64"):
+        pipeline.train_iterator(src, rgb(cfg), cfg, global_batch=64, seed=0, process_index=0,
                                 process_count=1)
 
 
@@ -294,7 +320,8 @@ def test_train_epochs_cover_and_reshuffle(id_root: Path):
     lookup = uid_to_index(src)
     spe = pipeline.steps_per_epoch(len(src), 10)
     assert spe == 3  # 36 // 10: the remainder (6) is dropped each epoch
-    it = pipeline.train_iterator(src, plain_cfg(), global_batch=10, seed=0, process_index=0,
+    cfg = plain_cfg()
+    it = pipeline.train_iterator(src, rgb(cfg), cfg, global_batch=10, seed=0, process_index=0,
                                  process_count=1)
     epochs = []
     for _ in range(3):
@@ -315,7 +342,7 @@ def test_train_resume_in_process(id_root: Path):
     cfg.image_size, cfg.num_workers, cfg.prefetch = 16, 0, 2
 
     def make():
-        return pipeline.train_iterator(src, cfg, global_batch=8, seed=11, process_index=0,
+        return pipeline.train_iterator(src, rgb(cfg), cfg, global_batch=8, seed=11, process_index=0,
                                        process_count=1)
 
     it = make()
@@ -335,7 +362,7 @@ def test_train_workers_match_and_resume(id_root: Path):
 
     def make(workers: int):
         cfg.num_workers = workers
-        return pipeline.train_iterator(src, cfg, global_batch=8, seed=5, process_index=0,
+        return pipeline.train_iterator(src, rgb(cfg), cfg, global_batch=8, seed=5, process_index=0,
                                        process_count=1)
 
     reference = take(make(0), 7)
@@ -357,7 +384,7 @@ def test_train_orbax_checkpoint(id_root: Path, tmp_path: Path):
     cfg = plain_cfg()
 
     def make():
-        return pipeline.train_iterator(src, cfg, global_batch=6, seed=2, process_index=0,
+        return pipeline.train_iterator(src, rgb(cfg), cfg, global_batch=6, seed=2, process_index=0,
                                        process_count=1)
 
     it = make()
@@ -382,9 +409,9 @@ def test_train_process_shards(id_root: Path):
     src = ImageFolder(id_root, "train")
     lookup = uid_to_index(src)
     cfg = plain_cfg()
-    whole = pipeline.train_iterator(src, cfg, global_batch=12, seed=9, process_index=0,
+    whole = pipeline.train_iterator(src, rgb(cfg), cfg, global_batch=12, seed=9, process_index=0,
                                     process_count=1)
-    shards = [pipeline.train_iterator(src, cfg, global_batch=12, seed=9, process_index=p,
+    shards = [pipeline.train_iterator(src, rgb(cfg), cfg, global_batch=12, seed=9, process_index=p,
                                       process_count=2) for p in (0, 1)]
     seen = []
     for _ in range(3):  # one epoch
@@ -404,20 +431,24 @@ def test_train_bad_image_replaced(tmp_path: Path, caplog):
     src = ImageFolder(root, "train")
     assert len(src) == 37
     cfg = plain_cfg()
-    it = pipeline.train_iterator(src, cfg, global_batch=37, seed=0, process_index=0,
+    it = pipeline.train_iterator(src, rgb(cfg), cfg, global_batch=37, seed=0, process_index=0,
                                  process_count=1)
     with caplog.at_level(logging.WARNING):
         batches = take(it, 2)  # two epochs, each contains every file once
+    lookup = uid_to_index(src)
     for b in batches:
         assert b["bad"].sum() == 1
-        replaced = decode_ids(b["image"])[b["bad"] == 1]
-        assert 0 <= replaced[0] < 36  # a real image took its place
+        (replaced,) = decode_ids(b["image"])[b["bad"] == 1]
+        assert replaced in lookup and lookup[replaced] != src.paths.index(str(corrupt))  # a real image ...
+        assert b["label"][b["bad"] == 1] == src.labels[lookup[replaced]]  # ... with its own label
     assert it.bad_count == 2 and it.get_state()["bad_count"] == 2
     assert str(corrupt) in caplog.text
+    assert "replacing unreadable training example" in caplog.text
     assert_batches_equal(batches, take(pipeline.train_iterator(
-        src, cfg, global_batch=37, seed=0, process_index=0, process_count=1), 2))
+        src, rgb(cfg), cfg, global_batch=37, seed=0, process_index=0, process_count=1), 2))
 
-    strict = pipeline.train_iterator(src, plain_cfg(skip_bad_images=False), global_batch=37,
+    strict_cfg = plain_cfg(skip_bad_images=False)
+    strict = pipeline.train_iterator(src, rgb(strict_cfg), strict_cfg, global_batch=37,
                                      seed=0, process_index=0, process_count=1)
     with pytest.raises(ImageLoadError, match="999.png"):
         next(strict)
@@ -428,7 +459,7 @@ def test_class_balanced_sampling(id_root: Path):
 
     def label_fractions(balanced: bool) -> np.ndarray:
         cfg = plain_cfg(image_size=8, class_balanced=balanced)
-        it = pipeline.train_iterator(src, cfg, global_batch=36, seed=1, process_index=0,
+        it = pipeline.train_iterator(src, rgb(cfg), cfg, global_batch=36, seed=1, process_index=0,
                                      process_count=1)
         labels = np.concatenate([b["label"] for b in take(it, 12)])
         return np.bincount(labels, minlength=3) / len(labels)
@@ -451,36 +482,54 @@ def test_eval_covers_each_index_once(tmp_path: Path, caplog):
     n = len(src)  # 37 = 4 full global batches of 8 + 5
     cfg = plain_cfg(image_size=16)
     assert pipeline.eval_steps(n, 8) == 5
+    bad_index = src.paths.index(str(corrupt))
     seen = []
     with caplog.at_level(logging.WARNING):
         for p in (0, 1):
-            batches = list(pipeline.eval_iterator(src, cfg, global_batch=8, process_index=p,
+            batches = list(pipeline.eval_iterator(src, rgb(cfg), cfg, global_batch=8, process_index=p,
                                                   process_count=2))
             assert len(batches) == 5
             for b in batches:
                 assert b["image"].shape == (4, 16, 16, 3) and b["image"].dtype == np.float32
                 assert b["mask"].dtype == np.bool_ and b["index"].dtype == np.int32
                 assert b["label"].dtype == np.int32
-                real = b["index"] >= 0
-                seen.extend(b["index"][real].tolist())
-                np.testing.assert_array_equal(b["label"][real], src.labels[b["index"][real]])
                 good = b["mask"]
+                np.testing.assert_array_equal(good, b["index"] >= 0)
+                seen.extend(b["index"][good].tolist())
+                np.testing.assert_array_equal(b["label"][good], src.labels[b["index"][good]])
                 ids = decode_ids(b["image"][good])
                 np.testing.assert_array_equal([lookup[u] for u in ids], b["index"][good])
-                assert not b["mask"][~real].any()
-    assert sorted(seen) == list(range(n))
-    bad_index = src.paths.index(str(corrupt))
-    assert str(corrupt) in caplog.text
-    # the unreadable file is masked out but keeps its index
-    all_batches = list(pipeline.eval_iterator(src, cfg, global_batch=8, process_index=0,
+                # padding and unreadable rows: zeros shaped like a real example
+                assert not b["image"][~good].any() and not b["label"][~good].any()
+    assert sorted(seen) == [i for i in range(n) if i != bad_index]  # every readable example exactly once
+    assert str(corrupt) in caplog.text and "skipping unreadable eval example" in caplog.text
+    # In dataset order; the unreadable file is a row like padding (mask False, index -1) in its place.
+    all_batches = list(pipeline.eval_iterator(src, rgb(cfg), cfg, global_batch=8, process_index=0,
                                               process_count=1))
     index = np.concatenate([b["index"] for b in all_batches])
     mask = np.concatenate([b["mask"] for b in all_batches])
-    assert index.tolist() == list(range(n)) + [-1] * 3
+    assert index.tolist() == [i if i != bad_index else -1 for i in range(n)] + [-1] * 3
     assert mask.sum() == n - 1 and not mask[bad_index]
 
 
-def test_measure_throughput(id_root: Path):
-    src = ImageFolder(id_root, "train")
-    rate = pipeline.measure_throughput(src, plain_cfg(image_size=16), n_batches=2, global_batch=8)
-    assert rate > 0
+class _SlowSource:
+    """Any random-access source works: 64 examples of one float field."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": float(i)}
+
+
+def _slow_transform(example: dict, rng: np.random.Generator) -> dict:
+    time.sleep(0.01)  # 10 ms per example, one example at a time: at most 100 examples/s
+    return {"x": np.float32(example["x"] + rng.random())}
+
+
+def test_measure_throughput_counts_examples_per_second():
+    cfg = plain_cfg(prefetch=1)  # one thread: examples are made one after the other
+    rate = pipeline.measure_throughput(_SlowSource(), _slow_transform, cfg, n_batches=4, global_batch=8)
+    # <= 100 examples/s (4 / 3 of it if one batch was prepared ahead during the warm-up), far above the
+    # 12.5 batches/s a per-batch rate would give.
+    assert 40 < rate < 4 / 3 * 100 + 5

@@ -1,5 +1,5 @@
-"""Evaluation, prediction, probes and robustness on a real (tiny) finished run: files on disk, orbax checkpoints,
-scikit-learn as the reference for the metrics."""
+"""Evaluation, prediction, probes and robustness on the session's finished LoRA run (conftest `lora_run`): files
+on disk, orbax checkpoints, scikit-learn and PyTorch as the references."""
 import csv
 import json
 import shutil
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -16,35 +17,19 @@ from PIL import Image
 from scipy import ndimage
 from sklearn import metrics as skm
 from sklearn.linear_model import LogisticRegression
-from transformers import Dinov2Config, Dinov2Model
+from sklearn.neighbors import KNeighborsClassifier
+from transformers import Dinov2Model
 
-from jaxvit import evaluate, optim, predict, probe, robustness, run_io
-from jaxvit.checkpoint import Checkpoints
-from jaxvit.data.synthetic_gz2 import write_dataset
-from jaxvit.train import Trainer
-from test_train import tiny_config
+from conftest import ROOT, tiny_hf_dinov2
+from jaxvit import checkpoint, evaluate, inference, optim, predict, probe, robustness, run_io
+from jaxvit.data.pipeline import default_data_config
+from jaxvit.data.sources import ImageFolder, load_image
+from jaxvit.data.transforms import TransformConfig, eval_transform
+from jaxvit.models import load_pretrained
+from jaxvit.tasks import classification
 
-ROOT = Path(__file__).resolve().parents[1]
 REPORT_FILES = ("results.json", "confusion_matrix.png", "confusion_matrix_raw.png", "per_class_metrics.png",
                 "predictions.csv")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gz2")
-    write_dataset(root, per_class={"train": 8, "val": 3, "test": 3}, size=32, seed=0)
-    return root
-
-
-@pytest.fixture(scope="module")
-def run_dir(data_dir, tmp_path_factory):
-    """A finished full fine-tuning run with EMA (3 epochs of 5 steps), end-of-run test evaluation included."""
-    c = tiny_config(data_dir, epochs=3, ema_decay=0.5)
-    c.optim.lr = 3e-3
-    c.data.aug.rotate_degrees = 0.0
-    workdir = tmp_path_factory.mktemp("run")
-    Trainer(c, workdir).run()
-    return workdir
 
 
 def read_predictions(path: Path, classes: list[str]):
@@ -55,6 +40,14 @@ def read_predictions(path: Path, classes: list[str]):
     return rows, y, pred, probs
 
 
+def classes_of(workdir: Path) -> list[str]:
+    return json.loads((workdir / "classes.json").read_text())
+
+
+def history(workdir: Path) -> list[dict]:
+    return list(csv.DictReader((workdir / "training_history.csv").open()))
+
+
 def assert_png_not_blank(path: Path):
     with Image.open(path) as im:
         pixels = np.asarray(im.convert("RGB"))
@@ -62,16 +55,17 @@ def assert_png_not_blank(path: Path):
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10  # text, cells, colour bar: not a flat image
 
 
-def test_evaluate_cli_writes_report_that_agrees_with_sklearn(run_dir, tmp_path):
+def test_evaluate_cli_writes_report_that_agrees_with_sklearn(lora_run, tmp_path):
+    workdir, _ = lora_run
     out = tmp_path / "eval"
-    result = evaluate.main([f"--workdir={run_dir}", "--split=test", f"--output_dir={out}", "--batch_size=4"])
+    result = evaluate.main([f"--workdir={workdir}", "--split=test", f"--output_dir={out}", "--batch_size=4"])
     for name in REPORT_FILES:
         assert (out / f"test_{name}").exists(), name
     for name in REPORT_FILES[1:4]:
         assert_png_not_blank(out / f"test_{name}")
-    assert_png_not_blank(run_dir / "training_curves.png")
+    assert_png_not_blank(workdir / "training_curves.png")
 
-    classes = json.loads((run_dir / "classes.json").read_text())
+    classes = classes_of(workdir)
     rows, y, pred, probs = read_predictions(out / "test_predictions.csv", classes)
     assert len(rows) == 15 and np.array_equal(pred, probs.argmax(1))
     np.testing.assert_allclose([float(r["confidence"]) for r in rows], probs.max(1))
@@ -85,7 +79,9 @@ def test_evaluate_cli_writes_report_that_agrees_with_sklearn(run_dir, tmp_path):
         assert (saved[f"precision_{avg}"], saved[f"recall_{avg}"], saved[f"f1_{avg}"]) == pytest.approx((p, r, f))
     assert saved["roc_auc_ovr_macro"] == pytest.approx(skm.roc_auc_score(y, probs, multi_class="ovr",
                                                                          average="macro", labels=labels))
-    assert saved["loss"] == pytest.approx(skm.log_loss(y, probs, labels=labels), rel=1e-6)
+    # float32 softmax rows sum to 1 only to ~1e-7; sklearn's log_loss would warn and renormalise them.
+    assert saved["loss"] == pytest.approx(skm.log_loss(y, probs / probs.sum(1, keepdims=True), labels=labels),
+                                          rel=1e-6)
     assert saved["confusion_matrix"] == skm.confusion_matrix(y, pred, labels=labels).tolist()
     p, r, f, s = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     for i, c in enumerate(classes):
@@ -95,67 +91,89 @@ def test_evaluate_cli_writes_report_that_agrees_with_sklearn(run_dir, tmp_path):
     ece = sum(abs((pred == y)[bins == b].mean() - conf[bins == b].mean()) * (bins == b).mean()
               for b in range(15) if (bins == b).any())
     assert saved["ece"] == pytest.approx(ece)
-    # The end-of-training test evaluation used the same (best_acc) checkpoint, restored another way.
-    at_end = json.loads((run_dir / "eval_test" / "test_results.json").read_text())
+    # The end-of-training test evaluation used the same (best) checkpoint, restored another way.
+    at_end = json.loads((workdir / "eval_test" / "test_results.json").read_text())
     assert at_end["accuracy"] == saved["accuracy"] and at_end["loss"] == pytest.approx(saved["loss"], rel=1e-6)
-    assert saved["models"] == [{"workdir": str(run_dir), "checkpoint": result["models"][0]["checkpoint"],
-                                "ema": True}]
+    _, best_step, _ = checkpoint.find(workdir, "best")
+    assert saved["models"] == [{"workdir": str(workdir), "checkpoint": f"best/{best_step}", "ema": True}]
+    assert saved["split"] == "test"
 
 
-def test_ensemble_averages_probabilities(run_dir):
-    single = read_predictions(run_dir / "eval_test" / "test_predictions.csv", run_io.load_classes(run_dir, None))
-    result = evaluate.main([f"--workdir={run_dir}", f"--workdir={run_dir}", "--checkpoint=best_acc"])
-    out = run_dir / "eval_test_ensemble"
-    ensemble = read_predictions(out / "test_predictions.csv", run_io.load_classes(run_dir, None))
-    np.testing.assert_allclose(ensemble[3], single[3], atol=1e-7)  # the mean of two equal members
-    assert len(result["models"]) == 2 and result["accuracy"] == pytest.approx(
-        json.loads((run_dir / "eval_test" / "test_results.json").read_text())["accuracy"])
+def test_ensemble_averages_probabilities(lora_run, tmp_path):
+    """An ensemble of the run and a copy whose `best` is an earlier resume point: the mean of their probabilities."""
+    workdir, _ = lora_run
+    classes = classes_of(workdir)
+    _, best_step, _ = checkpoint.find(workdir, "best")
+    other = next(s for s in checkpoint.steps(workdir / "checkpoints" / "periodic") if s != best_step)
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval_*"))
+    shutil.rmtree(copy / "checkpoints" / "best")
+    shutil.copytree(workdir / "checkpoints" / "periodic" / str(other), copy / "checkpoints" / "best" / str(other))
+    single = read_predictions(workdir / "eval_test" / "test_predictions.csv", classes)
+    evaluate.main([f"--workdir={copy}", f"--output_dir={tmp_path / 'copy_eval'}"])
+    member = read_predictions(tmp_path / "copy_eval" / "test_predictions.csv", classes)
+    assert np.abs(member[3] - single[3]).max() > 1e-4  # two different members
+
+    result = evaluate.main([f"--workdir={workdir}", f"--workdir={copy}", "--checkpoint=best"])
+    out = workdir / "eval_test_ensemble"  # the default: next to the first member's own evaluation
+    try:
+        rows, y, pred, probs = read_predictions(out / "test_predictions.csv", classes)
+        saved = json.loads((out / "test_results.json").read_text())
+    finally:
+        shutil.rmtree(out)  # the shared run stays as the fixture made it
+    assert [r["path"] for r in rows] == [r["path"] for r in single[0]]
+    np.testing.assert_allclose(probs, (single[3] + member[3]) / 2, atol=1e-6)
+    assert result["accuracy"] == saved["accuracy"] == pytest.approx(skm.accuracy_score(y, probs.argmax(1)))
+    assert [m["checkpoint"] for m in result["models"]] == [f"best/{best_step}", f"best/{other}"]
 
 
-def test_load_run_restores_the_ema_weights_of_a_checkpoint(run_dir):
-    name, step, _ = run_io.find_checkpoint(run_dir, "final")
-    by_step = run_io.load_run(run_dir, step)
-    by_name = run_io.load_run(run_dir, "final")
-    assert by_name.checkpoint == f"final/{step}" and by_step.step == step
-    mngr = Checkpoints(run_dir / "checkpoints")._named("final")
+def test_load_run_restores_the_ema_weights_of_a_checkpoint(lora_run):
+    workdir, _ = lora_run
+    name, step, directory = checkpoint.find(workdir, "final")
+    assert (name, directory) == ("final", workdir / "checkpoints" / "final" / str(step))
+    by_name = run_io.load_run(workdir, "final")
+    by_step = run_io.load_run(workdir, step)  # a step number: the resume point of that step
+    assert by_name.checkpoint == f"final/{step}" and by_step.checkpoint == f"periodic/{step}"
+    assert by_step.step == by_name.step == step and by_name.ema and by_step.ema
+    # The reference: the whole train state of the resume point, read with orbax directly.
+    mngr = ocp.CheckpointManager(workdir / "checkpoints" / "periodic")
     full = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     want = optim.combine(full["ema"], full["frozen"])
     leaves = lambda t: jax.tree_util.tree_leaves_with_path(t)
-    for (path, a), (_, b), (_, c) in zip(leaves(want), leaves(by_name.variables), leaves(by_step.variables)):
+    assert len(leaves(want)) == len(leaves(by_name.variables)) == len(leaves(by_step.variables))
+    for (path, a), (pb, b), (pc, c) in zip(leaves(want), leaves(by_name.variables), leaves(by_step.variables)):
+        assert path == pb == pc
         np.testing.assert_array_equal(a, b, err_msg=str(path))
         np.testing.assert_array_equal(a, c, err_msg=str(path))
-    ema_head, raw_head = full["ema"]["params"]["head"]["out"]["kernel"], full["trainable"]["params"]["head"]["out"][
-        "kernel"]
+    ema_head, raw_head = (full[k]["params"]["head"]["out"]["kernel"] for k in ("ema", "trainable"))
     assert np.abs(ema_head - raw_head).max() > 0  # EMA weights, not the raw ones
-    with pytest.raises(FileNotFoundError, match="available"):
-        run_io.find_checkpoint(run_dir, "best_loss")
+    # "best" is the evaluation with the highest val accuracy (the first of equals).
+    rows = history(workdir)
+    acc = [float(r["val_accuracy"]) for r in rows]
+    assert run_io.load_run(workdir, "best").step == int(rows[int(np.argmax(acc))]["step"])
+    for missing in ("best_loss", "best_f1", 999):
+        with pytest.raises(FileNotFoundError, match="available: .*final"):
+            checkpoint.find(workdir, missing)
 
 
-def test_predict_cli_single_image_and_directory_with_corrupt_file(run_dir, data_dir, tmp_path):
-    classes = run_io.load_classes(run_dir, None)
-    rows, _, _, probs = read_predictions(run_dir / "eval_test" / "test_predictions.csv", classes)
-    image = Path(rows[0]["path"])
-    out_json = tmp_path / "one.json"
-    subprocess.run([sys.executable, "-m", "jaxvit.predict", f"--workdir={run_dir}", f"--image={image}",
-                    f"--output={out_json}"], cwd=ROOT, check=True, capture_output=True)
-    one = json.loads(out_json.read_text())
-    assert one["class"] == classes[int(probs[0].argmax())]
-    assert one["confidence"] == pytest.approx(probs[0].max(), abs=1e-5)
-    np.testing.assert_allclose([one["probabilities"][c] for c in classes], probs[0], atol=1e-5)
-
+def test_predict_cli_directory_with_corrupt_file(lora_run, tmp_path):
+    workdir, _ = lora_run
+    classes = classes_of(workdir)
+    rows, _, _, probs = read_predictions(workdir / "eval_test" / "test_predictions.csv", classes)
     images = tmp_path / "images"
     (images / "nested").mkdir(parents=True)
     for i, r in enumerate(rows[:4]):
         shutil.copy(r["path"], images / ("nested" if i % 2 else "") / f"img{i}.png")
     (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     out_csv = tmp_path / "out" / "preds.csv"
-    results = predict.main([f"--workdir={run_dir}", f"--image_dir={images}", f"--output={out_csv}",
+    results = predict.main([f"--workdir={workdir}", f"--image_dir={images}", f"--output={out_csv}",
                             "--batch_size=3", f"--attention_dir={tmp_path / 'attention'}", "--attention_max=2"])
     written = list(csv.DictReader(out_csv.open()))
     assert sorted(Path(r["path"]).name for r in written) == [f"img{i}.png" for i in range(4)]
     for r in written:
         i = int(Path(r["path"]).stem[3:])
         np.testing.assert_allclose([float(r[f"prob_{c}"]) for c in classes], probs[i], atol=1e-5)
+        assert r["predicted"] == classes[int(probs[i].argmax())]
     bad = list(csv.DictReader((tmp_path / "out" / "preds_unreadable.csv").open()))
     assert [Path(b["path"]).name for b in bad] == ["corrupt.png"] and bad[0]["reason"]
     assert sum("error" in r for r in results) == 1
@@ -163,10 +181,35 @@ def test_predict_cli_single_image_and_directory_with_corrupt_file(run_dir, data_
     assert len(overlays) == 2
     assert_png_not_blank(overlays[0])
 
+    # One image: a JSON record naming the weights used.
+    out_json = tmp_path / "one.json"
+    predict.main([f"--workdir={workdir}", f"--image={rows[0]['path']}", f"--output={out_json}"])
+    one = json.loads(out_json.read_text())
+    assert one["class"] == classes[int(probs[0].argmax())] and one["class_index"] == int(probs[0].argmax())
+    assert one["confidence"] == pytest.approx(probs[0].max(), abs=1e-5)
+    np.testing.assert_allclose([one["probabilities"][c] for c in classes], probs[0], atol=1e-5)
+    _, best_step, _ = checkpoint.find(workdir, "best")
+    assert one["model"] == {"workdir": str(workdir), "checkpoint": f"best/{best_step}", "ema": True}
 
-def test_predictor_api(run_dir, data_dir):
-    p = predict.Predictor.from_workdir(run_dir, "best_acc", batch_size=4)
-    path = next((data_dir / "gz2_5class_test" / "spiral").glob("*.png"))
+
+@pytest.mark.slow
+def test_predict_as_a_module(lora_run, tmp_path):
+    """`python -m jaxvit.predict` in a fresh process writes what the in-process call writes."""
+    workdir, _ = lora_run
+    classes = classes_of(workdir)
+    rows, _, _, probs = read_predictions(workdir / "eval_test" / "test_predictions.csv", classes)
+    out_json = tmp_path / "one.json"
+    subprocess.run([sys.executable, "-m", "jaxvit.predict", f"--workdir={workdir}", f"--image={rows[0]['path']}",
+                    f"--output={out_json}"], cwd=ROOT, check=True, capture_output=True)
+    one = json.loads(out_json.read_text())
+    assert one["class"] == classes[int(probs[0].argmax())]
+    np.testing.assert_allclose([one["probabilities"][c] for c in classes], probs[0], atol=1e-5)
+
+
+def test_predictor_api(lora_run, gz2_dir):
+    workdir, _ = lora_run
+    p = predict.Predictor.from_workdir(workdir, "best", batch_size=4)
+    path = next((gz2_dir / "gz2_5class_test" / "spiral").glob("*.png"))
     by_path = p.predict(path)
     with Image.open(path) as im:
         by_pil = p.predict(im)
@@ -174,38 +217,79 @@ def test_predictor_api(run_dir, data_dir):
     assert by_path["path"] == str(path) and by_pil["class"] == by_path["class"] == by_array["class"]
     assert by_pil["probabilities"] == pytest.approx(by_path["probabilities"], abs=1e-6)
     assert sum(by_path["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    # The same numbers as the end-of-run evaluation of this checkpoint.
+    classes = classes_of(workdir)
+    rows, _, _, probs = read_predictions(workdir / "eval_test" / "test_predictions.csv", classes)
+    i = [r["path"] for r in rows].index(str(path))
+    np.testing.assert_allclose([by_path["probabilities"][c] for c in classes], probs[i], atol=1e-5)
+    # Lower-level entry points: outputs of preprocessed images, raw outputs or the reason for each input.
+    x = np.stack([p.preprocess(r["path"]) for r in rows[:6]])  # 6 rows: two padded batches of 4
+    np.testing.assert_allclose(p.outputs(x), probs[:6], atol=1e-5)
+    raw = p.raw_outputs([path, "/no/such/file.png"])
+    assert isinstance(raw[1], str) and np.allclose(raw[0], probs[i], atol=1e-5)
     batch = p.predict_batch([path, "/no/such/file.png", path])
     assert "error" in batch[1] and batch[0]["probabilities"] == pytest.approx(batch[2]["probabilities"])
-    assert p.benchmark(8)["images_per_s"] > 0
-    maps = p.attention_maps(p.preprocess(path)[None])
+    bench = p.benchmark(8)
+    assert (bench["batch_size"], bench["images"]) == (4, 8) and np.isfinite(bench["images_per_s"])
+    maps = p.attention_maps(x[:1])
     cfg = p.model.backbone
     assert maps.shape == (1, cfg.num_heads, 32 // cfg.patch_size, 32 // cfg.patch_size)
     assert (maps >= 0).all() and (maps.sum(axis=(2, 3)) <= 1 + 1e-5).all()  # CLS row, patch columns only
+    assert (maps.sum(axis=(2, 3)) < 1 - 1e-6).all()  # the CLS key itself takes a share
 
 
-def _tiny_hf_dinov2(path: Path) -> Path:
-    torch.manual_seed(0)
-    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                                     image_size=32, patch_size=8)).eval()
-    model.save_pretrained(path)
-    return path
-
-
-def test_probe_on_a_backbone_without_fine_tuning(data_dir, tmp_path, capsys):
-    hf = _tiny_hf_dinov2(tmp_path / "hf")
+def test_probe_on_a_backbone_without_fine_tuning(gz2_dir, tmp_path, capsys):
+    hf = tiny_hf_dinov2(tmp_path / "hf")
     out = tmp_path / "probe.json"
-    result = probe.main([f"--data_dir={data_dir}", f"--pretrained={hf}", "--image_size=32", "--crop_ratio=1",
+    result = probe.main([f"--data_dir={gz2_dir}", f"--pretrained={hf}", "--image_size=32", "--crop_ratio=1",
                          "--num_workers=0", "--k=1,3", "--l2=1e-4,1e-2", "--steps=100", f"--output={out}"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     got = {(r["method"], r["pool"], r.get("k")) for r in result["results"]}
     assert got == {(m, pool, k) for pool in ("cls", "cls_mean") for m, k in
                    (("k-NN", 1), ("k-NN", 3), ("linear probe", None))}
-    for r in result["results"]:
-        assert 0.0 <= r["accuracy"] <= 1.0
     lin = [r for r in result["results"] if r["method"] == "linear probe"]
     assert all(set(r["sweep"]) == {1e-4, 1e-2} for r in lin)  # chosen on the val split
     assert result["splits"]["eval"] == {"split": "test", "images": 15}
     assert "| k-NN (k=3, cosine, T=0.07) | cls |" in capsys.readouterr().out
+
+    # The features are the transformers model's (pooler output ++ mean patch token), and 1-NN on them is
+    # scikit-learn's cosine 1-NN.
+    vit, params = load_pretrained(hf)
+    data = default_data_config()
+    data.data_dir, data.image_size, data.crop_ratio, data.num_workers = str(gz2_dir), 32, 1.0, 0
+    mesh = inference.run_mesh()
+    feats, labels = {}, {}
+    for split in ("train", "test"):
+        src = ImageFolder(gz2_dir, split)
+        f, ok = probe.extract_features(vit, {"params": params}, src, data, inference.round_batch(8, mesh), mesh)
+        assert ok.all() and f.shape == (len(src), 64)
+        feats[split], labels[split] = f, src.labels
+    src = ImageFolder(gz2_dir, "test")
+    x = np.stack([eval_transform(load_image(q), TransformConfig.from_config(data)) for q in src.paths])
+    with torch.no_grad():
+        o = Dinov2Model.from_pretrained(hf).eval()(pixel_values=torch.from_numpy(x).permute(0, 3, 1, 2))
+    want = torch.cat([o.pooler_output, o.last_hidden_state[:, 1:].mean(1)], -1).numpy()
+    np.testing.assert_allclose(feats["test"], want, atol=1e-4 * np.abs(want).max())
+    for pool in ("cls", "cls_mean"):
+        knn = KNeighborsClassifier(n_neighbors=1, metric="cosine").fit(probe.pooled(feats["train"], pool),
+                                                                       labels["train"])
+        row = next(r for r in result["results"] if (r["method"], r["pool"], r.get("k")) == ("k-NN", pool, 1))
+        assert row["accuracy"] == pytest.approx(knn.score(probe.pooled(feats["test"], pool), labels["test"]))
+
+
+def test_probe_of_a_run_scores_its_own_head_as_evaluate_does(lora_run, gz2_dir, tmp_path):
+    """--workdir: the run's (LoRA, unmerged) backbone gives the features; its own head on them scores exactly
+    what the end-of-run evaluation of the same checkpoint scored."""
+    workdir, _ = lora_run
+    result = probe.main([f"--data_dir={gz2_dir}", f"--workdir={workdir}", "--num_workers=0", "--k=1", "--l2=1e-2",
+                         "--steps=10", "--pool=cls_mean", f"--output={tmp_path / 'probe.json'}"])
+    _, best_step, _ = checkpoint.find(workdir, "best")
+    assert result["backbone"] == {"workdir": str(workdir), "checkpoint": f"best/{best_step}", "ema": True}
+    assert result["classes"] == classes_of(workdir)
+    head = next(r for r in result["results"] if r["method"] == "fine-tuned head")
+    at_end = json.loads((workdir / "eval_test" / "test_results.json").read_text())
+    assert head["pool"] == "cls_mean"
+    assert (head["accuracy"], head["f1_macro"]) == pytest.approx((at_end["accuracy"], at_end["f1_macro"]))
 
 
 def test_knn_and_linear_probe_match_references():
@@ -248,13 +332,37 @@ def test_corruptions_are_what_they_say():
     np.testing.assert_array_equal(noisy, robustness.corrupt(np.full_like(x, 0.5), "gaussian_noise", 0.08, keys))
 
 
-def test_robustness_cli(run_dir, tmp_path):
-    result = robustness.main([f"--workdir={run_dir}", "--corruptions=gaussian_noise,contrast", "--severities=1,5",
+def test_robustness_cli(lora_run, tmp_path):
+    workdir, _ = lora_run
+    result = robustness.main([f"--workdir={workdir}", "--corruptions=gaussian_noise,contrast", "--severities=1,5",
                               f"--output_dir={tmp_path}"])
     saved = json.loads((tmp_path / "robustness.json").read_text())
     assert saved["accuracy"] == {c: {"1": result["accuracy"][c][1], "5": result["accuracy"][c][5]}
                                  for c in ("gaussian_noise", "contrast")}
-    clean = json.loads((run_dir / "eval_test" / "test_results.json").read_text())["accuracy"]
+    clean = json.loads((workdir / "eval_test" / "test_results.json").read_text())["accuracy"]
     assert saved["clean"] == pytest.approx(clean)
+    for c in ("gaussian_noise", "contrast"):
+        assert saved["mean"][c] == pytest.approx(np.mean(list(saved["accuracy"][c].values())))
+        assert saved["drop"][c] == pytest.approx(clean - saved["mean"][c])
     table = (tmp_path / "robustness.md").read_text()
     assert "| Corruption | s1 | s5 | Mean | vs clean |" in table and "| contrast |" in table
+
+    # The corrupted forward pass, by hand: un-normalise, corrupt with the per-image key of the image's dataset
+    # index, re-normalise, classify.
+    run = run_io.load_run(workdir)
+    d, src = run.cfg.data, run.task.source("test")
+    mean, std = np.asarray(d.mean, np.float32), np.asarray(d.std, np.float32)
+    x = np.stack([eval_transform(load_image(q), TransformConfig.from_config(d)) for q in src.paths])
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(np.arange(len(src)))
+    mesh = inference.run_mesh(run.cfg)
+    variables = inference.place(run.variables, mesh, run.cfg)
+    for name, severity in (("gaussian_noise", 1), ("contrast", 5)):
+        s = robustness.SEVERITY[name][severity - 1]
+        xc = (np.asarray(robustness.corrupt(jnp.asarray(x * std + mean), name, s, keys)) - mean) / std
+        want = np.asarray(classification.probabilities(run.model, run.variables, xc))
+        fn = robustness.corrupted_probs(run.model, d.mean, d.std, name)
+        probs, ok = inference.map_source(fn, (variables, np.float32(s)), src, run.task.eval_transform(), d,
+                                         run.cfg.eval.batch_size, mesh)
+        assert ok.all()
+        np.testing.assert_allclose(probs, want, atol=1e-5)
+        assert result["accuracy"][name][severity] == pytest.approx(skm.accuracy_score(src.labels, probs.argmax(1)))

@@ -1,5 +1,6 @@
-"""Export of tiny LoRA runs (DINOv2 and DINOv3 families) to transformers + a safetensors head + a PEFT adapter,
-reloaded with the real torch / transformers / peft packages."""
+"""Export of LoRA runs (DINOv2 and DINOv3 families) to transformers + a safetensors head + a PEFT adapter,
+reloaded with the real torch / transformers / peft packages. DINOv2 is the session's `lora_run` (conftest);
+DINOv3 trains its own tiny run here."""
 import json
 import shutil
 
@@ -10,68 +11,67 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
-from transformers import AutoModel, DINOv3ViTConfig, DINOv3ViTModel, Dinov2Config, Dinov2Model
+from transformers import AutoModel, DINOv3ViTConfig, DINOv3ViTModel
 
-from jaxvit import export, run_io
-from jaxvit.data.synthetic_gz2 import write_dataset
+from conftest import LORA_RUN, tiny_config
+from jaxvit import checkpoint, export, run_io
 from jaxvit.predict import Predictor
 from jaxvit.train import Trainer
-from test_train import tiny_config
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
-FAMILIES = {
-    # family: (pretrained model, arch, LoRA targets, head_hidden, pool)
-    "dinov2": (lambda: Dinov2Model(Dinov2Config(**TINY, mlp_ratio=2, image_size=32, patch_size=8)), "dinov2_vits14",
-               ("query", "value", "layer_1/mlp/fc2"), (16,), "cls_mean"),
-    "dinov3": (lambda: DINOv3ViTModel(DINOv3ViTConfig(**TINY, intermediate_size=64, patch_size=8,
-                                                      num_register_tokens=4)), "dinov3_vits16",
-               ("query", "key", "value", "dense", "fc1", "fc2"), (), "cls"),
-}
+DINOV3 = dict(targets=("query", "key", "value", "dense", "fc1", "fc2"), head_hidden=(), pool="cls")
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gz2")
-    write_dataset(root, per_class={"train": 8, "val": 3, "test": 3}, size=32, seed=0)
-    return root
-
-
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def lora_run(request, data_dir, tmp_path_factory):
-    """A one-epoch LoRA run on a (randomly perturbed) transformers checkpoint of the family."""
-    make, arch, targets, hidden, pool = FAMILIES[request.param]
+def dinov3_run(gz2_dir, tmp_path_factory):
+    """A one-epoch LoRA run on a (randomly perturbed) transformers DINOv3 checkpoint with 4 register tokens."""
     torch.manual_seed(0)
-    hf = make().eval()
+    hf = DINOv3ViTModel(DINOv3ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, patch_size=8, num_register_tokens=4)).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    pretrained = tmp_path_factory.mktemp(f"{request.param}_hf")
+    pretrained = tmp_path_factory.mktemp("dinov3_hf")
     hf.save_pretrained(pretrained)
-    c = tiny_config(data_dir, epochs=1)
-    c.model.arch, c.model.pretrained, c.model.head_hidden, c.model.pool = arch, str(pretrained), hidden, pool
-    c.lora.enabled, c.lora.rank, c.lora.alpha, c.lora.targets = True, 4, 16.0, targets
+    c = tiny_config(gz2_dir, epochs=1)
+    c.model.arch, c.model.pretrained = "dinov3_vits16", str(pretrained)
+    c.model.head_hidden, c.model.pool = DINOV3["head_hidden"], DINOV3["pool"]
+    c.lora.enabled, c.lora.rank, c.lora.alpha, c.lora.targets = True, 4, 16.0, DINOV3["targets"]
     c.optim.lr = 2e-2
-    workdir = tmp_path_factory.mktemp(f"{request.param}_run")
+    workdir = tmp_path_factory.mktemp("dinov3_run")
     Trainer(c, workdir).run()
-    return request.param, workdir
+    return workdir
 
 
-def test_export_reloads_in_pytorch_and_peft(lora_run, data_dir, tmp_path):
-    family, workdir = lora_run
+@pytest.fixture(params=["dinov2", "dinov3"])
+def family_run(request):
+    """(family, workdir, what the run was configured with)."""
+    if request.param == "dinov2":
+        return "dinov2", request.getfixturevalue("lora_run")[0], LORA_RUN
+    return "dinov3", request.getfixturevalue("dinov3_run"), DINOV3
+
+
+def test_export_reloads_in_pytorch_and_peft(family_run, gz2_dir, tmp_path):
+    family, workdir, spec = family_run
     out = tmp_path / "export"
     diffs = export.main([f"--workdir={workdir}", f"--output={out}", "--checkpoint=final"])
-    assert diffs["probs_max_abs_diff"] <= 1e-4 and diffs["peft_vs_model_rel_diff"] <= 1e-5
+    assert set(diffs) == {"outputs_rel_diff", "peft_vs_model_rel_diff", "base_vs_model_rel_diff"}
+    assert diffs["outputs_rel_diff"] <= 1e-4 and diffs["peft_vs_model_rel_diff"] <= 1e-5
+    assert diffs["base_vs_model_rel_diff"] > 1e-3  # the adapter changes the backbone
 
     # Real test images, preprocessed as jaxvit evaluates them; jaxvit's probabilities from the checkpoint
     # (LoRA applied unmerged, as in training).
     predictor = Predictor.from_workdir(workdir, "final")
-    x = np.stack([predictor.preprocess(p) for p in sorted(data_dir.glob("gz2_5class_test/*/*.png"))[:6]])
-    want = predictor.probabilities(x)
+    x = np.stack([predictor.preprocess(p) for p in sorted(gz2_dir.glob("gz2_5class_test/*/*.png"))[:6]])
+    want = predictor.outputs(x)
     pixels = torch.from_numpy(x).permute(0, 3, 1, 2)
 
     # PyTorch: transformers backbone + the head rebuilt by hand from head.safetensors.
     cfg = json.loads((out / "head_config.json").read_text())
-    assert cfg["classes"] == predictor.classes and cfg["num_outputs"] == 5
+    assert cfg["task"] == "classification" and cfg["classes"] == predictor.task.classes
+    assert cfg["num_outputs"] == 5 and (cfg["hidden"], cfg["pool"]) == (list(spec["head_hidden"]), spec["pool"])
+    _, final_step, _ = checkpoint.find(workdir, "final")
+    assert cfg["source"] == {"workdir": str(workdir), "checkpoint": f"final/{final_step}",
+                             "ema": family == "dinov2"}  # the dinov2 run trains with EMA
     widths = [cfg["in_features"], *cfg["hidden"], cfg["num_outputs"]]
     if cfg["hidden"]:
         head = torch.nn.Sequential(torch.nn.Linear(widths[0], widths[1]), torch.nn.GELU(),
@@ -110,15 +110,16 @@ def test_export_reloads_in_pytorch_and_peft(lora_run, data_dir, tmp_path):
     assert {k: v.shape for k, v in ours.items()} == want_shapes
     if family == "dinov2":  # a subset of layers: full module names
         assert "encoder.layer.1.mlp.fc2" in adapter_cfg["target_modules"]
+        assert "encoder.layer.0.mlp.fc2" not in adapter_cfg["target_modules"]
         assert "base_model.model.encoder.layer.0.attention.q_proj.lora_A.weight" in ours
     else:
         assert sorted(adapter_cfg["target_modules"]) == ["down_proj", "k_proj", "o_proj", "q_proj", "up_proj",
                                                          "v_proj"]
 
 
-def test_load_run_without_the_pretrained_weights(lora_run, tmp_path, caplog):
+def test_load_run_without_the_pretrained_weights(family_run, tmp_path, caplog):
     """A run copied where its pretrained checkpoint is missing still loads (the architecture from the config)."""
-    _, workdir = lora_run
+    _, workdir, _ = family_run
     copy = tmp_path / "moved"
     shutil.copytree(workdir, copy)
     cfg = json.loads((copy / "config.json").read_text())

@@ -184,7 +184,7 @@ class _EvalExample:
                 except ImageLoadError:
                     continue
             else:
-                raise ImageLoadError(str(getattr(self.source, "root", "source")), "no readable example at all")
+                raise DataError(f"no readable example at all in {self.source!r}: check the files of this split")
             self._blank = {k: np.zeros_like(v) for k, v in example.items()}
         return {**self._blank, "mask": np.bool_(False), "index": np.int32(-1)}
 
@@ -357,7 +357,7 @@ def eval_iterator(
 
     Every process yields `eval_steps(n, global_batch)` batches of exactly `global_batch //
     process_count` rows: the transform's fields, "mask" bool (False for padding and unreadable
-    files) and "index" int32 (dataset index, -1 for padding).
+    files) and "index" int32 (dataset index, -1 for padding and unreadable files).
     """
     process_index, process_count, local_b = _resolve_processes(
         global_batch, process_index, process_count)
