@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,7 +15,10 @@ demo: $(STAMP)
 	$(PY) -m jaxvit.main --config=configs/gz2_lora.py:demo --workdir=runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest tests -m slow
 
 bench: $(STAMP)
 	$(PY) -m jaxvit.benchmark --arch=dinov2_vits14 --mode=lora
