@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from jaxvit.data.geometry import sample_box
 from jaxvit.data.sources import load_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -104,22 +105,7 @@ def random_resized_crop(
     Up to 10 proposals are tried; if none fits, the largest centred box with aspect clamped to
     `ratio` is used (torchvision semantics).
     """
-    w, h = img.size
-    area = w * h
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
-        cw, ch = math.sqrt(target * aspect), math.sqrt(target / aspect)
-        if 0 < cw <= w and 0 < ch <= h:
-            x0, y0 = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
-            box = (x0, y0, x0 + cw, y0 + ch)
-            break
-    else:
-        aspect = min(max(w / h, ratio[0]), ratio[1])
-        cw, ch = (w, w / aspect) if w / h < aspect else (h * aspect, h)
-        cw, ch = min(cw, w), min(ch, h)
-        box = ((w - cw) / 2, (h - ch) / 2, (w + cw) / 2, (h + ch) / 2)
+    box = sample_box(img.height, img.width, rng, scale, ratio)
     return img.resize((size, size), resample=_TRAIN_RESAMPLE, box=box)
 
 

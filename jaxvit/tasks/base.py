@@ -122,9 +122,8 @@ def build_head_model(cfg, num_outputs: int, rng: jax.Array) -> tuple[Classifier,
 
 
 def check_preflight(report: Any, skip_bad: bool) -> None:
-    """Log a `jaxvit.data.preflight` report; unreadable files end the run before training when
+    """Unreadable files in a `jaxvit.data.preflight` report end the run before training when
     data.skip_bad_images is False (otherwise training replaces them and counts them)."""
-    log.info("%s", report.summary())
     if report.unreadable and not skip_bad:
         raise DataError(f"{len(report.unreadable)} unreadable files (data.skip_bad_images=False): "
                         + "; ".join(f"{p}: {r}" for p, r in report.unreadable[:20]))
