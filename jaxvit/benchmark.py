@@ -42,7 +42,6 @@ Training = 3x forward (full: input and weight gradients), 2x forward (LoRA: inpu
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime
 import json
 import math
@@ -143,17 +142,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def parse_overrides(spec: str) -> dict[str, Any]:
-    out = {}
-    for item in filter(None, spec.split(",")):
-        key, _, value = item.partition("=")
-        try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()
-    return out
-
-
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -186,6 +174,7 @@ class JaxBench:
 
         from jaxvit import optim, sharding, tasks, xla_options
         from jaxvit.config import base_config
+        from jaxvit.models import parse_overrides
         from jaxvit.train import init_state, make_step
 
         cfg = base_config()

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
-import numpy as np
 
 from jaxvit import inference, report, run_io
 from jaxvit.errors import DataError, exit_on_user_error

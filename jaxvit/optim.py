@@ -9,7 +9,6 @@ import re
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import traverse_util
 

@@ -28,11 +28,10 @@ import optax
 from jax.sharding import Mesh
 
 from jaxvit import inference, metrics, run_io
-from jaxvit.benchmark import parse_overrides
 from jaxvit.data.pipeline import default_data_config
 from jaxvit.data.sources import ImageFolder, find_split_dir
 from jaxvit.data.transforms import RGBExample, TransformConfig
-from jaxvit.models import ViT, get_config, load_pretrained
+from jaxvit.models import ViT, get_config, load_pretrained, parse_overrides
 from jaxvit.models.heads import Head, pool_features
 
 log = logging.getLogger("jaxvit")

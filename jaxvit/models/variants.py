@@ -1,6 +1,7 @@
 """Named presets for the published DINOv2 and DINOv3 backbones, and the transformers hub ids they map to."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 
 from jaxvit.models.vit import ViTConfig
@@ -71,3 +72,16 @@ def get_config(arch: str | ViTConfig, **overrides) -> ViTConfig:
     if unknown:
         raise ValueError(f"unknown ViTConfig fields {unknown}; valid: {sorted(fields)}")
     return dataclasses.replace(cfg, **overrides)
+
+
+def parse_overrides(spec: str) -> dict:
+    """"hidden_size=192,depth=6,attn_impl=xla" -> ViTConfig overrides (values read as Python literals when they
+    parse, else as strings); the command-line form of `get_config(arch, **overrides)`."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
