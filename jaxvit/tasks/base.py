@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvit import lora
+from jaxvit.data import preflight
 from jaxvit.errors import DataError
 from jaxvit.models import get_config, load_pretrained
 from jaxvit.models.heads import Classifier
@@ -51,7 +52,8 @@ class Task:
         raise NotImplementedError
 
     def preflight(self, splits: tuple[str, ...], manifest: Path | None) -> None:
-        """Check the data of `splits` before training (counts, readability); raise a UserError on problems."""
+        """Check the data of `splits` before training (counts, readability: `check_files`); raise a UserError
+        on problems. `manifest` is None on processes other than 0."""
 
     def run_files(self) -> dict[str, Any]:
         """JSON files the task writes into the workdir (name -> content), e.g. the class names."""
@@ -121,9 +123,14 @@ def build_head_model(cfg, num_outputs: int, rng: jax.Array) -> tuple[Classifier,
     return model, variables
 
 
-def check_preflight(report: Any, skip_bad: bool) -> None:
-    """Unreadable files in a `jaxvit.data.preflight` report end the run before training when
-    data.skip_bad_images is False (otherwise training replaces them and counts them)."""
-    if report.unreadable and not skip_bad:
+def check_files(cfg, paths: list[str], decode: Callable[[str], Any], manifest: Path | None) -> None:
+    """The readability part of the pre-flight check (`data.preflight`, cached in `manifest`). Only process 0
+    reads the files: the others pass manifest=None and skip it. Unreadable files end the run before training
+    when data.skip_bad_images is False (otherwise training replaces them and counts them)."""
+    if manifest is None:
+        return
+    report = preflight.check_files(paths, cfg.data.preflight, decode, manifest, sample=cfg.data.preflight_sample,
+                                   seed=cfg.seed)
+    if report.unreadable and not cfg.data.skip_bad_images:
         raise DataError(f"{len(report.unreadable)} unreadable files (data.skip_bad_images=False): "
                         + "; ".join(f"{p}: {r}" for p, r in report.unreadable[:20]))

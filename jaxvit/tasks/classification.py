@@ -18,11 +18,10 @@ import numpy as np
 import optax
 
 from jaxvit import inference, metrics, report
-from jaxvit.data import preflight
 from jaxvit.data.sources import ImageFolder, load_image
 from jaxvit.data.transforms import RGBExample, TransformConfig
 from jaxvit.errors import DataError
-from jaxvit.tasks.base import Task, build_head_model, check_preflight
+from jaxvit.tasks.base import Task, build_head_model, check_files
 
 log = logging.getLogger("jaxvit")
 
@@ -65,9 +64,7 @@ class Classification(Task):
         lines.append("total".ljust(width) + "".join(f"  {len(f):>8}" for f in folders.values()))
         log.info("data in %s:\n%s", self.cfg.data.data_dir, "\n".join(lines))
         paths = [p for f in folders.values() for p in f.paths]
-        check_preflight(preflight.check_files(paths, self.cfg.data.preflight, load_image, manifest,
-                                              sample=self.cfg.data.preflight_sample, seed=self.cfg.seed),
-                        self.cfg.data.skip_bad_images)
+        check_files(self.cfg, paths, load_image, manifest)
 
     def run_files(self) -> dict[str, Any]:
         return {"classes.json": self.classes}

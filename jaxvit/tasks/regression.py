@@ -20,11 +20,10 @@ import numpy as np
 import optax
 
 from jaxvit import inference, metrics, report
-from jaxvit.data import preflight
 from jaxvit.data.sources import CsvSource, load_image
 from jaxvit.data.transforms import RGBExample, TransformConfig
 from jaxvit.errors import ConfigError
-from jaxvit.tasks.base import Task, build_head_model, check_preflight
+from jaxvit.tasks.base import Task, build_head_model, check_files
 
 
 class Regression(Task):
@@ -69,9 +68,7 @@ class Regression(Task):
 
     def preflight(self, splits: tuple[str, ...], manifest: Path | None) -> None:
         paths = [p for s in splits for p in self.source(s).paths]
-        check_preflight(preflight.check_files(paths, self.cfg.data.preflight, load_image, manifest,
-                                              sample=self.cfg.data.preflight_sample, seed=self.cfg.seed),
-                        self.cfg.data.skip_bad_images)
+        check_files(self.cfg, paths, load_image, manifest)
 
     def run_files(self) -> dict[str, Any]:
         return {"target_stats.json": {"targets": self.names, **self.stats}}
