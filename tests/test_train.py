@@ -21,6 +21,7 @@ from jaxvit import checkpoint, lora, optim, run_io, sharding, tasks
 from jaxvit.config import base_config
 from jaxvit.models import get_config, load_pretrained
 from jaxvit.models.heads import Classifier
+from jaxvit.tasks.classification import Classification
 from jaxvit.train import Trainer, init_state, make_step
 
 
@@ -347,3 +348,40 @@ def test_corrupt_image_is_reported_by_path(gz2_dir, tmp_path):
     c.data.skip_bad_images, c.train.epochs = True, 1
     Trainer(c, tmp_path / "w2").run()
     assert (tmp_path / "w2" / "checkpoints" / "final").is_dir()
+
+
+# ------------------------------------------------------------------------------------------- task-owned state
+
+class CountingClassification(Classification):
+    """Classification that also keeps task state in a mutable collection: examples seen and a running label sum
+    (what BatchNorm statistics or DINO centres need from the loop)."""
+
+    def build(self, rng):
+        model, variables = super().build(rng)
+        return model, {**variables, "counts": {"seen": jnp.zeros((), jnp.float32), "labels": jnp.zeros(())}}
+
+    def loss(self, model, variables, batch, rng):
+        params = {k: v for k, v in variables.items() if k != "counts"}
+        loss, metrics, _ = super().loss(model, params, batch, rng)
+        c = variables["counts"]
+        return loss, metrics, {"counts": {"seen": c["seen"] + batch["label"].shape[0],
+                                          "labels": c["labels"] + batch["label"].sum()}}
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_task_state_is_updated_checkpointed_and_resumed(gz2_dir, tmp_path, monkeypatch, grad_accum):
+    monkeypatch.setitem(tasks.TASKS, "classification", "test_train:CountingClassification")
+    c = tiny_config(gz2_dir, epochs=1, grad_accum=grad_accum)
+    c.eval.test_split, c.eval.val_split, c.eval.test_checkpoint = "", "", "final"
+    Trainer(c, tmp_path).run()  # epoch 1 (5 steps of 8) ...
+    c.train.epochs = 2
+    trainer = Trainer(c, tmp_path)
+    trainer.run()  # ... resumed for epoch 2
+    state = saved_state(tmp_path)
+    assert float(state["mutable"]["counts"]["seen"]) == 10 * 8  # carried across micro-batches and the resume
+    from jaxvit.data import pipeline  # the same 10 batches, read again: their label sum
+    data = pipeline.train_iterator(trainer.train_src, trainer.task.train_transform(), c.data, global_batch=8,
+                                   seed=c.seed)
+    assert float(state["mutable"]["counts"]["labels"]) == sum(int(next(data)["label"].sum()) for _ in range(10))
+    final, _, _ = checkpoint.read_variables(checkpoint.find(tmp_path, "final")[2])
+    assert float(final["counts"]["seen"]) == 80  # evaluation variables include the task state
