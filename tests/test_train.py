@@ -244,7 +244,13 @@ def test_regression_task_through_the_same_loop(tmp_path):
     mesh = inference.run_mesh(run.cfg)
     again = run.task.evaluate(run.model, inference.place(run.variables, mesh), "val", mesh)
     assert again["r2"] == pytest.approx(max(r2), abs=1e-5)
-    assert result["r2"] > 0.3 and (tmp_path / "run" / "eval_test" / "test_predictions.csv").exists()
+    assert result["r2"] > 0.3
+    # predict gives the same values in the targets' units as the end-of-run test report.
+    from jaxvit.predict import Predictor
+    row = next(csv.DictReader((tmp_path / "run" / "eval_test" / "test_predictions.csv").open()))
+    got = Predictor.from_workdir(tmp_path / "run", c.eval.test_checkpoint).predict(row["path"])["targets"]
+    assert got == pytest.approx({"radius": float(row["pred_radius"]), "brightness": float(row["pred_brightness"])},
+                                rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- resume, old layouts
