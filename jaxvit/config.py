@@ -29,7 +29,10 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     c.model.drop_path = 0.0
     c.model.pool = "cls"  # cls | cls_mean
     c.model.head_hidden = ()
-    c.model.head_dropout = 0.0  # the guide's --dropout
+    c.model.head_dropout = 0.0  # the guide's --dropout: on the head input (and after hidden layers by default)
+    c.model.head_hidden_dropout = ()  # dropout after each hidden layer; () = head_dropout
+    c.model.head_norm = "none"  # none | batch: BatchNorm after each hidden Dense (the CIFAR-10 recipe's head)
+    c.model.head_act = "gelu"  # gelu | relu
 
     c.lora = mlc.ConfigDict()
     c.lora.enabled = False
@@ -142,6 +145,7 @@ def check_overrides(argv: list[str]) -> None:
 _CHOICES = {
     "model.dtype": ("float32", "bfloat16"), "model.frozen_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"), "model.pool": ("cls", "cls_mean"),
+    "model.head_norm": ("none", "batch"), "model.head_act": ("gelu", "relu"),
     "optim.schedule": ("cosine", "onecycle", "constant"), "data.preflight": ("auto", "full", "sample", "off"),
     "eval.test_checkpoint": ("best", "final"), "checkpoint.best_mode": ("", "max", "min"),
 }
@@ -182,6 +186,9 @@ def problems(cfg: mlc.ConfigDict) -> list[str]:
             out.append(f"{key}={_get(cfg, key)!r}: must lie in [0, 1)")
     if not (cfg.train.epochs or cfg.train.steps):
         out.append("train.epochs and train.steps are both 0: set one of them")
+    if cfg.model.head_hidden_dropout and len(cfg.model.head_hidden_dropout) != len(cfg.model.head_hidden):
+        out.append(f"model.head_hidden_dropout={tuple(cfg.model.head_hidden_dropout)}: one rate per hidden layer "
+                   f"of model.head_hidden={tuple(cfg.model.head_hidden)}")
     if not 0 < cfg.data.crop_ratio <= 1:
         out.append(f"data.crop_ratio={cfg.data.crop_ratio!r}: must lie in (0, 1]")
     lo, hi = cfg.data.aug.crop_scale

@@ -5,7 +5,8 @@ base model plus a PEFT adapter.
 
     D/model/                 fine-tuned backbone, LoRA merged: transformers.AutoModel.from_pretrained(D/model)
     D/head.safetensors       the head as torch Linear weights: `weight` (out, in) and `bias` for a linear head,
-                             the keys of nn.Sequential(Linear, GELU(), ..., Linear) when it has hidden layers
+                             the keys of nn.Sequential(Linear, [BatchNorm1d,] GELU() | ReLU(), ..., Linear) when
+                             it has hidden layers (running statistics included)
     D/head_config.json       task, pool, hidden, num_outputs, classes (classification), in_features, preprocessing
     D/base_model/            (LoRA runs) the frozen base backbone
     D/peft_adapter/          (LoRA runs) adapter_config.json + adapter_model.safetensors:
@@ -61,33 +62,42 @@ def _num(x: float) -> float | int:
 
 # ------------------------------------------------------------------------------------------- writing
 
-def head_state_dict(head_params: dict) -> dict[str, np.ndarray]:
-    """torch-layout weights of the head: a bare Linear's keys, or nn.Sequential(Linear, GELU, ..., Linear)'s."""
-    n_hidden = sum(1 for k in head_params if k.startswith("hidden_"))
-    layers = [head_params[f"hidden_{i}"] for i in range(n_hidden)] + [head_params["out"]]
-    if not n_hidden:
-        prefixes = [""]
-    else:
-        prefixes = [f"{2 * i}." for i in range(len(layers))]  # GELUs sit at the odd indices
+def head_state_dict(head: dict) -> dict[str, np.ndarray]:
+    """torch-layout weights of the head (`head` = {collection: tree} of the head, e.g. params and batch_stats):
+    a bare Linear's keys, or those of nn.Sequential(Linear, [BatchNorm1d,] act, ..., Linear) (see
+    `load_torch_head`; dropout is the identity in eval mode and takes no index)."""
+    params, stats = head["params"], head.get("batch_stats", {})
+    n_hidden = sum(1 for k in params if k.startswith("hidden_"))
+    stride = 3 if stats else 2  # Linear, [BatchNorm1d,] activation
     sd = {}
-    for prefix, layer in zip(prefixes, layers):
+    for i in range(n_hidden + 1):
+        layer = params[f"hidden_{i}" if i < n_hidden else "out"]
+        prefix = f"{stride * i}." if n_hidden else ""
         sd[prefix + "weight"] = np.ascontiguousarray(np.asarray(layer["kernel"], np.float32).T)
         sd[prefix + "bias"] = np.asarray(layer["bias"], np.float32)
+        if stats and i < n_hidden:
+            bn, norm = f"{stride * i + 1}.", params[f"norm_{i}"]
+            sd |= {bn + "weight": np.asarray(norm["scale"], np.float32), bn + "bias": np.asarray(norm["bias"], np.float32),
+                   bn + "running_mean": np.asarray(stats[f"norm_{i}"]["mean"], np.float32),
+                   bn + "running_var": np.asarray(stats[f"norm_{i}"]["var"], np.float32),
+                   bn + "num_batches_tracked": np.zeros((), np.int64)}
     return sd
 
 
 def write_head(out: Path, run: run_io.Run) -> dict:
     from safetensors.numpy import save_file
     model, data = run.model, run.cfg.data
-    save_file(head_state_dict(run.variables["params"]["head"]), str(out / "head.safetensors"),
-              metadata={"format": "pt"})
+    head = {col: tree["head"] for col, tree in run.variables.items() if "head" in tree}
+    save_file(head_state_dict(head), str(out / "head.safetensors"), metadata={"format": "pt"})
     hidden = [int(h) for h in model.head_hidden]
     config = dict(
         task=run.cfg.task, pool=model.pool, hidden=hidden, num_outputs=model.num_outputs,
         classes=getattr(run.task, "classes", None),
-        in_features=model.backbone.hidden_size * (2 if model.pool == "cls_mean" else 1), activation="gelu",
+        in_features=model.backbone.hidden_size * (2 if model.pool == "cls_mean" else 1), activation=model.head_act,
+        norm=model.head_norm,
         num_prefix_tokens=model.backbone.num_prefix,
-        torch_module="nn.Sequential(Linear, GELU(), ..., Linear)" if hidden else "nn.Linear",
+        torch_module=("nn.Sequential(Linear, " + ("BatchNorm1d, " if model.head_norm == "batch" else "")
+                      + f"{model.head_act}, ..., Linear)") if hidden else "nn.Linear",
         pooling={"cls": "pooler_output", "cls_mean": "cat(pooler_output, last_hidden_state[:, num_prefix_tokens:]"
                  ".mean(1))"}[model.pool],
         preprocessing=dict(image_size=data.image_size, crop_ratio=data.crop_ratio, mean=list(data.mean),
@@ -154,9 +164,12 @@ def load_torch_head(export_dir: str | Path):
     d = Path(export_dir)
     cfg = json.loads((d / "head_config.json").read_text())
     widths = [cfg["in_features"], *cfg["hidden"], cfg["num_outputs"]]
+    act = {"gelu": torch.nn.GELU, "relu": torch.nn.ReLU}[cfg.get("activation", "gelu")]
     layers: list[Any] = []
     for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
-        layers += [torch.nn.Linear(n_in, n_out)] + ([torch.nn.GELU()] if i < len(widths) - 2 else [])
+        layers.append(torch.nn.Linear(n_in, n_out))
+        if i < len(widths) - 2:
+            layers += ([torch.nn.BatchNorm1d(n_out)] if cfg.get("norm") == "batch" else []) + [act()]
     head = layers[0] if len(layers) == 1 else torch.nn.Sequential(*layers)
     head.load_state_dict(load_file(str(d / "head.safetensors")))
     return head.eval()

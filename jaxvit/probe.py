@@ -180,8 +180,10 @@ def run_study(args: argparse.Namespace) -> dict:
         pred, info = linear_probe((train, labels["train"]), test, n_cls, l2s, val, args.steps)
         rows.append(dict(method="linear probe", pool=pool, **info, **_scores(labels["eval"], pred, n_cls)))
     if run is not None:  # the run's own head on the same features
-        head = Head(run.model.num_outputs, tuple(run.model.head_hidden))
-        logits = head.apply({"params": run.variables["params"]["head"]}, pooled(feats["eval"], run.model.pool))
+        m = run.model
+        head = Head(m.num_outputs, tuple(m.head_hidden), norm=m.head_norm, act=m.head_act)
+        head_vars = {col: tree["head"] for col, tree in run.variables.items() if "head" in tree}
+        logits = head.apply(head_vars, pooled(feats["eval"], m.pool))
         rows.append(dict(method="fine-tuned head", pool=run.model.pool,
                          **_scores(labels["eval"], np.asarray(logits).argmax(-1), n_cls)))
     return dict(backbone=source, data_dir=str(args.data_dir), classes=classes,

@@ -2,6 +2,7 @@
 reloaded with the real torch / transformers / peft packages. DINOv2 is the session's `lora_run` (conftest);
 DINOv3 trains its own tiny run here."""
 import json
+import jax
 import shutil
 
 import numpy as np
@@ -130,3 +131,31 @@ def test_load_run_without_the_pretrained_weights(family_run, tmp_path, caplog):
     assert a.model == b.model
     x = np.zeros((1, 32, 32, 3), np.float32)
     np.testing.assert_array_equal(a.model.apply(a.variables, x), b.model.apply(b.variables, x))
+
+
+def test_batchnorm_head_exports_to_torch_and_resumes_exactly(gz2_dir, tmp_path):
+    """The CIFAR-10 recipe's head (Linear-BN-ReLU-Dropout blocks): running statistics live in the train state,
+    survive a resume bit for bit, drive evaluation, and the exported nn.Sequential with BatchNorm1d reproduces
+    jaxvit's outputs."""
+    c = tiny_config(gz2_dir, epochs=2)
+    c.model.head_hidden, c.model.head_norm, c.model.head_act = (16, 8), "batch", "relu"
+    c.model.head_hidden_dropout = (0.5, 0.25)
+    c.eval.test_split, c.eval.test_checkpoint = "", "final"
+    c.checkpoint.every_steps = 1
+    Trainer(c, tmp_path / "whole").run()
+    # The same run "killed" after step 3: its later checkpoints removed, then resumed.
+    shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
+    for d in (tmp_path / "resumed" / "checkpoints").glob("*/*"):
+        if d.parent.name != "periodic" or int(d.name) > 3:
+            shutil.rmtree(d)
+    Trainer(c, tmp_path / "resumed").run()
+    whole, resumed = (run_io.load_run(tmp_path / d, "final") for d in ("whole", "resumed"))
+    stats = whole.variables["batch_stats"]["head"]
+    assert np.abs(np.asarray(stats["norm_0"]["mean"])).max() > 0 and not np.allclose(stats["norm_1"]["var"], 1)
+    for a, b in zip(jax.tree_util.tree_leaves(whole.variables), jax.tree_util.tree_leaves(resumed.variables)):
+        np.testing.assert_array_equal(a, b)
+    export.export_run(whole, tmp_path / "export")
+    head = export.load_torch_head(tmp_path / "export")
+    assert isinstance(head[1], torch.nn.BatchNorm1d) and isinstance(head[2], torch.nn.ReLU)
+    diffs = export.check_export(whole, tmp_path / "export")
+    assert diffs["outputs_rel_diff"] <= 1e-4, diffs

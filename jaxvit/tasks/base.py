@@ -105,11 +105,13 @@ def build_head_model(cfg, num_outputs: int, rng: jax.Array) -> tuple[Classifier,
         vit_cfg = backbone.cfg
     else:
         vit_cfg, backbone_params = get_config(cfg.model.arch, **runtime), None
-    model = Classifier(vit_cfg, num_outputs, cfg.model.pool, tuple(cfg.model.head_hidden), cfg.model.head_dropout)
+    m = cfg.model
+    model = Classifier(vit_cfg, num_outputs, m.pool, tuple(m.head_hidden), m.head_dropout, m.head_norm, m.head_act,
+                       tuple(m.head_hidden_dropout))
     size = cfg.data.image_size
     init_rng, lora_rng = jax.random.split(rng)
     variables = jax.jit(model.init)(init_rng, jnp.zeros((1, size, size, vit_cfg.num_channels)))
-    variables = {"params": dict(variables["params"])}
+    variables = {k: dict(v) for k, v in variables.items()}  # params [+ batch_stats of a BatchNorm head]
     fresh = ["params/head"]
     if backbone_params is not None:
         variables["params"]["backbone"] = backbone_params
@@ -121,6 +123,16 @@ def build_head_model(cfg, num_outputs: int, rng: jax.Array) -> tuple[Classifier,
         fresh.append("lora (B = 0: starts equal to the base model)")
     log.info("initialised fresh (not in any checkpoint): %s", ", ".join(fresh))
     return model, variables
+
+
+def apply_train(model, variables: dict, images: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict]:
+    """(outputs, updated mutable collections) of a training forward pass: collections other than params and
+    lora (e.g. a BatchNorm head's batch_stats) are updated and returned for the train state."""
+    mutable = [k for k in variables if k not in ("params", "lora")]
+    if not mutable:
+        return model.apply(variables, images, train=True, rngs={"dropout": rng}), {}
+    out, updates = model.apply(variables, images, train=True, rngs={"dropout": rng}, mutable=mutable)
+    return out, dict(updates)
 
 
 def check_files(cfg, paths: list[str], decode: Callable[[str], Any], manifest: Path | None) -> None:

@@ -21,7 +21,7 @@ from jaxvit import inference, metrics, report
 from jaxvit.data.sources import ImageFolder, load_image
 from jaxvit.data.transforms import RGBExample, TransformConfig
 from jaxvit.errors import DataError
-from jaxvit.tasks.base import Task, build_head_model, check_files
+from jaxvit.tasks.base import Task, apply_train, build_head_model, check_files
 
 log = logging.getLogger("jaxvit")
 
@@ -78,9 +78,9 @@ class Classification(Task):
         mix_rng, drop_rng = jax.random.split(rng)
         soft = soft_targets(batch["label"], k, t.label_smoothing)
         images, soft = mix(batch["image"], soft, mix_rng, t.mixup_alpha, t.cutmix_alpha)
-        logits = model.apply(variables, images, train=True, rngs={"dropout": drop_rng})
+        logits, updates = apply_train(model, variables, images, drop_rng)
         accuracy = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-        return cross_entropy(logits, soft), {"accuracy": accuracy}, {}
+        return cross_entropy(logits, soft), {"accuracy": accuracy}, updates
 
     # -- evaluation and prediction
     def evaluate(self, model, variables: dict, split: str, mesh, out_dir: Path | None = None,

@@ -23,7 +23,7 @@ from jaxvit import inference, metrics, report
 from jaxvit.data.sources import CsvSource, load_image
 from jaxvit.data.transforms import RGBExample, TransformConfig
 from jaxvit.errors import ConfigError
-from jaxvit.tasks.base import Task, build_head_model, check_files
+from jaxvit.tasks.base import Task, apply_train, build_head_model, check_files
 
 
 class Regression(Task):
@@ -81,10 +81,10 @@ class Regression(Task):
         return (targets - jnp.asarray(self.stats["mean"])) / jnp.asarray(self.stats["std"])
 
     def loss(self, model, variables: dict, batch: dict, rng: jax.Array):
-        out = model.apply(variables, batch["image"], train=True, rngs={"dropout": rng}).astype(jnp.float32)
-        err = out - self._standardise(batch["targets"])
+        out, updates = apply_train(model, variables, batch["image"], rng)
+        err = out.astype(jnp.float32) - self._standardise(batch["targets"])
         per_target = err ** 2 if self.cfg.regression.loss == "mse" else optax.huber_loss(err, delta=1.0)
-        return per_target.mean(-1), {"abs_error_std": jnp.abs(err).mean(-1)}, {}
+        return per_target.mean(-1), {"abs_error_std": jnp.abs(err).mean(-1)}, updates
 
     # -- evaluation and prediction
     def predict_fn(self, model) -> Callable:
