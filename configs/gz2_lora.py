@@ -41,7 +41,7 @@ def get_config(arg: str = ""):
 def demo(c):
     """Synthetic galaxies on disk, a small ViT from random init, trained fully (LoRA needs pretrained weights)."""
     c.data.data_dir = "runs/demo_data"
-    c.data.synthetic = True
+    c.data.demo = "gz2"
     c.data.image_size = 64
     c.data.crop_ratio = 1.0
     c.data.num_workers = 2

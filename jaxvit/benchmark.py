@@ -397,7 +397,7 @@ def _record(bench, args: argparse.Namespace, fwd_flops: float, compile_s: float,
     mem_key, mem = bench.memory()
     return dict(impl=bench.impl, arch=args.arch + (f"[{args.override}]" if args.override else ""),
                 mode=args.mode, dtype=args.dtype, batch=args.batch, res=args.res,
-                img_per_s=round(args.batch / step_s, 2), step_ms=round(step_s * 1e3, 2),
+                img_per_s=round(args.batch / step_s, 2), step_ms=_sig(step_s * 1e3),
                 compile_s=round(compile_s, 2), **{mem_key: mem}, tflops=_sig(tflops),
                 mfu=_sig(tflops / peak) if peak else None, matmul_peak_tflops=_sig(measured_peak),
                 mfu_measured=_sig(tflops / measured_peak), gflops_per_img_fwd=_sig(fwd_flops / 1e9),
@@ -451,7 +451,7 @@ def bench_data(args: argparse.Namespace) -> list[dict]:
         source = ImageFolder(root, "train")
         ips = measure_throughput(source, RGBExample(TransformConfig.from_config(cfg)), cfg, args.steps, args.batch)
     return [dict(impl="grain", mode="data", batch=args.batch, res=args.res, img_per_s=round(ips, 2),
-                 step_ms=round(args.batch / ips * 1e3, 2), num_workers=args.data_workers,
+                 step_ms=_sig(args.batch / ips * 1e3), num_workers=args.data_workers,
                  source_images=len(source), source_px=px, peak_rss_bytes=_rss_bytes(), steps=args.steps,
                  device=platform.processor() or platform.machine(), cpus=os.cpu_count(), date=_now())]
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import ml_collections as mlc
 
 from jaxvit import tasks
+from jaxvit.data.demo_sets import DEMO_SETS
 from jaxvit.data.pipeline import default_data_config
 from jaxvit.errors import ConfigError
 from jaxvit.models import PRESETS
@@ -75,7 +76,7 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
 
     c.data = default_data_config()
     c.data.classes = ()  # class names in label order; () = sorted directory names
-    c.data.synthetic = False  # render the synthetic GZ2 set into data_dir first (the demo)
+    c.data.demo = ""  # write a demo data set into data_dir first: gz2 (synthetic galaxies) | digits (scikit-learn)
 
     c.eval = mlc.ConfigDict()
     c.eval.batch_size = 64
@@ -196,8 +197,10 @@ def problems(cfg: mlc.ConfigDict) -> list[str]:
         out.append(f"data.aug.crop_scale={tuple(cfg.data.aug.crop_scale)!r}: need 0 < low <= high <= 1")
     if not 0 < cfg.optim.layer_decay <= 1:
         out.append(f"optim.layer_decay={cfg.optim.layer_decay!r}: must lie in (0, 1]")
-    if not cfg.data.data_dir and not cfg.data.synthetic:
+    if not cfg.data.data_dir and not cfg.data.source.startswith("tfds:"):
         out.append("data.data_dir is empty: pass --config.data.data_dir=/path/to/your/data")
+    if cfg.data.demo not in DEMO_SETS:
+        out.append(f"data.demo={cfg.data.demo!r}: use one of {', '.join(repr(d) for d in DEMO_SETS)}")
     if not cfg.model.pretrained:
         if cfg.model.arch not in PRESETS:
             out.append(f"model.arch={cfg.model.arch!r} is not a preset; use one of {', '.join(sorted(PRESETS))}")

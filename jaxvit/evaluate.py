@@ -35,7 +35,7 @@ def evaluate_runs(workdirs: Sequence[str | Path], split: str = "test", checkpoin
     writes the report files on process 0 and returns the metrics. Each run preprocesses with its own config."""
     ensemble = len(workdirs) > 1
     if output_dir is None:
-        output_dir = Path(workdirs[0]) / (f"eval_{split}_ensemble" if ensemble else f"eval_{split}")
+        output_dir = Path(workdirs[0]) / (f"eval_{report.stem(split)}" + ("_ensemble" if ensemble else ""))
     out = output_dir if jax.process_index() == 0 else None
     if not ensemble:
         run, mesh = _load(workdirs[0], checkpoint, data_dir, batch_size)

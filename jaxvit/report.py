@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -19,6 +20,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 PathLike = str | os.PathLike
+
+
+def stem(split: str) -> str:
+    """A split name made safe for file names ("test[5000:]" -> "test_5000")."""
+    return re.sub(r"[^A-Za-z0-9_.%-]+", "_", split).strip("_") or "split"
 
 
 def _save(fig: Figure, path: PathLike) -> None:

@@ -152,7 +152,7 @@ def load_run(workdir: str | Path, checkpoint_name: str | int = "best", data_dir:
     cfg = load_config(workdir)
     if data_dir:
         cfg.data.data_dir = str(data_dir)
-    cfg.data.synthetic = False  # never re-render a data set when only reading a run
+    cfg.data.demo = ""  # never re-write a data set when only reading a run
     task = tasks.create(cfg, workdir)
     name, step, directory = checkpoint.find(workdir, checkpoint_name)
     model, template = build_for_run(cfg, task)

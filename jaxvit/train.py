@@ -32,7 +32,7 @@ from jaxvit import lora, optim, sharding, tasks, xla_options
 from jaxvit.checkpoint import Checkpoints, eval_variables, find, read_variables
 from jaxvit.data import pipeline
 from jaxvit.errors import ConfigError
-from jaxvit.report import plot_training_curves
+from jaxvit.report import plot_training_curves, stem
 from jaxvit.writers import create_writer
 
 log = logging.getLogger("jaxvit")
@@ -170,7 +170,7 @@ class Trainer:
         self.batch_sharding = NamedSharding(self.mesh, sharding.batch_spec(self.mesh))
         self._preflight()
         t = cfg.train
-        self.train_src = self.task.source("train")
+        self.train_src = self.task.source(cfg.data.train_split)
         self.steps_per_epoch = pipeline.steps_per_epoch(len(self.train_src), t.batch_size)
         self.total_steps = t.steps or t.epochs * self.steps_per_epoch
         self.eval_every = cfg.eval.every_steps or self.steps_per_epoch
@@ -191,13 +191,12 @@ class Trainer:
         sharding.batch_shares(c.eval.batch_size, self.mesh, "eval.batch_size")
         log.info("mesh %s over %d processes: global batch %d = %d per batch shard, %d per process",
                  dict(self.mesh.shape), jax.process_count(), c.train.batch_size, per_dev, per_proc)
-        if c.data.synthetic and self.is_main:
-            from jaxvit.data.synthetic_gz2 import write_dataset
-            write_dataset(c.data.data_dir, seed=c.seed)
+        if self.is_main:
+            self.task.prepare()
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("synthetic data written")
-        splits = tuple(s for s in ("train", c.eval.val_split, c.eval.test_split) if s)
+            multihost_utils.sync_global_devices("data prepared")
+        splits = tuple(s for s in (c.data.train_split, c.eval.val_split, c.eval.test_split) if s)
         manifest = self.workdir / "preflight.json" if self.is_main else None
         self.task.preflight(splits, manifest)
 
@@ -339,7 +338,7 @@ class Trainer:
             variables = jax.device_put(variables, sharding.state_shardings(variables, self.mesh,
                                                                            c.mesh.fsdp_min_size))
         results = self.task.evaluate(self.model, variables, c.eval.test_split, self.mesh,
-                                     self.workdir / f"eval_{c.eval.test_split}" if self.is_main else None)
+                                     self.workdir / f"eval_{stem(c.eval.test_split)}" if self.is_main else None)
         log.info("%s (%s checkpoint): %s", c.eval.test_split, name, ", ".join(
             f"{k} {results[k]:.4f}" for k in self.task.history_metrics if k in results))
         self.writer.flush()

@@ -39,7 +39,7 @@ def env():
 def _args(workdir, data_dir, *extra):
     """python args of a tiny demo run: 2 epochs of 5 steps (global batch 8), eval batch 8 (the last padded)."""
     return ["-m", "jaxvit.main", "--config=configs/gz2_lora.py:demo", f"--workdir={workdir}",
-            f"--config.data.data_dir={data_dir}", "--config.data.synthetic=False", "--config.data.image_size=32",
+            f"--config.data.data_dir={data_dir}", "--config.data.demo=", "--config.data.image_size=32",
             "--config.data.num_workers=0", "--config.train.batch_size=8", "--config.eval.batch_size=8",
             "--config.train.epochs=2", *[f"--config.model.overrides.{k}={v}" for k, v in TINY_VIT.items()], *extra]
 

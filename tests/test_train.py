@@ -258,7 +258,7 @@ def test_regression_task_through_the_same_loop(tmp_path):
 def _cli(workdir, data_dir, *extra):
     overrides = [f"--config.model.overrides.{k}={v}" for k, v in TINY_VIT.items()]
     return [sys.executable, "-m", "jaxvit.main", "--config=configs/gz2_lora.py:demo", f"--workdir={workdir}",
-            f"--config.data.data_dir={data_dir}", "--config.data.synthetic=False", "--config.data.image_size=32",
+            f"--config.data.data_dir={data_dir}", "--config.data.demo=", "--config.data.image_size=32",
             "--config.data.num_workers=0", "--config.train.batch_size=8", "--config.eval.batch_size=8",
             "--config.train.epochs=3", "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=50",
             *overrides, *extra]
@@ -309,7 +309,7 @@ def test_workdir_of_the_old_layout_still_loads(lora_run, tmp_path):
 
 def _main(tmp_path, *overrides, config="configs/gz2_lora.py:demo"):
     return subprocess.run([sys.executable, "-m", "jaxvit.main", f"--config={config}",
-                           f"--workdir={tmp_path / 'w'}", "--config.data.synthetic=False", *overrides],
+                           f"--workdir={tmp_path / 'w'}", "--config.data.demo=", *overrides],
                           cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 

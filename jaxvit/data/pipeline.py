@@ -51,6 +51,10 @@ _MAX_REPLACEMENT_TRIES = 16
 def default_data_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.data_dir = ""
+    cfg.source = "folder"  # folder | csv | npz | tfds:NAME (jaxvit.data.labelled; classification)
+    cfg.tfds_data_dir = ""  # where tfds datasets are prepared ("" = ~/tensorflow_datasets)
+    cfg.manual_dir = ""  # a tfds dataset's downloaded archive(s): jaxvit builds the dataset from them once
+    cfg.train_split = "train"  # the split trained on (tfds slices work: "train[:90%]")
     cfg.image_size = 224
     cfg.crop_ratio = 0.875  # eval: resize shorter side to image_size / crop_ratio, centre crop
     cfg.mean = (0.485, 0.456, 0.406)

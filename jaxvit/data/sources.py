@@ -83,6 +83,8 @@ class ImageFolder:
     class directory names. Every given class must have a directory and no other directory may exist.
     """
 
+    files = True  # examples are files (read by the pre-flight check)
+
     def __init__(
         self,
         data_dir: str | os.PathLike,
@@ -91,6 +93,7 @@ class ImageFolder:
     ):
         self.split = split
         self.split_dir = find_split_dir(data_dir, split)
+        self.location = str(self.split_dir)
         found = [d.name for d in _visible_dirs(self.split_dir)]
         if classes is None:
             if not found:
@@ -331,7 +334,7 @@ class CsvSource:
 
     `image_column` holds image paths, absolute or relative to `root` (default: the CSV's
     directory); `target_columns` are read as float32 targets [N, T] and `label_column`, if given,
-    as int32 labels. Every image file must exist.
+    as int32 labels, `text_columns` as stripped strings (`text[column]`). Every image file must exist.
     """
 
     def __init__(
@@ -341,6 +344,7 @@ class CsvSource:
         target_columns: Sequence[str] = (),
         root: str | os.PathLike | None = None,
         label_column: str | None = None,
+        text_columns: Sequence[str] = (),
     ):
         self.csv_path = Path(csv_path)
         self.root = Path(root) if root is not None else self.csv_path.parent
@@ -354,12 +358,13 @@ class CsvSource:
                 raise CsvSourceError(f"{where} is empty: expected a header row naming the "
                                      f"columns ({image_column!r}, ...) and one row per image")
             reader.fieldnames = [name.strip() for name in reader.fieldnames]
-            wanted = [image_column, *self.target_columns] + ([label_column] if label_column else [])
+            wanted = [image_column, *self.target_columns, *text_columns] + ([label_column] if label_column else [])
             missing = [c for c in wanted if c not in reader.fieldnames]
             if missing:
                 raise CsvSourceError(f"{where}: column(s) {missing} not found; columns present: "
                                      f"{reader.fieldnames}; pass the right column names")
             paths, targets, labels = [], [], []
+            self.text: dict[str, list[str]] = {c: [] for c in text_columns}
             for row in reader:
                 line = reader.line_num
                 paths.append(self._image_path(row, where, line))
@@ -367,6 +372,8 @@ class CsvSource:
                                 for c in self.target_columns])
                 if label_column:
                     labels.append(self._number(row, label_column, int, where, line))
+                for c in text_columns:
+                    self.text[c].append((row[c] or "").strip())
         if not paths:
             raise CsvSourceError(f"{where} has a header but no rows: add one row per image")
         absent = [p for p in paths if not os.path.isfile(p)]

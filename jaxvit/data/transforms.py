@@ -221,16 +221,16 @@ def eval_transform(image: np.ndarray, cfg: TransformConfig) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class RGBExample:
-    """A source example {"path", other fields...} -> {"image": float32 (S, S, 3), other fields as arrays}:
-    decodes the path to 8-bit RGB (`load_image`), then `train_transform` (when called with an rng) or
-    `eval_transform`. Picklable, for grain workers."""
+    """A source example {"path" | "image", other fields...} -> {"image": float32 (S, S, 3), other fields as
+    arrays}: a path is decoded to 8-bit RGB (`load_image`), an "image" is a uint8 (H, W, 3) array already; then
+    `train_transform` (when called with an rng) or `eval_transform`. Picklable, for grain workers."""
 
     cfg: TransformConfig
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-        image = load_image(example["path"])
+        image = example["image"] if "image" in example else load_image(example["path"])
         x = eval_transform(image, self.cfg) if rng is None else train_transform(image, self.cfg, rng)
-        return {"image": x, **{k: _as_array(v) for k, v in example.items() if k != "path"}}
+        return {"image": x, **{k: _as_array(v) for k, v in example.items() if k not in ("path", "image")}}
 
 
 def _as_array(v: Any) -> np.ndarray:

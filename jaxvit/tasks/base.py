@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvit import lora
-from jaxvit.data import preflight
+from jaxvit.data import demo_sets, preflight
 from jaxvit.errors import DataError
 from jaxvit.models import get_config, load_pretrained
 from jaxvit.models.heads import Classifier
@@ -50,6 +50,10 @@ class Task:
 
     def eval_transform(self) -> EvalTransform:
         raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Put the data in place before anything reads them (process 0 only): the demo set of `data.demo`."""
+        demo_sets.write(self.cfg.data.demo, self.cfg.data.data_dir, self.cfg.seed)
 
     def preflight(self, splits: tuple[str, ...], manifest: Path | None) -> None:
         """Check the data of `splits` before training (counts, readability: `check_files`); raise a UserError

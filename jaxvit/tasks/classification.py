@@ -1,7 +1,7 @@
-"""Image classification: ImageFolder data, soft-target cross-entropy with label smoothing and MixUp / CutMix
+"""Image classification: labelled images from folders, CSV, npz or tfds (`data.source`), soft-target cross-entropy with label smoothing and MixUp / CutMix
 in the step, accuracy / F1 / confusion-matrix reports, `classes.json`.
 
-Config keys it reads: data.* (ImageFolder layout, transforms), train.label_smoothing, train.mixup_alpha,
+Config keys it reads: data.* (source, layout, transforms), train.label_smoothing, train.mixup_alpha,
 train.cutmix_alpha, model.* (backbone, pool, head).
 """
 from __future__ import annotations
@@ -18,7 +18,8 @@ import numpy as np
 import optax
 
 from jaxvit import inference, metrics, report
-from jaxvit.data.sources import ImageFolder, load_image
+from jaxvit.data import labelled
+from jaxvit.data.sources import load_image
 from jaxvit.data.transforms import RGBExample, TransformConfig
 from jaxvit.errors import DataError
 from jaxvit.tasks.base import Task, apply_train, build_head_model, check_files
@@ -41,14 +42,20 @@ class Classification(Task):
 
     @property
     def classes(self) -> list[str]:
-        """Class names in label order: data.classes, else the run's classes.json, else the train split's dirs."""
+        """Class names in label order: data.classes, else the run's classes.json, else the train split's."""
         if self._classes is None:
-            self._classes = ImageFolder(self.cfg.data.data_dir, "train").classes
+            self._classes = labelled.open_split(self.cfg.data, self.cfg.data.train_split).classes
         return self._classes
 
     # -- data
-    def source(self, split: str) -> ImageFolder:
-        return ImageFolder(self.cfg.data.data_dir, split, self.classes)
+    def source(self, split: str):
+        return labelled.open_split(self.cfg.data, split, self.classes)
+
+    def prepare(self) -> None:
+        super().prepare()
+        if self.cfg.data.source.startswith("tfds:"):
+            from jaxvit.data import tfds_source
+            tfds_source.prepare(self.cfg.data.source[5:], self.cfg.data.tfds_data_dir, self.cfg.data.manual_dir)
 
     def train_transform(self) -> RGBExample:
         return RGBExample(TransformConfig.from_config(self.cfg.data))
@@ -62,9 +69,10 @@ class Classification(Task):
         lines += [c.ljust(width) + "".join(f"  {int(f.class_counts()[i]):>8}" for f in folders.values())
                   for i, c in enumerate(self.classes)]
         lines.append("total".ljust(width) + "".join(f"  {len(f):>8}" for f in folders.values()))
-        log.info("data in %s:\n%s", self.cfg.data.data_dir, "\n".join(lines))
-        paths = [p for f in folders.values() for p in f.paths]
-        check_files(self.cfg, paths, load_image, manifest)
+        log.info("data (%s):\n%s", ", ".join(f.location for f in folders.values()), "\n".join(lines))
+        paths = [p for f in folders.values() if f.files for p in f.paths]
+        if paths:
+            check_files(self.cfg, paths, load_image, manifest)
 
     def run_files(self) -> dict[str, Any]:
         return {"classes.json": self.classes}
@@ -158,14 +166,14 @@ def cross_entropy(logits: jax.Array, soft: jax.Array) -> jax.Array:
 
 # ------------------------------------------------------------------------------------------- reports
 
-def score(probs: np.ndarray, ok: np.ndarray, src: ImageFolder, out_dir: Path | None = None,
+def score(probs: np.ndarray, ok: np.ndarray, src, out_dir: Path | None = None,
           extra: dict | None = None) -> dict:
     """Metrics over the readable images (plus `extra` entries); with `out_dir`, also the report files
     `<split>_results.json`, `<split>_confusion_matrix{,_raw}.png`, `<split>_per_class_metrics.png`,
     `<split>_predictions.csv`."""
     classes = list(src.classes)
     if not ok.any():
-        raise DataError(f"no readable image in split {src.split!r} ({src.split_dir})")
+        raise DataError(f"no readable image in split {src.split!r} ({src.location})")
     result = metrics.classification_metrics(probs[ok], src.labels[ok], classes)
     result["unreadable"] = [src.paths[i] for i in np.flatnonzero(~ok)]
     result.update(extra or {})
@@ -176,7 +184,7 @@ def score(probs: np.ndarray, ok: np.ndarray, src: ImageFolder, out_dir: Path | N
 
 
 def write_report(out_dir: Path, split: str, result: dict, classes: list[str], paths, labels, probs) -> None:
-    out_dir = Path(out_dir)
+    out_dir, split = Path(out_dir), report.stem(split)
     out_dir.mkdir(parents=True, exist_ok=True)
     report.write_results_json(out_dir / f"{split}_results.json", result)
     cm = np.asarray(result["confusion_matrix"])

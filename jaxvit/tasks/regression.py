@@ -52,7 +52,7 @@ class Regression(Task):
     def stats(self) -> dict[str, list[float]]:
         """Train-split mean and std of each target (saved with the run)."""
         if self._stats is None:
-            t = self.source("train").targets
+            t = self.source(self.cfg.data.train_split).targets
             self._stats = {"mean": t.mean(0).tolist(), "std": np.maximum(t.std(0), 1e-8).tolist()}
         return self._stats
 
@@ -104,8 +104,8 @@ class Regression(Task):
         result.update(extra or {})
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            report.write_results_json(Path(out_dir) / f"{split}_results.json", result)
-            self.write_predictions(Path(out_dir) / f"{split}_predictions.csv",
+            report.write_results_json(Path(out_dir) / f"{report.stem(split)}_results.json", result)
+            self.write_predictions(Path(out_dir) / f"{report.stem(split)}_predictions.csv",
                                    [src.paths[i] for i in np.flatnonzero(ok)], pred[ok], true)
         return result
 

@@ -1,0 +1,55 @@
+"""Demo data sets written into `data.data_dir` before a run (`data.demo`), so demos need no download:
+
+  gz2      synthetic galaxy images in the GZ2 folder layout (jaxvit.data.synthetic_gz2)
+  digits   scikit-learn's 1,797 handwritten digits (8x8, 10 classes), real data shipped inside the package,
+           as <data_dir>/{train,val,test}.npz (60/20/20, stratified) for data.source="npz"
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from jaxvit.errors import UserError
+
+DEMO_SETS = ("", "gz2", "digits")
+
+
+def write(name: str, data_dir: str | os.PathLike, seed: int = 0) -> None:
+    """Write demo set `name` into `data_dir` unless it is there already."""
+    if name == "gz2":
+        from jaxvit.data.synthetic_gz2 import write_dataset
+        write_dataset(data_dir, seed=seed)
+    elif name == "digits":
+        write_digits(data_dir, seed)
+
+
+def write_digits(data_dir: str | os.PathLike, seed: int = 0, fractions: tuple[float, float] = (0.6, 0.2)) -> None:
+    """scikit-learn's digits as uint8 images (0..16 scaled to 0..255) in train/val/test npz files."""
+    root = Path(data_dir)
+    marker = root / ".digits.json"
+    params = {"seed": seed, "fractions": list(fractions)}
+    if marker.exists() and json.loads(marker.read_text()) == params:
+        return
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise UserError("data.demo='digits' needs scikit-learn: pip install scikit-learn") from e
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {"train": [], "val": [], "test": []}
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(digits.target == c))
+        a, b = round(len(idx) * fractions[0]), round(len(idx) * sum(fractions))
+        parts["train"].append(idx[:a]), parts["val"].append(idx[a:b]), parts["test"].append(idx[b:])
+    root.mkdir(parents=True, exist_ok=True)
+    for split, chunks in parts.items():
+        idx = rng.permutation(np.concatenate(chunks))
+        tmp = root / f".{split}.tmp.npz"
+        np.savez(tmp, images=images[idx], labels=digits.target[idx].astype(np.int32),
+                 class_names=np.array([str(c) for c in range(10)]))
+        os.replace(tmp, root / f"{split}.npz")
+    marker.write_text(json.dumps(params))
