@@ -6,7 +6,7 @@ from pathlib import Path
 
 import ml_collections as mlc
 
-from jaxvit import tasks
+from jaxvit import tasks, tta
 from jaxvit.data.demo_sets import DEMO_SETS
 from jaxvit.data.pipeline import default_data_config
 from jaxvit.errors import ConfigError
@@ -84,6 +84,9 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     c.eval.val_split = "val"  # split evaluated during training ("" = none)
     c.eval.test_split = "test"  # split evaluated at the end ("" = none)
     c.eval.test_checkpoint = "best"  # best | final: the weights the end-of-run test uses
+    # Test-time augmentation (jaxvit/tta.py), in validation during training too: outputs averaged over the plain
+    # image and these views: hflip, vflip, rot90 (3 rotations), crops5 (4 corners + centre, 7/8 of the side).
+    c.eval.tta = ()
 
     c.checkpoint = mlc.ConfigDict()
     c.checkpoint.every_steps = 0  # also save a resume point every N steps (0 = only at evaluations)
@@ -208,6 +211,8 @@ def problems(cfg: mlc.ConfigDict) -> list[str]:
             patch = cfg.model.overrides.get("patch_size", PRESETS[cfg.model.arch].patch_size)
             if cfg.data.image_size % patch:
                 out.append(f"data.image_size={cfg.data.image_size} is not a multiple of the patch size {patch}")
+    if bad_views := tta.problem(cfg.eval.tta):
+        out.append(bad_views)
     if not cfg.eval.val_split and cfg.eval.test_checkpoint == "best":
         out.append("eval.val_split is empty, so no best checkpoint exists: set eval.test_checkpoint='final'")
     if cfg.checkpoint.best_metric and not cfg.checkpoint.best_metric.startswith("val/"):

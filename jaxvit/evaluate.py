@@ -1,12 +1,14 @@
 """Evaluate a trained run (or an ensemble of classification runs) on a split; writes the task's report files.
 
     python -m jaxvit.evaluate --workdir=W --split=test [--checkpoint=best|final|periodic|STEP]
-        [--output_dir=D] [--batch_size=N] [--data_dir=DIR]
+        [--output_dir=D] [--batch_size=N] [--data_dir=DIR] [--tta=hflip,vflip,rot90,crops5]
     python -m jaxvit.evaluate --workdir=W1 --workdir=W2 ...      # ensemble: the runs' probabilities averaged
 
 Classification writes `<split>_results.json`, `<split>_confusion_matrix.png` (row-normalised),
 `<split>_confusion_matrix_raw.png`, `<split>_per_class_metrics.png` and `<split>_predictions.csv` to
 `W/eval_<split>/` (ensembles: `W1/eval_<split>_ensemble/`), and `W/training_curves.png` from the history.
+`--tta` replaces the run's eval.tta (test-time views, `jaxvit.tta`; an ensemble uses the first run's for all
+members); the results JSON records the views used under "tta".
 """
 from __future__ import annotations
 
@@ -16,13 +18,15 @@ from typing import Sequence
 
 import jax
 
-from jaxvit import inference, report, run_io
+from jaxvit import inference, report, run_io, tta as tta_views
 from jaxvit.errors import DataError, exit_on_user_error
 from jaxvit.tasks import classification
 
 
-def _load(workdir, checkpoint, data_dir, batch_size) -> tuple[run_io.Run, object]:
+def _load(workdir, checkpoint, data_dir, batch_size, tta) -> tuple[run_io.Run, object]:
     run = run_io.load_run(workdir, checkpoint, data_dir)
+    if tta is not None:
+        run.cfg.eval.tta = tta
     mesh = inference.run_mesh(run.cfg)
     run.cfg.eval.batch_size = inference.round_batch(batch_size or run.cfg.eval.batch_size, mesh)
     return run, mesh
@@ -30,21 +34,24 @@ def _load(workdir, checkpoint, data_dir, batch_size) -> tuple[run_io.Run, object
 
 def evaluate_runs(workdirs: Sequence[str | Path], split: str = "test", checkpoint: str | int = "best",
                   output_dir: str | Path | None = None, batch_size: int | None = None,
-                  data_dir: str | None = None) -> dict:
+                  data_dir: str | None = None, tta: Sequence[str] | None = None) -> dict:
     """Evaluate one run, or an ensemble of classification runs (mean of their probabilities), on `split`;
-    writes the report files on process 0 and returns the metrics. Each run preprocesses with its own config."""
+    writes the report files on process 0 and returns the metrics. Each run preprocesses with its own config;
+    `tta` (test-time views) replaces the runs' eval.tta."""
+    tta = None if tta is None else tta_views.check(tta)
     ensemble = len(workdirs) > 1
     if output_dir is None:
         output_dir = Path(workdirs[0]) / (f"eval_{report.stem(split)}" + ("_ensemble" if ensemble else ""))
     out = output_dir if jax.process_index() == 0 else None
     if not ensemble:
-        run, mesh = _load(workdirs[0], checkpoint, data_dir, batch_size)
+        run, mesh = _load(workdirs[0], checkpoint, data_dir, batch_size, tta)
         result = run.task.evaluate(run.model, inference.place(run.variables, mesh, run.cfg), split, mesh, out,
                                    extra=dict(split=split, models=[run_io.describe(run)]))
     else:
         total, ok, models, src = None, None, [], None
         for workdir in workdirs:
-            run, mesh = _load(workdir, checkpoint, data_dir, batch_size)
+            run, mesh = _load(workdir, checkpoint, data_dir, batch_size, tta)
+            tta = tuple(run.cfg.eval.tta)  # the first run's views for every member
             if not isinstance(run.task, classification.Classification):
                 raise DataError(f"{workdir}: ensembles average class probabilities; this run's task is {run.cfg.task!r}")
             run_src = run.task.source(split)
@@ -52,13 +59,15 @@ def evaluate_runs(workdirs: Sequence[str | Path], split: str = "test", checkpoin
                 raise DataError(f"{workdir}: classes or images of split {split!r} differ from {workdirs[0]}'s; "
                                 "an ensemble needs runs over the same classes (pass --data_dir)")
             src = run_src
-            fn = lambda v, batch, model=run.model: classification.probabilities(model, v, batch["image"])
+            fn = lambda v, batch, model=run.model, views=tta: classification.tta_probabilities(
+                model, v, batch["image"], views)
             probs, run_ok = inference.map_source(fn, inference.place(run.variables, mesh, run.cfg), src,
                                                  run.task.eval_transform(), run.cfg.data, run.cfg.eval.batch_size, mesh)
             total = probs if total is None else total + probs
             ok = run_ok if ok is None else ok & run_ok
             models.append(run_io.describe(run))
-        result = classification.score(total / len(models), ok, src, out, dict(split=split, models=models))
+        result = classification.score(total / len(models), ok, src, out,
+                                      dict(split=split, models=models, tta=list(tta)))
     if jax.process_index() == 0:
         for workdir in workdirs:
             history = Path(workdir) / "training_history.csv"
@@ -87,10 +96,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--output_dir", default=None, help="default: <workdir>/eval_<split>")
     ap.add_argument("--batch_size", type=int, default=None, help="default: the run's eval.batch_size")
     ap.add_argument("--data_dir", default=None, help="default: the run's data.data_dir")
+    ap.add_argument("--tta", type=tta_views.from_flag, default=None,
+                    help=f"test-time views, comma-separated, of {', '.join(tta_views.VIEWS)} ('' = none); "
+                         "default: the run's eval.tta")
     args = ap.parse_args(argv)
     run_io.setup_logging()
     result = exit_on_user_error(evaluate_runs, args.workdir, args.split, args.checkpoint, args.output_dir,
-                                args.batch_size, args.data_dir)
+                                args.batch_size, args.data_dir, args.tta)
     print(summary(result))
     return result
 

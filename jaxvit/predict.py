@@ -3,7 +3,7 @@ or Python (`Predictor`); attention-map overlays.
 
     python -m jaxvit.predict --workdir=W --image=galaxy.jpg --output=prediction.json
     python -m jaxvit.predict --workdir=W --image_dir=images/ --output=predictions.csv --batch_size=32 \
-        [--checkpoint=best] [--attention_dir=attn/ --attention_max=16]
+        [--checkpoint=best] [--attention_dir=attn/ --attention_max=16] [--tta=hflip,vflip]
 
     from jaxvit.predict import Predictor
     p = Predictor.from_workdir("runs/gz2")
@@ -11,6 +11,7 @@ or Python (`Predictor`); attention-map overlays.
     p.predict_batch(["a.png", "b.png"])
     p.benchmark(256)                   # {"images_per_s": ..., ...}
 
+Outputs are averaged over the test-time views of the run's eval.tta (`jaxvit.tta`), or of `--tta` / `tta=`.
 Unreadable files never stop a run: they come back as {"path", "error"} and are listed next to the output
 (`<output stem>_unreadable.csv`).
 """
@@ -31,7 +32,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from jaxvit import run_io, xla_options
+from jaxvit import run_io, tta as tta_views, xla_options
 from jaxvit.data.sources import ImageLoadError, list_images, load_image
 from jaxvit.data.transforms import TransformConfig, eval_transform
 from jaxvit.errors import exit_on_user_error
@@ -76,8 +77,13 @@ class Predictor:
         self._attention = xla_options.jit(cls_attention)
 
     @classmethod
-    def from_workdir(cls, workdir: str | Path, checkpoint: str | int = "best", batch_size: int = 32) -> Predictor:
+    def from_workdir(cls, workdir: str | Path, checkpoint: str | int = "best", batch_size: int = 32,
+                     tta: Sequence[str] | None = None) -> Predictor:
+        """The run's model; `tta` (test-time views) replaces the run's eval.tta."""
+        tta = None if tta is None else tta_views.check(tta)
         run = run_io.load_run(workdir, checkpoint)
+        if tta is not None:
+            run.cfg.eval.tta = tta
         return cls(run.model, run.variables, run.task, run.cfg.data, batch_size, run_io.describe(run))
 
     # -- preprocessing
@@ -215,9 +221,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--attention_dir", default=None, help="also write attention-map overlays (PNG) here")
     ap.add_argument("--attention_max", type=int, default=16, help="at most this many overlays")
+    ap.add_argument("--tta", type=tta_views.from_flag, default=None,
+                    help=f"test-time views, comma-separated, of {', '.join(tta_views.VIEWS)} ('' = none); "
+                         "default: the run's eval.tta")
     args = ap.parse_args(argv)
     run_io.setup_logging()
-    predictor = exit_on_user_error(Predictor.from_workdir, args.workdir, args.checkpoint, args.batch_size)
+    predictor = exit_on_user_error(Predictor.from_workdir, args.workdir, args.checkpoint, args.batch_size, args.tta)
     paths = [Path(args.image)] if args.image else list_images(Path(args.image_dir))
     predictor.warmup()
     start = time.perf_counter()
@@ -230,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     if args.image:
-        output.write_text(json.dumps(results[0] | {"model": predictor.info}, indent=2) + "\n")
+        record = results[0] | {"model": predictor.info, "tta": list(predictor.task.cfg.eval.tta)}
+        output.write_text(json.dumps(record, indent=2) + "\n")
     else:
         kept = [(str(p), y) for p, y in zip(paths, outputs) if not isinstance(y, str)]
         predictor.task.write_predictions(output, [p for p, _ in kept],

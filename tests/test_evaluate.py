@@ -366,3 +366,70 @@ def test_robustness_cli(lora_run, tmp_path):
         assert ok.all()
         np.testing.assert_allclose(probs, want, atol=1e-5)
         assert result["accuracy"][name][severity] == pytest.approx(skm.accuracy_score(src.labels, probs.argmax(1)))
+
+
+# ------------------------------------------------------------------------------------------- test-time augmentation
+
+def _test_images(run) -> tuple[object, np.ndarray]:
+    """The test split and its eval-transformed images [N, S, S, 3], preprocessed here on the host."""
+    src = run.task.source("test")
+    return src, np.stack([eval_transform(load_image(q), TransformConfig.from_config(run.cfg.data)) for q in src.paths])
+
+
+def test_tta_averages_probabilities_over_flipped_images(lora_run, tmp_path):
+    """hflip: the mean of the probabilities of the images and of the images flipped in numpy; the same through
+    `Predictor` with tta= and `predict --tta`; crops5 views are corner / centre crops resized back."""
+    from jaxvit import tta
+    workdir, _ = lora_run
+    run = run_io.load_run(workdir)
+    src, x = _test_images(run)
+    plain = np.asarray(classification.probabilities(run.model, run.variables, x))
+    flipped = np.asarray(classification.probabilities(run.model, run.variables, np.ascontiguousarray(x[:, :, ::-1])))
+    got = np.asarray(classification.tta_probabilities(run.model, run.variables, x, ("hflip",)))
+    np.testing.assert_allclose(got, (plain + flipped) / 2, atol=1e-6)
+    assert np.abs(got - plain).max() > 1e-4  # the flip changes the outputs of this model
+    p = predict.Predictor.from_workdir(workdir, batch_size=8, tta=("hflip",))
+    np.testing.assert_allclose(p.outputs(x), (plain + flipped) / 2, atol=1e-6)
+    predict.main([f"--workdir={workdir}", f"--image={src.paths[0]}", f"--output={tmp_path / 'one.json'}",
+                  "--tta=hflip"])
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert one["tta"] == ["hflip"]
+    np.testing.assert_allclose(list(one["probabilities"].values()), got[0], atol=1e-6)
+
+    views = tta.views(jnp.asarray(x), ("crops5",))
+    assert len(views) == 6 and all(v.shape == x.shape for v in views)
+    np.testing.assert_allclose(views[2], jax.image.resize(x[:, :28, 4:], x.shape, "cubic"), atol=1e-6)  # 7/8 of 32
+
+
+def test_evaluate_cli_tta_records_views_and_scores_averaged_probabilities(lora_run, tmp_path):
+    workdir, _ = lora_run
+    run = run_io.load_run(workdir)
+    src, x = _test_images(run)
+    views = [x, x[:, :, ::-1]] + [np.rot90(x, k, axes=(1, 2)) for k in (1, 2, 3)]
+    want = np.mean([classification.probabilities(run.model, run.variables, np.ascontiguousarray(v))
+                    for v in views], 0)
+    result = evaluate.main([f"--workdir={workdir}", f"--output_dir={tmp_path}", "--tta=hflip,rot90"])
+    saved = json.loads((tmp_path / "test_results.json").read_text())
+    _, y, _, probs = read_predictions(tmp_path / "test_predictions.csv", classes_of(workdir))
+    np.testing.assert_allclose(probs, want, atol=1e-5)
+    assert saved["tta"] == result["tta"] == ["hflip", "rot90"]
+    assert saved["accuracy"] == pytest.approx(skm.accuracy_score(src.labels, want.argmax(1)))
+    plain = json.loads((workdir / "eval_test" / "test_results.json").read_text())
+    assert plain["tta"] == []  # the run's own eval.tta, recorded by the end-of-training test
+
+
+def test_unknown_tta_view_is_a_one_line_config_error(lora_run, capsys):
+    from jaxvit.config import validate
+    from jaxvit.errors import ConfigError
+    workdir, cfg = lora_run
+    bad = cfg.copy_and_resolve_references()
+    bad.eval.tta = ("hflip", "mirror")
+    with pytest.raises(ConfigError) as e:
+        validate(bad)
+    assert str(e.value) == ("eval.tta=('hflip', 'mirror'): unknown view 'mirror'; "
+                            "use any of hflip, vflip, rot90, crops5")
+    with pytest.raises(SystemExit) as e:
+        predict.main([f"--workdir={workdir}", f"--image={workdir}", "--output=x.json", "--tta=mirror"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "unknown view 'mirror'" in err

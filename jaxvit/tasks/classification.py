@@ -2,7 +2,8 @@
 in the step, accuracy / F1 / confusion-matrix reports, `classes.json`.
 
 Config keys it reads: data.* (source, layout, transforms), train.label_smoothing, train.mixup_alpha,
-train.cutmix_alpha, model.* (backbone, pool, head).
+train.cutmix_alpha, model.* (backbone, pool, head), eval.tta (evaluation and prediction average the probabilities
+over the test-time views).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxvit import inference, metrics, report
+from jaxvit import inference, metrics, report, tta
 from jaxvit.data import labelled
 from jaxvit.data.sources import load_image
 from jaxvit.data.transforms import RGBExample, TransformConfig
@@ -93,13 +94,14 @@ class Classification(Task):
     # -- evaluation and prediction
     def evaluate(self, model, variables: dict, split: str, mesh, out_dir: Path | None = None,
                  extra: dict | None = None) -> dict:
-        src = self.source(split)
-        probs, ok = inference.map_source(_probs_fn(model), variables, src, self.eval_transform(), self.cfg.data,
-                                         self.cfg.eval.batch_size, mesh)
-        return score(probs, ok, src, out_dir, extra)
+        src, views = self.source(split), tuple(self.cfg.eval.tta)
+        probs, ok = inference.map_source(_probs_fn(model, views), variables, src, self.eval_transform(),
+                                         self.cfg.data, self.cfg.eval.batch_size, mesh)
+        return score(probs, ok, src, out_dir, {"tta": list(views)} | (extra or {}))
 
     def predict_fn(self, model) -> Callable:
-        return lambda variables, images: probabilities(model, variables, images)
+        views = tuple(self.cfg.eval.tta)
+        return lambda variables, images: tta_probabilities(model, variables, images, views)
 
     def describe_prediction(self, output: np.ndarray) -> dict:
         best = int(np.argmax(output))
@@ -117,10 +119,15 @@ def probabilities(model, variables: dict, images: jax.Array) -> jax.Array:
     return jax.nn.softmax(model.apply(variables, images).astype(jnp.float32), -1)
 
 
+def tta_probabilities(model, variables: dict, images: jax.Array, views: tuple[str, ...] = ()) -> jax.Array:
+    """`probabilities` averaged over the images and their test-time views (`jaxvit.tta`, eval.tta)."""
+    return tta.average(lambda x: probabilities(model, variables, x), images, views)
+
+
 @functools.lru_cache(maxsize=16)
-def _probs_fn(model) -> Callable:
-    """One function object per model, so per-epoch validation reuses one compiled program."""
-    return lambda v, batch: probabilities(model, v, batch["image"])
+def _probs_fn(model, views: tuple[str, ...] = ()) -> Callable:
+    """One function object per model and views, so per-epoch validation reuses one compiled program."""
+    return lambda v, batch: tta_probabilities(model, v, batch["image"], views)
 
 
 def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:

@@ -3,7 +3,8 @@ standardised targets, R^2 / RMSE / MAE; the best checkpoint has the highest vali
 
 Data: `<data.data_dir>/{train,val,test}.csv`, each with an image-path column (relative to the CSV) and one
 column per target. The targets' train-split mean and std are written to `target_stats.json`; the model
-predicts standardised values and every output of the task is in the targets' own units.
+predicts standardised values and every output of the task is in the targets' own units. With eval.tta, evaluation
+and prediction average the outputs over the test-time views (only sensible for targets the views leave unchanged).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxvit import inference, metrics, report
+from jaxvit import inference, metrics, report, tta
 from jaxvit.data.sources import CsvSource, load_image
 from jaxvit.data.transforms import RGBExample, TransformConfig
 from jaxvit.errors import ConfigError
@@ -89,7 +90,9 @@ class Regression(Task):
     # -- evaluation and prediction
     def predict_fn(self, model) -> Callable:
         mean, std = jnp.asarray(self.stats["mean"]), jnp.asarray(self.stats["std"])
-        return lambda variables, images: model.apply(variables, images).astype(jnp.float32) * std + mean
+        views = tuple(self.cfg.eval.tta)
+        return lambda variables, images: tta.average(
+            lambda x: model.apply(variables, x).astype(jnp.float32), images, views) * std + mean
 
     def evaluate(self, model, variables: dict, split: str, mesh, out_dir: Path | None = None,
                  extra: dict | None = None) -> dict:
@@ -101,6 +104,7 @@ class Regression(Task):
         std = np.asarray(self.stats["std"])
         result["loss"] = float((((pred[ok] - true) / std) ** 2).mean())  # MSE in standardised units
         result["unreadable"] = [src.paths[i] for i in np.flatnonzero(~ok)]
+        result["tta"] = list(self.cfg.eval.tta)
         result.update(extra or {})
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
