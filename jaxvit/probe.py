@@ -1,16 +1,26 @@
 """Embedding quality on frozen features: k-NN and a linear probe (the CIFAR-10 seed's embedding study).
 
-    python -m jaxvit.probe --data_dir=D --pretrained=facebook/dinov2-small           # any load_pretrained source
-    python -m jaxvit.probe --data_dir=D --arch=dinov2_vits14 [--override=depth=2]   # random init (a baseline)
-    python -m jaxvit.probe --data_dir=D --workdir=W [--checkpoint=best]         # a fine-tuned run
+    python -m jaxvit.probe --workdir=W [--checkpoint=best]      # a fine-tuned run: its data, splits and head
+    python -m jaxvit.probe --pretrained=facebook/dinov2-base --source=tfds:cifar10 --tfds_data_dir=T \
+        --image_size=224 --crop_ratio=1 --val_split='test[:5000]' --eval_split='test[5000:]'
+    python -m jaxvit.probe --arch=dinov2_vits14 [--override=depth=2] --data_dir=D   # random init (a baseline)
+        [--source=folder|csv|npz|tfds:NAME] [--tfds_data_dir=T]
+        [--train_split=train] [--val_split=val] [--eval_split=test]
         [--pool=cls,cls_mean] [--k=3,10,20] [--temperature=0.07] [--l2=1e-6,1e-5,1e-4,1e-3,1e-2]
-        [--image_size=224] [--output=probe_results.json]
+        [--output=probe_results.json]
 
-Features (CLS, or CLS with the mean patch token) of the train split fit the probes, which are scored on
---eval_split (default test). k-NN: cosine similarity, the k nearest training images vote, each with weight
-exp(similarity / temperature) (temperature 0: one vote each). Linear probe: multinomial logistic regression on
-standardised features, L-BFGS (optax), L2 penalty chosen on the val split when there is one. For a run, its own
-fine-tuned head is scored on the same features for comparison.
+Splits are read by `jaxvit.data.labelled.open_split` (`--source`, default folder; `--data_dir` is not needed for
+tfds). A run (--workdir) brings its own data config (source, data_dir, tfds_data_dir, image size) and its
+data.train_split, eval.val_split and eval.test_split as the defaults of the three split flags; its results go to
+`W/probe/probe_results.{json,md}`, next to its eval reports, unless --output is given (the markdown table is
+written next to --output too).
+
+Features (CLS, or CLS with the mean patch token) of the train split fit the probes, which are scored on the eval
+split. k-NN (the seed's protocol is the default: k=3 among 3,10,20, cosine, both pools): the k most
+cosine-similar training images vote, each with weight exp(similarity / temperature), as DINO does
+(--temperature=0: one vote each, scikit-learn's majority vote). Linear probe: multinomial logistic regression on
+standardised features, L-BFGS (optax), L2 penalty chosen on the val split when there is one (otherwise the middle
+of --l2). For a run, its own fine-tuned head is scored on the same features for comparison.
 """
 from __future__ import annotations
 
@@ -28,9 +38,10 @@ import optax
 from jax.sharding import Mesh
 
 from jaxvit import inference, metrics, run_io
+from jaxvit.data import labelled
 from jaxvit.data.pipeline import default_data_config
-from jaxvit.data.sources import ImageFolder, find_split_dir
 from jaxvit.data.transforms import RGBExample, TransformConfig
+from jaxvit.errors import ConfigError, DataError, MissingDataError, exit_on_user_error
 from jaxvit.models import ViT, get_config, load_pretrained, parse_overrides
 from jaxvit.models.heads import Head, pool_features
 
@@ -39,7 +50,7 @@ log = logging.getLogger("jaxvit")
 
 # ------------------------------------------------------------------------------------------- features
 
-def extract_features(vit: ViT, variables: dict, src: ImageFolder, data_cfg: Any, batch_size: int,
+def extract_features(vit: ViT, variables: dict, src: Any, data_cfg: Any, batch_size: int,
                      mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
     """(CLS ++ mean patch token [N, 2D] float32, readable mask [N]); the CLS features are the first D columns."""
     fn = lambda v, batch: pool_features(vit.apply(v, batch["image"]), "cls_mean").astype(jnp.float32)
@@ -120,21 +131,53 @@ def linear_probe(train: tuple[np.ndarray, np.ndarray], test_f: np.ndarray, num_c
 # ------------------------------------------------------------------------------------------- the study
 
 def backbone_from_args(args: argparse.Namespace) -> tuple[ViT, dict, Any, dict, run_io.Run | None]:
-    """(ViT, its variables, data config, description, the run when --workdir) for one of the three sources."""
+    """(ViT, its variables, data config, description, the run when --workdir) for one of the three backbones.
+    --source / --tfds_data_dir, when given, replace the run's."""
     if args.workdir:
         run = run_io.load_run(args.workdir, args.checkpoint, args.data_dir)
-        return (ViT(run.model.backbone), run_io.backbone_variables(run.variables), run.cfg.data,
-                run_io.describe(run), run)
-    data = default_data_config()
-    data.data_dir, data.image_size, data.crop_ratio = args.data_dir, args.image_size, args.crop_ratio
-    if args.pretrained:
-        vit, params = load_pretrained(args.pretrained, **parse_overrides(args.override))
-        return vit, {"params": params}, data, {"pretrained": args.pretrained}, None
-    vit = ViT(get_config(args.arch, **parse_overrides(args.override)))
-    size = args.image_size
-    params = jax.jit(vit.init)(jax.random.key(args.seed), jnp.zeros((1, size, size, vit.cfg.num_channels)))
-    return vit, {"params": params["params"]}, data, {"arch": args.arch, "override": args.override,
-                                                    "random_init_seed": args.seed}, None
+        vit, variables, data, about = (ViT(run.model.backbone), run_io.backbone_variables(run.variables),
+                                       run.cfg.data, run_io.describe(run))
+    else:
+        run, data = None, default_data_config()
+        data.data_dir, data.image_size, data.crop_ratio = args.data_dir or "", args.image_size, args.crop_ratio
+        if args.pretrained:
+            vit, params = load_pretrained(args.pretrained, **parse_overrides(args.override))
+            variables, about = {"params": params}, {"pretrained": args.pretrained}
+        else:
+            vit = ViT(get_config(args.arch, **parse_overrides(args.override)))
+            shape = (1, args.image_size, args.image_size, vit.cfg.num_channels)
+            variables = {"params": jax.jit(vit.init)(jax.random.key(args.seed), jnp.zeros(shape))["params"]}
+            about = {"arch": args.arch, "override": args.override, "random_init_seed": args.seed}
+    for key in ("source", "tfds_data_dir"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    if not data.data_dir and not data.source.startswith("tfds:"):
+        raise ConfigError(f"source {data.source!r} reads files under --data_dir: pass --data_dir")
+    return vit, variables, data, about, run
+
+
+def split_names(args: argparse.Namespace, run: run_io.Run | None) -> dict[str, str]:
+    """{role: split}: the flags, else the run's data.train_split / eval.val_split / eval.test_split, else
+    train / val / test. An empty val split: none."""
+    c = run.cfg if run else None
+    names = {"train": args.train_split or (c.data.train_split if c else "") or "train",
+             "eval": args.eval_split or (c.eval.test_split if c else "") or "test",
+             "val": args.val_split if args.val_split is not None else c.eval.val_split if c else "val"}
+    return {role: split for role, split in names.items() if split}
+
+
+def open_splits(data_cfg: Any, splits: dict[str, str], classes: Sequence[str] | None) -> dict[str, Any]:
+    """{role: source}, all with the train split's classes (or the run's); a val split that cannot be read is left
+    out (the linear probe's L2 is then not swept)."""
+    sources = {"train": labelled.open_split(data_cfg, splits["train"], classes)}
+    sources["eval"] = labelled.open_split(data_cfg, splits["eval"], sources["train"].classes)
+    if "val" in splits:
+        try:
+            sources["val"] = labelled.open_split(data_cfg, splits["val"], sources["train"].classes)
+        except (MissingDataError, DataError) as e:  # absent (info), or present but unreadable (warning)
+            log.log(logging.INFO if isinstance(e, MissingDataError) else logging.WARNING,
+                    "val split left out (%s): the linear probe's L2 penalty is not swept", e)
+    return sources
 
 
 def _scores(y: np.ndarray, pred: np.ndarray, num_classes: int) -> dict:
@@ -142,30 +185,22 @@ def _scores(y: np.ndarray, pred: np.ndarray, num_classes: int) -> dict:
 
 
 def run_study(args: argparse.Namespace) -> dict:
-    vit, variables, data_cfg, source, run = backbone_from_args(args)
+    vit, variables, data_cfg, about, run = backbone_from_args(args)
     data_cfg.num_workers = args.num_workers
     if data_cfg.image_size % vit.cfg.patch_size:
-        raise ValueError(f"image size {data_cfg.image_size} is not a multiple of the patch size "
-                         f"{vit.cfg.patch_size}; pass --image_size")
+        raise ConfigError(f"image size {data_cfg.image_size} is not a multiple of the patch size "
+                          f"{vit.cfg.patch_size}; pass --image_size")
+    sources = open_splits(data_cfg, split_names(args, run), run.classes if run else None)
+    classes = sources["train"].classes
     run_cfg = run.cfg if run else None
     mesh = inference.run_mesh(run_cfg)
     variables = inference.place(variables, mesh, run_cfg)
     batch = inference.round_batch(args.batch_size, mesh)
-    splits = {"train": args.train_split, "eval": args.eval_split}
-    if args.val_split:
-        try:
-            find_split_dir(args.data_dir, args.val_split)
-            splits["val"] = args.val_split
-        except FileNotFoundError:
-            log.info("no %r split: the linear probe's L2 penalty is not swept", args.val_split)
-    classes = run.classes if run else None
     feats, labels = {}, {}
-    for role, split in splits.items():
-        src = ImageFolder(args.data_dir, split, classes)
-        classes = src.classes
+    for role, src in sources.items():
         f, ok = extract_features(vit, variables, src, data_cfg, batch, mesh)
         if not ok.all():
-            log.warning("%s: %d unreadable images left out", split, int((~ok).sum()))
+            log.warning("%s: %d unreadable images left out", src.split, int((~ok).sum()))
         feats[role], labels[role] = f[ok], src.labels[ok]
     n_cls = len(classes)
     ks = sorted({int(k) for k in args.k.split(",")})
@@ -184,10 +219,11 @@ def run_study(args: argparse.Namespace) -> dict:
         head = Head(m.num_outputs, tuple(m.head_hidden), norm=m.head_norm, act=m.head_act)
         head_vars = {col: tree["head"] for col, tree in run.variables.items() if "head" in tree}
         logits = head.apply(head_vars, pooled(feats["eval"], m.pool))
-        rows.append(dict(method="fine-tuned head", pool=run.model.pool,
+        rows.append(dict(method="fine-tuned head", pool=m.pool,
                          **_scores(labels["eval"], np.asarray(logits).argmax(-1), n_cls)))
-    return dict(backbone=source, data_dir=str(args.data_dir), classes=classes,
-                splits={r: dict(split=s, images=int(len(labels[r]))) for r, s in splits.items()}, results=rows)
+    data = dict(source=data_cfg.source, location=sources["eval"].location)
+    return dict(backbone=about, data=data, classes=classes, results=rows,
+                splits={r: dict(split=src.split, images=int(len(labels[r]))) for r, src in sources.items()})
 
 
 def _method(r: dict) -> str:
@@ -198,10 +234,20 @@ def _method(r: dict) -> str:
     return r["method"]
 
 
+def _backbone(b: dict) -> str:
+    if "workdir" in b:
+        return f"run {b['workdir']}, checkpoint {b['checkpoint']}" + (" (EMA weights)" if b["ema"] else "")
+    if "pretrained" in b:
+        return f"pretrained {b['pretrained']}"
+    return f"{b['arch']} randomly initialised (seed {b['random_init_seed']}" + (
+        f", {b['override']})" if b["override"] else ")")
+
+
 def table(result: dict) -> str:
     """The results as a markdown table, as in the CIFAR-10 seed."""
     ev = result["splits"]["eval"]
-    lines = [f"Embedding study on {ev['split']} ({ev['images']} images)", "",
+    lines = [f"Embedding study of {_backbone(result['backbone'])}: {result['data']['source']} split {ev['split']} "
+             f"({ev['images']} images)", "",
              "| Method | Features | Accuracy | Macro F1 |", "|---|---|---|---|"]
     lines += [f"| {_method(r)} | {r['pool']} | {100 * r['accuracy']:.2f}% | {r['f1_macro']:.4f} |"
               for r in result["results"]]
@@ -210,19 +256,22 @@ def table(result: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m jaxvit.probe", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data_dir", required=True)
-    src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pretrained", help="transformers dir, cached hub id or original .pth")
-    src.add_argument("--arch", help="preset name, randomly initialised")
-    src.add_argument("--workdir", help="a fine-tuned run")
+    backbone = ap.add_mutually_exclusive_group(required=True)
+    backbone.add_argument("--pretrained", help="transformers dir, cached hub id or original .pth")
+    backbone.add_argument("--arch", help="preset name, randomly initialised")
+    backbone.add_argument("--workdir", help="a fine-tuned run")
     ap.add_argument("--checkpoint", default="best")
     ap.add_argument("--override", default="", help="ViTConfig fields, e.g. hidden_size=64,depth=2")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--source", default=None, help="folder | csv | npz | tfds:NAME (default: the run's, or folder)")
+    ap.add_argument("--data_dir", default=None, help="default: the run's; not needed for tfds")
+    ap.add_argument("--tfds_data_dir", default=None, help="where tfds datasets are prepared (default: the run's)")
     ap.add_argument("--image_size", type=int, default=224, help="not for --workdir (the run's is used)")
-    ap.add_argument("--crop_ratio", type=float, default=0.875)
-    ap.add_argument("--train_split", default="train")
-    ap.add_argument("--val_split", default="val", help="selects the linear probe's L2 ('' for none)")
-    ap.add_argument("--eval_split", default="test")
+    ap.add_argument("--crop_ratio", type=float, default=0.875, help="not for --workdir (the run's is used)")
+    ap.add_argument("--train_split", default=None, help="default: the run's data.train_split, or train")
+    ap.add_argument("--val_split", default=None,
+                    help="selects the linear probe's L2 ('' for none; default: the run's eval.val_split, or val)")
+    ap.add_argument("--eval_split", default=None, help="default: the run's eval.test_split, or test")
     ap.add_argument("--pool", default="cls,cls_mean")
     ap.add_argument("--k", default="3,10,20")
     ap.add_argument("--temperature", type=float, default=0.07, help="k-NN vote weight exp(sim/T); 0: majority")
@@ -230,13 +279,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=300, help="L-BFGS iterations")
     ap.add_argument("--batch_size", type=int, default=64)
     ap.add_argument("--num_workers", type=int, default=2)
-    ap.add_argument("--output", default="probe_results.json")
+    ap.add_argument("--output", help="results JSON, the .md table beside it (default: W/probe/probe_results.json "
+                                     "for --workdir, else probe_results.json)")
     args = ap.parse_args(argv)
     run_io.setup_logging()
-    result = run_study(args)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    result = exit_on_user_error(run_study, args)
+    default = Path(args.workdir, "probe") if args.workdir else Path()
+    output = Path(args.output) if args.output else default / "probe_results.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    output.with_suffix(".md").write_text(table(result) + "\n")
     print(table(result))
+    log.info("wrote %s and %s", output, output.with_suffix(".md"))
     return result
 
 

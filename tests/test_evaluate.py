@@ -22,6 +22,7 @@ from transformers import Dinov2Model
 
 from conftest import ROOT, tiny_hf_dinov2
 from jaxvit import checkpoint, evaluate, inference, optim, predict, probe, robustness, run_io
+from jaxvit.data.demo_sets import write_digits
 from jaxvit.data.pipeline import default_data_config
 from jaxvit.data.sources import ImageFolder, load_image
 from jaxvit.data.transforms import TransformConfig, eval_transform
@@ -244,6 +245,8 @@ def test_probe_on_a_backbone_without_fine_tuning(gz2_dir, tmp_path, capsys):
     result = probe.main([f"--data_dir={gz2_dir}", f"--pretrained={hf}", "--image_size=32", "--crop_ratio=1",
                          "--num_workers=0", "--k=1,3", "--l2=1e-4,1e-2", "--steps=100", f"--output={out}"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    md = (tmp_path / "probe.md").read_text()
+    assert md == probe.table(result) + "\n" and md.startswith(f"Embedding study of pretrained {hf}: folder split test")
     got = {(r["method"], r["pool"], r.get("k")) for r in result["results"]}
     assert got == {(m, pool, k) for pool in ("cls", "cls_mean") for m, k in
                    (("k-NN", 1), ("k-NN", 3), ("linear probe", None))}
@@ -277,19 +280,47 @@ def test_probe_on_a_backbone_without_fine_tuning(gz2_dir, tmp_path, capsys):
         assert row["accuracy"] == pytest.approx(knn.score(probe.pooled(feats["test"], pool), labels["test"]))
 
 
-def test_probe_of_a_run_scores_its_own_head_as_evaluate_does(lora_run, gz2_dir, tmp_path):
-    """--workdir: the run's (LoRA, unmerged) backbone gives the features; its own head on them scores exactly
-    what the end-of-run evaluation of the same checkpoint scored."""
+def test_probe_of_a_run_scores_its_own_head_as_evaluate_does(lora_run):
+    """--workdir: the run's (LoRA, unmerged) backbone gives the features on the run's own data and splits; its own
+    head on them scores exactly what the end-of-run evaluation of the same checkpoint scored. The report lands
+    in W/probe/, next to the eval reports."""
     workdir, _ = lora_run
-    result = probe.main([f"--data_dir={gz2_dir}", f"--workdir={workdir}", "--num_workers=0", "--k=1", "--l2=1e-2",
-                         "--steps=10", "--pool=cls_mean", f"--output={tmp_path / 'probe.json'}"])
+    result = probe.main([f"--workdir={workdir}", "--num_workers=0", "--k=1", "--l2=1e-2", "--steps=10",
+                         "--pool=cls_mean"])
     _, best_step, _ = checkpoint.find(workdir, "best")
     assert result["backbone"] == {"workdir": str(workdir), "checkpoint": f"best/{best_step}", "ema": True}
     assert result["classes"] == classes_of(workdir)
+    assert {r: s["split"] for r, s in result["splits"].items()} == {"train": "train", "eval": "test", "val": "val"}
+    assert json.loads((workdir / "probe" / "probe_results.json").read_text()) == json.loads(json.dumps(result))
+    md = (workdir / "probe" / "probe_results.md").read_text()
+    assert md.startswith(f"Embedding study of run {workdir}, checkpoint best/{best_step} (EMA weights): folder split")
+    assert "| fine-tuned head | cls_mean |" in md
     head = next(r for r in result["results"] if r["method"] == "fine-tuned head")
     at_end = json.loads((workdir / "eval_test" / "test_results.json").read_text())
     assert head["pool"] == "cls_mean"
     assert (head["accuracy"], head["f1_macro"]) == pytest.approx((at_end["accuracy"], at_end["f1_macro"]))
+
+
+def test_probe_on_an_npz_source_with_a_random_backbone(tmp_path):
+    """The seed's protocol (k=3, cosine, CLS and CLS + mean patch) on real digits read through the npz source: a
+    random-init tiny ViT's features already separate them well above chance (10%); seeds 0-3 gave k-NN 0.35-0.47
+    and linear probes 0.60-0.69 here. A val split that does not exist: the L2 penalty is not swept."""
+    write_digits(tmp_path / "digits")
+    result = probe.main(["--arch=dinov2_vits14", "--override=patch_size=8,hidden_size=32,depth=2,num_heads=2,"
+                         "mlp_hidden=64,pos_grid=4", "--image_size=32", "--crop_ratio=1", "--source=npz",
+                         f"--data_dir={tmp_path / 'digits'}", "--val_split=holdout", "--num_workers=0", "--k=3",
+                         "--l2=1e-4,1e-3,1e-2", "--steps=50", f"--output={tmp_path / 'out' / 'probe.json'}"])
+    assert result["data"] == {"source": "npz", "location": str(tmp_path / "digits" / "test.npz")}
+    assert result["classes"] == [str(c) for c in range(10)]
+    assert result["splits"] == {"train": {"split": "train", "images": 1078}, "eval": {"split": "test", "images": 359}}
+    rows = {(r["method"], r["pool"]): r for r in result["results"]}
+    assert set(rows) == {(m, pool) for m in ("k-NN", "linear probe") for pool in ("cls", "cls_mean")}
+    for pool in ("cls", "cls_mean"):
+        assert rows["k-NN", pool]["k"] == 3 and rows["k-NN", pool]["accuracy"] > 0.25
+        assert rows["linear probe", pool]["accuracy"] > 0.45
+        assert (rows["linear probe", pool]["l2"], rows["linear probe", pool]["sweep"]) == (1e-3, {})
+    assert (tmp_path / "out" / "probe.md").read_text().startswith(
+        "Embedding study of dinov2_vits14 randomly initialised (seed 0, patch_size=8,")
 
 
 def test_knn_and_linear_probe_match_references():
