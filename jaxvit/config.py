@@ -50,6 +50,8 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     c.train.freeze_first_n_layers = 0  # full fine-tuning: freeze embeddings + the first N blocks
     # Phases: a tuple of dicts with keys name, trainable ("head" | "all" | regexes over variable paths), epochs,
     # steps, patience (evaluations without a better best metric), lr (0: optim.lr), lr_mults (): optim.lr_mults).
+    # The last phase runs to the end of training: train.epochs / train.steps, or the sum of all phases' lengths
+    # when every phase has epochs or steps.
     c.train.phases = ()
     c.train.stage1_epochs = 0  # shorthand for phases head -> all: the head alone for this many epochs first
     c.train.stage1_patience = 0  # ... or until the best metric has not improved for this many evaluations

@@ -45,7 +45,8 @@ PARAM_COLLECTIONS = ("params", "lora")
 class Phase:
     """A stretch of training with its own trainable set and learning rate. Every phase but the last ends after
     `epochs` or `steps`, or after `patience` evaluations without a better best metric; the last runs to the
-    end of training (or stops early after `patience`)."""
+    end of training (or stops early after `patience`). When every phase has epochs or steps, training is
+    their sum (train.epochs / train.steps are then not used)."""
 
     name: str
     trainable: str | tuple[str, ...] = "all"  # "head" | "all" | regexes over variable paths
@@ -172,9 +173,11 @@ class Trainer:
         t = cfg.train
         self.train_src = self.task.source(cfg.data.train_split)
         self.steps_per_epoch = pipeline.steps_per_epoch(len(self.train_src), t.batch_size)
-        self.total_steps = t.steps or t.epochs * self.steps_per_epoch
-        self.eval_every = cfg.eval.every_steps or self.steps_per_epoch
         self.phases = phases(cfg)
+        lengths = [p.length(self.steps_per_epoch) for p in self.phases]
+        # Phases that all have a length define the run's; otherwise the last runs to train.steps / train.epochs.
+        self.total_steps = sum(lengths) if t.phases and all(lengths) else t.steps or t.epochs * self.steps_per_epoch
+        self.eval_every = cfg.eval.every_steps or self.steps_per_epoch
         self.model, self.variables = self.task.build(jax.random.key(cfg.seed))
         self.depth = self.task.depth(self.model)
         self.best_metric = cfg.checkpoint.best_metric or self.task.best_metric

@@ -148,6 +148,18 @@ def test_every_mesh_gives_the_single_device_losses(measured):
 
 
 @pytest.mark.slow
+def test_batchnorm_statistics_are_global_batch_statistics_on_every_mesh(measured):
+    ref = measured["batchnorm"]["one"]
+    assert len(ref["stats"]) == 4 and all(np.abs(v).max() > 0 for v in ref["stats"].values())  # 2 layers' mean, var
+    for name in ("data8", "mixed"):
+        got = measured["batchnorm"][name]
+        for key, value in ref["stats"].items():
+            np.testing.assert_allclose(got["stats"][key], value, rtol=1e-4, atol=1e-5, err_msg=f"{name} {key}")
+        # Over 10 steps, normalising by batch statistics amplifies the summation-order rounding ~10x.
+        np.testing.assert_allclose(got["losses"], ref["losses"], rtol=10 * LOSS_RTOL, err_msg=name)
+
+
+@pytest.mark.slow
 def test_params_and_optimizer_state_are_sharded_as_configured(measured):
     specs, shapes = measured["specs"], measured["shard_shapes"]
     q, fc1, dense = "attention/query/kernel", "mlp/fc1/kernel", "attention/dense/kernel"
@@ -191,8 +203,10 @@ def test_full_run_on_a_mixed_mesh_with_lora_and_bf16_frozen_base(measured):
 
 # ------------------------------------------------------------------------------------- the script
 
-def _config(data_dir: Path, mesh_sizes: tuple[int, int, int]):
+def _config(data_dir: Path, mesh_sizes: tuple[int, int, int], batchnorm: bool = False):
     c = tiny_config(data_dir, log_every_steps=5)
+    if batchnorm:  # the CIFAR-10 recipe's head: Dense-BatchNorm-ReLU
+        c.model.head_hidden, c.model.head_norm, c.model.head_act = (16, 16), "batch", "relu"
     c.model.overrides.num_heads = NUM_HEADS
     c.optim.schedule = "constant"
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_sizes
@@ -207,7 +221,7 @@ def _script(data_dir: Path, root: Path) -> None:
 
     from jaxvit import checkpoint, inference, optim, run_io, tasks, xla_options
     from jaxvit.data import pipeline
-    from jaxvit.train import Trainer, init_state, make_step
+    from jaxvit.train import Trainer, init_state, make_step, partition
 
     assert jax.device_count() == 8
     layer0 = ("params", "backbone", "encoder", "layer_0")
@@ -240,14 +254,14 @@ def _script(data_dir: Path, root: Path) -> None:
         """One mesh's task, initial state (created into the mesh layout), compiled step and data, from the
         public pieces the train loop is made of."""
 
-        def __init__(self, sizes):
-            c = self.cfg = _config(data_dir, sizes)
+        def __init__(self, sizes, batchnorm=False):
+            c = self.cfg = _config(data_dir, sizes, batchnorm)
             self.task = tasks.create(c)
             model, variables = self.task.build(jax.random.key(c.seed))
             self.mesh = sharding.make_mesh(c.mesh)
             self.batch_sharding = NamedSharding(self.mesh, sharding.batch_spec(self.mesh))
             rule = optim.trainable_rule("all", c, self.task.head)
-            tx, schedule, _ = optim.make_optimizer(c, optim.split(variables, rule)[0], STEPS,
+            tx, schedule, _ = optim.make_optimizer(c, partition(variables, rule)[0], STEPS,
                                                    self.task.depth(model))
             self.state, self.shardings = init_state(c, variables, rule, tx, self.mesh)
             self.step = xla_options.jit(make_step(self.task, model, c, tx, schedule),
@@ -278,6 +292,15 @@ def _script(data_dir: Path, root: Path) -> None:
         params = flat(s.state["trainable"])
         ref_params = ref_params or params
         out["param_diff"][name] = max(float(np.abs(params[k] - ref_params[k]).max()) for k in params)
+        s.data.close()
+
+    # A BatchNorm head: one device per example on data8, so per-device statistics would differ completely.
+    out["batchnorm"] = {}
+    for name in ("one", "data8", "mixed"):
+        s = Setup(MESHES[name], batchnorm=True)
+        losses = s.train(1)  # the statistics of one step: those of the first global batch
+        stats = {"/".join(k): v.tolist() for k, v in flat(s.state["mutable"]["batch_stats"]).items()}
+        out["batchnorm"][name] = dict(losses=losses + s.train(STEPS - 1), stats=stats)
         s.data.close()
 
     # A resume point written on the FSDP mesh after 4 steps, restored onto the tensor-parallel mesh, continued.

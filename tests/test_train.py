@@ -169,6 +169,14 @@ def test_step_based_phases_with_their_own_learning_rates(gz2_dir, tmp_path):
                               start["backbone/encoder/layer_1/mlp/fc1/kernel"])
 
 
+def test_phases_that_all_have_a_length_set_the_run_length(gz2_dir, tmp_path):
+    c = tiny_config(gz2_dir, epochs=10)  # 5 steps per epoch
+    c.train.phases = (dict(name="head", trainable="head", epochs=1), dict(name="all", steps=3))
+    assert Trainer(c, tmp_path / "a").total_steps == 5 + 3
+    c.train.phases = (dict(name="head", trainable="head", epochs=1), dict(name="all"))
+    assert Trainer(c, tmp_path / "b").total_steps == 10 * 5  # the last phase runs to train.epochs
+
+
 def test_gradient_accumulation_equals_full_batch(gz2_dir):
     results = []
     for k in (1, 4):
