@@ -142,7 +142,7 @@ def read_variables(directory: Path) -> tuple[dict, int, bool]:
 
 
 def eval_variables(state: dict) -> dict:
-    """Model variables for evaluation from a train state: EMA weights when EMA is on, the frozen part, and any
-    mutable collections (e.g. BatchNorm statistics)."""
-    return optim.combine(optim.combine(state.get("ema", state["trainable"]), state["frozen"]),
-                         state.get("mutable", {}))
+    """Model variables for evaluation from a train state: the frozen part, the trainable weights and any mutable
+    collections (e.g. BatchNorm statistics), with their EMA in place of both when EMA is on."""
+    live = optim.combine(optim.combine(state["trainable"], state["frozen"]), state.get("mutable", {}))
+    return optim.combine(live, state.get("ema", {}))

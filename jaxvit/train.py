@@ -4,7 +4,7 @@ checkpoints, logs. The task (`jaxvit.tasks`) supplies the model, data, loss and 
 State is a plain dict pytree: {step, rng, trainable, frozen, opt_state[, ema][, mutable]}. `trainable` and
 `frozen` partition the parameter collections ({"params", "lora"}) by path for the current phase, so
 gradients and optimizer state exist for the trainable leaves only; `mutable` holds any other collection
-(BatchNorm statistics, task state), updated by the task's loss.
+(BatchNorm statistics, task state), updated by the task's loss; `ema` averages `trainable` and BatchNorm statistics.
 
 One step: batch (dict of fields, sharded over the mesh's batch axes) -> task.loss(model, variables, batch,
 rng) per micro-batch -> mean loss, grads of `trainable` -> optimizer (phase lr x multipliers) -> new state
@@ -80,6 +80,12 @@ def partition(variables: dict, rule: Callable[[str], bool]) -> tuple[dict, dict,
     return (*optim.split(params, rule), mutable)
 
 
+def _averaged(trainable: dict, mutable: dict) -> dict:
+    """What the EMA averages: the trainable weights and BatchNorm statistics (so that the statistics follow the
+    averaged weights, as timm's ModelEmaV2 averages buffers); other task state is not averaged."""
+    return optim.combine(trainable, {k: v for k, v in mutable.items() if k == "batch_stats"})
+
+
 def init_state(cfg, variables: dict, rule: Callable[[str], bool], tx: optax.GradientTransformation, mesh: Mesh,
                step: int = 0) -> tuple[dict, Any]:
     """(state, its shardings): created straight into the mesh layout (FSDP / tensor parallel from config.mesh).
@@ -93,7 +99,7 @@ def init_state(cfg, variables: dict, rule: Callable[[str], bool], tx: optax.Grad
         state = dict(step=jnp.asarray(step, jnp.int32), rng=jax.random.key_data(jax.random.key(cfg.seed + 1)),
                      trainable=trainable, frozen=frozen, opt_state=tx.init(trainable))
         if cfg.train.ema_decay:
-            state["ema"] = jax.tree_util.tree_map(jnp.copy, trainable)
+            state["ema"] = jax.tree_util.tree_map(jnp.copy, _averaged(trainable, mutable))
         if mutable:
             state["mutable"] = mutable
         return state
@@ -147,7 +153,8 @@ def make_step(task, model, cfg, tx: optax.GradientTransformation, lr_schedule: C
         if mutable:
             new["mutable"] = keep(optim.combine(mutable, updates), mutable)
         if "ema" in state:
-            new["ema"] = keep(optim.ema_update(state["ema"], new["trainable"], t.ema_decay), state["ema"])
+            current = _averaged(new["trainable"], new.get("mutable", {}))
+            new["ema"] = keep(optim.ema_update(state["ema"], current, t.ema_decay), state["ema"])
         out = {k: jnp.mean(v) for k, v in metrics.items()}
         out.update(loss=loss, grad_norm=grad_norm, nonfinite=1 - finite.astype(jnp.int32),
                    bad=jnp.sum(batch["bad"]) if "bad" in batch else jnp.int32(0), lr=lr_schedule(state["step"]))

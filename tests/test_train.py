@@ -399,3 +399,27 @@ def test_task_state_is_updated_checkpointed_and_resumed(gz2_dir, tmp_path, monke
     assert float(state["mutable"]["counts"]["labels"]) == sum(int(next(data)["label"].sum()) for _ in range(10))
     final, _, _ = checkpoint.read_variables(checkpoint.find(tmp_path, "final")[2])
     assert float(final["counts"]["seen"]) == 80  # evaluation variables include the task state
+
+
+def test_ema_averages_batchnorm_statistics_with_the_weights(gz2_dir):
+    c = tiny_config(gz2_dir, ema_decay=0.5)
+    c.model.head_hidden, c.model.head_norm = (16,), "batch"
+    task = tasks.create(c)
+    model, variables = task.build(jax.random.key(0))
+    rule = optim.trainable_rule("all", c, task.head)
+    tx, schedule, _ = optim.make_optimizer(c, optim.split({"params": variables["params"]}, rule)[0], 10, 2)
+    mesh = sharding.make_mesh(c.mesh)
+    state, _ = init_state(c, variables, rule, tx, mesh)
+    step = jax.jit(make_step(task, model, c, tx, schedule))
+    rng = np.random.default_rng(0)
+    stats = [flat(state["mutable"]["batch_stats"])]
+    for _ in range(2):
+        batch = {"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
+                 "label": rng.integers(0, 5, 8).astype(np.int32)}
+        state, _ = step(state, batch)
+        stats.append(flat(state["mutable"]["batch_stats"]))
+    ema, used = flat(state["ema"]["batch_stats"]), flat(checkpoint.eval_variables(state)["batch_stats"])
+    for k in stats[0]:  # 0.5 * (0.5 * s0 + 0.5 * s1) + 0.5 * s2, and evaluation uses it
+        np.testing.assert_allclose(ema[k], 0.25 * stats[0][k] + 0.25 * stats[1][k] + 0.5 * stats[2][k], rtol=1e-6)
+        np.testing.assert_array_equal(used[k], ema[k])
+    assert not np.allclose(ema["head/norm_0/mean"], stats[2]["head/norm_0/mean"])
