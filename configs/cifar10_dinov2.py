@@ -17,7 +17,7 @@ runs the same recipe on real data shipped with scikit-learn (1,797 handwritten 8
 upscales 32 -> 224) through the npz source, with a small ViT from random initialisation: see the README for time
 and accuracy on a 2-core CPU.
 """
-from jaxvit.config import base_config
+from jaxvit.config import apply_variant, base_config
 
 
 def get_config(arg: str = ""):
@@ -42,10 +42,10 @@ def get_config(arg: str = ""):
     c.eval.val_split, c.eval.test_split = "test[:5000]", "test[5000:]"
 
     c.train.batch_size = 64
-    c.train.phases = (
-        dict(name="head", trainable="head", epochs=10, lr=1e-4),
-        dict(name="all", trainable="all", epochs=40, lr=1e-4, lr_mults=((r"^params/backbone/", 0.01),)),
-    )
+    # Phase 1: the head alone for 10 epochs; phase 2: everything for the remaining 40, the backbone at 1e-6.
+    c.train.stage1_epochs, c.train.epochs = 10, 50
+    c.optim.lr = 1e-4
+    c.optim.lr_mults = ((r"^params/backbone/", 0.01),)
     c.train.label_smoothing = 0.1
     c.train.mixup_alpha, c.train.cutmix_alpha = 0.2, 1.0
     c.train.ema_decay = 0.9999
@@ -53,11 +53,7 @@ def get_config(arg: str = ""):
     c.optim.grad_clip = 1.0
     c.optim.weight_decay = 0.05
     c.eval.batch_size = 128
-    if arg == "demo":
-        demo(c)
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} of cifar10_dinov2.py; use '' or 'demo'")
-    return c
+    return apply_variant(c, arg, "cifar10_dinov2.py", demo=demo)
 
 
 def demo(c):
@@ -74,9 +70,7 @@ def demo(c):
     c.train.batch_size = 64
     # A random backbone has nothing to preserve: phase 2 trains it at the head's rate (the recipe's 1e-6 is for
     # pretrained weights), and the EMA horizon fits ~400 steps instead of ~39k.
-    c.train.phases = (
-        dict(name="head", trainable="head", epochs=4, lr=2e-3),
-        dict(name="all", trainable="all", epochs=26, lr=2e-3),
-    )
+    c.train.stage1_epochs, c.train.epochs = 4, 30
+    c.optim.lr, c.optim.lr_mults = 2e-3, ()
     c.train.ema_decay = 0.99
     c.eval.batch_size = 128

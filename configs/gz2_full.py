@@ -8,7 +8,7 @@ blocks 12-23 and the final norm at lr x 0.5, the head at lr x 1.0; 50 epochs, gl
 weight decay 0.05, 10% warmup then cosine. The guide expects slightly higher accuracy than LoRA at a
 higher memory cost.
 """
-from jaxvit.config import base_config
+from jaxvit.config import apply_variant, base_config
 
 
 def get_config(arg: str = ""):
@@ -27,8 +27,9 @@ def get_config(arg: str = ""):
     c.data.image_size = 224
     c.data.num_workers = 4
     c.data.aug.crop_ratio = (1.0, 1.0)  # keep galaxy axis ratios: they define the smooth classes
-    if arg == "lr01":
-        c.train.freeze_first_n_layers = 0
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} of gz2_full.py; use '' or 'lr01'")
-    return c
+    return apply_variant(c, arg, "gz2_full.py", lr01=lr01)
+
+
+def lr01(c):
+    """Blocks 0-11 trained at lr x 0.1 instead of frozen."""
+    c.train.freeze_first_n_layers = 0

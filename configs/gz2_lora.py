@@ -12,7 +12,7 @@ parameters trainable.
 renders a synthetic GZ2-like data set (no download) and trains a small ViT from scratch through the same path:
 about 5 minutes on a 2-core CPU, test accuracy >= 0.90.
 """
-from jaxvit.config import base_config
+from jaxvit.config import apply_variant, base_config
 
 
 def get_config(arg: str = ""):
@@ -31,11 +31,7 @@ def get_config(arg: str = ""):
     c.data.image_size = 224
     c.data.num_workers = 4
     c.data.aug.crop_ratio = (1.0, 1.0)  # keep galaxy axis ratios: they define the smooth classes
-    if arg == "demo":
-        demo(c)
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} of gz2_lora.py; use '' or 'demo'")
-    return c
+    return apply_variant(c, arg, "gz2_lora.py", demo=demo)
 
 
 def demo(c):

@@ -106,6 +106,15 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     return c
 
 
+def apply_variant(c: mlc.ConfigDict, arg: str, config_file: str, **variants) -> mlc.ConfigDict:
+    """`c` changed by variant `arg` of a config file (`--config=FILE:arg`): variants maps names to functions."""
+    if arg:
+        if arg not in variants:
+            raise ConfigError(f"unknown variant {arg!r} of {config_file}; use '' or one of {', '.join(variants)}")
+        variants[arg](c)
+    return c
+
+
 def load_config_file(spec: str) -> mlc.ConfigDict:
     """`path/to/config.py[:arg]` -> its get_config(arg)."""
     import importlib.util

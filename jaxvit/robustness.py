@@ -21,10 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvit import inference, metrics, run_io
+from jaxvit import inference, metrics, report, run_io
 from jaxvit.errors import exit_on_user_error
 from jaxvit.tasks import classification
-from jaxvit.data.sources import ImageFolder
 
 SEVERITY = {  # ImageNet-C (Hendrycks & Dietterich 2019) parameters for severities 1..5
     "gaussian_noise": (0.08, 0.12, 0.18, 0.26, 0.38),
@@ -79,7 +78,7 @@ def corrupted_probs(model, mean: Sequence[float], std: Sequence[float], name: st
     return fn
 
 
-def evaluate_corruptions(run: run_io.Run, src: ImageFolder, corruptions: Sequence[str],
+def evaluate_corruptions(run: run_io.Run, src, corruptions: Sequence[str],
                          severities: Sequence[int]) -> dict:
     """{"clean": accuracy, "accuracy": {corruption: {severity: accuracy}}, ...} over the readable images."""
     unknown = sorted(set(corruptions) - set(SEVERITY))
@@ -143,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"--severities must lie in 1..5, got {args.severities}")
     result = evaluate_corruptions(run, src, args.corruptions.split(","), severities)
     result.update(split=args.split, model=run_io.describe(run))
-    out = Path(args.output_dir or Path(args.workdir) / f"robustness_{args.split}")
+    out = Path(args.output_dir or Path(args.workdir) / f"robustness_{report.stem(args.split)}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "robustness.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "robustness.md").write_text(markdown(result) + "\n")
