@@ -3,6 +3,8 @@
   gz2      synthetic galaxy images in the GZ2 folder layout (jaxvit.data.synthetic_gz2)
   digits   scikit-learn's 1,797 handwritten digits (8x8, 10 classes), real data shipped inside the package,
            as <data_dir>/{train,val,test}.npz (60/20/20, stratified) for data.source="npz"
+  pasture  synthetic top-down pasture photos with five dry masses, in the CSIRO Image2Biomass long-CSV layout
+           (jaxvit.data.synthetic_pasture)
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import numpy as np
 
 from jaxvit.errors import UserError
 
-DEMO_SETS = ("", "gz2", "digits")
+DEMO_SETS = ("", "gz2", "digits", "pasture")
 
 
 def write(name: str, data_dir: str | os.PathLike, seed: int = 0) -> None:
@@ -24,6 +26,9 @@ def write(name: str, data_dir: str | os.PathLike, seed: int = 0) -> None:
         write_dataset(data_dir, seed=seed)
     elif name == "digits":
         write_digits(data_dir, seed)
+    elif name == "pasture":
+        from jaxvit.data.synthetic_pasture import write_dataset as write_pasture
+        write_pasture(data_dir, seed=seed)
 
 
 def write_digits(data_dir: str | os.PathLike, seed: int = 0, fractions: tuple[float, float] = (0.6, 0.2)) -> None:

@@ -13,6 +13,7 @@ from jaxvit.tasks.base import Task
 TASKS = {  # config.task -> "module:class"
     "classification": "jaxvit.tasks.classification:Classification",
     "regression": "jaxvit.tasks.regression:Regression",
+    "biomass": "jaxvit.tasks.biomass:Biomass",
 }
 
 

@@ -1,0 +1,264 @@
+"""Pasture biomass (CSIRO Image2Biomass): five dry masses in grams from a top-down pasture photo.
+
+Data: `<data.data_dir>/{train,val,test}.csv` in the competition's long format (one row per image x target; image
+paths relative to the CSV), pivoted to one example per image (`jaxvit.biomass.pivot_long`). Training-only metadata
+(Height_Ave_cm, Pre_GSHH_NDVI, Species) feed auxiliary heads when their weights are > 0.
+
+Model: backbone + head with five mass outputs (Green, Dead, Clover, GDM, Total, in units of the train split's
+per-target std), plus five log-variances with `biomass.uncertainty`, then height, NDVI and species logits when
+those heads are on. Dead (and, with train_clover=False, Clover) is derived from the identities instead of
+trained. The loss (`biomass.loss`): `smooth_l1` on standardised masses with the metric's target weights, or
+`planthydra` (log1p + cosine + compositional, in grams); optional Huber for Dead, mass balance, Gaussian NLL and QC
+plausibility terms. The best checkpoint has the highest validation weighted R^2 (the competition's metric, raw
+grams). Images are resized whole to data.image_size (or padded to square first, `biomass.pad_to_square`); training
+augments with flips, quarter turns and colour jitter (data.aug.*), never crops (the masses are of the whole frame).
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from PIL import Image
+
+from jaxvit import biomass, inference, report, tta
+from jaxvit.data.sources import load_image
+from jaxvit.data.transforms import TransformConfig, color_jitter, normalize, random_flips_rot90
+from jaxvit.errors import ConfigError, DataError
+from jaxvit.tasks.base import Task, apply_train, build_head_model, check_files
+
+LOSSES = ("smooth_l1", "planthydra")
+
+
+class PastureSource:
+    """`<split>.csv` (long format) -> examples {"path", "targets" [5] (NaN-free), "height", "ndvi", "species"}."""
+
+    files = True
+
+    def __init__(self, csv_path: Path, split: str, species: list[str] | None = None):
+        if not csv_path.is_file():
+            raise DataError(f"{str(csv_path)!r} not found: the biomass task reads <data_dir>/<split>.csv in the "
+                            "competition's long format (sample_id, image_path, ..., target_name, target)")
+        records = biomass.read_long_csv(csv_path)
+        self.split, self.location = split, str(csv_path)
+        self.paths = [str(csv_path.parent / p) for p in records]
+        self.image_ids = [Path(p).stem for p in records]
+        if any(r["targets"] is None for r in records.values()):
+            raise DataError(f"{csv_path}: no target column; training and evaluation need labelled splits")
+        self.targets = np.stack([r["targets"] for r in records.values()]).astype(np.float32)
+        meta = [r["metadata"] for r in records.values()]
+        self.height = np.asarray([m.get("Height_Ave_cm", np.nan) for m in meta], np.float32)
+        self.ndvi = np.asarray([m.get("Pre_GSHH_NDVI", np.nan) for m in meta], np.float32)
+        names = [str(m.get("Species", "")) for m in meta]
+        self.species_names = species if species is not None else sorted(set(names))
+        index = {s: i for i, s in enumerate(self.species_names)}
+        self.species = np.asarray([index.get(s, -1) for s in names], np.int32)  # -1: not seen in training
+        absent = [p for p in self.paths if not Path(p).is_file()]
+        if absent:
+            raise DataError(f"{csv_path}: {len(absent)} image files do not exist, e.g. {absent[:3]}; image_path is "
+                            "relative to the CSV's directory")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"path": self.paths[i], "targets": self.targets[i], "height": self.height[i], "ndvi": self.ndvi[i],
+                "species": self.species[i]}
+
+
+class PastureExample:
+    """Decode, fit to data.image_size (squash, or pad to square first), augment (train), normalise. Picklable."""
+
+    def __init__(self, cfg: TransformConfig, pad_to_square: bool):
+        self.cfg, self.pad_to_square = cfg, pad_to_square
+
+    def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
+        image = Image.fromarray(load_image(example["path"]))
+        if self.pad_to_square:
+            side = max(image.size)
+            square = Image.new("RGB", (side, side))
+            square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+            image = square
+        size, c = self.cfg.image_size, self.cfg
+        image = image.resize((size, size), Image.Resampling.BILINEAR if rng is not None else Image.Resampling.BICUBIC)
+        if rng is not None and any(v > 0 for v in c.color_jitter) and rng.random() < c.color_jitter_prob:
+            image = color_jitter(image, c.color_jitter, rng)
+        x = np.asarray(image)
+        if rng is not None:
+            x = random_flips_rot90(x, c.hflip, c.vflip, c.rot90, rng)
+        out = {k: np.asarray(v) for k, v in example.items() if k != "path"}
+        return {"image": normalize(np.ascontiguousarray(x), c.mean, c.std), **out}
+
+
+class Biomass(Task):
+    name = "biomass"
+    best_metric = "val/weighted_r2"
+    best_mode = "max"
+    history_metrics = ("loss", "weighted_r2", "r2_green", "r2_dead", "r2_clover", "r2_gdm", "r2_total")
+
+    @staticmethod
+    def default_config() -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict()
+        c.loss = "smooth_l1"  # smooth_l1 (the seed's default) | planthydra (--use-planthydra-loss)
+        c.train_dead = False  # False: Dead = Total - GDM (the seed's default)
+        c.train_clover = True  # False: Clover = GDM - Green
+        c.huber_dead_delta = 0.0  # > 0: Huber loss (this delta, grams) on Dead (--use-huber --huber-delta)
+        c.cosine_weight = 0.4  # planthydra: weight of 1 - cos(pred, true)
+        c.compositional_weight = 0.1  # planthydra: weight of the GDM / Total identities
+        c.mass_balance_weight = 0.0  # > 0: (Green + Dead + Clover - Total)^2 penalty (--use-mass-balance)
+        c.uncertainty = False  # Gaussian NLL with a predicted log-variance per target (--use-uncertainty)
+        c.qc_weight = 0.0  # > 0: penalty for masses < 0 or > 1.5 x the train max (--use-qc-plausibility)
+        c.height_weight = 0.0  # > 0: auxiliary Height_Ave_cm head (--use-height-head --height-weight)
+        c.ndvi_weight = 0.0  # > 0: auxiliary Pre_GSHH_NDVI head (--use-ndvi-head --ndvi-weight)
+        c.species_weight = 0.0  # > 0: auxiliary species classification head (--use-species-head)
+        c.pad_to_square = False  # pad the photo to a square before resizing (--use-pad-to-square)
+        return c
+
+    def __init__(self, cfg, workdir: str | Path | None = None):
+        super().__init__(cfg, workdir)
+        b = cfg.biomass
+        if b.loss not in LOSSES:
+            raise ConfigError(f"biomass.loss={b.loss!r}: use one of {', '.join(LOSSES)}")
+        if b.huber_dead_delta < 0:
+            raise ConfigError(f"biomass.huber_dead_delta={b.huber_dead_delta}: must be >= 0 (0 = off)")
+        saved = Path(workdir) / "biomass_stats.json" if workdir else None
+        self._stats = json.loads(saved.read_text()) if saved is not None and saved.exists() else None
+
+    @property
+    def stats(self) -> dict:
+        """Train-split per-target std, aux means/stds, species names, plausible maxima (saved with the run)."""
+        if self._stats is None:
+            src = self.source(self.cfg.data.train_split, species=None)
+            finite = lambda a: a[np.isfinite(a)] if np.isfinite(a).any() else np.zeros(1)
+            self._stats = {
+                "scale": np.maximum(src.targets.std(0), 1e-3).tolist(),
+                "max_mass": biomass.plausible_max(src.targets).tolist(),
+                "height": [float(finite(src.height).mean()), float(max(finite(src.height).std(), 1e-3))],
+                "ndvi": [float(finite(src.ndvi).mean()), float(max(finite(src.ndvi).std(), 1e-3))],
+                "species": src.species_names}
+        return self._stats
+
+    # -- data
+    def source(self, split: str, species: list[str] | None | bool = True) -> PastureSource:
+        names = self.stats["species"] if species is True else species
+        return PastureSource(Path(self.cfg.data.data_dir) / f"{split}.csv", split, names)
+
+    def train_transform(self) -> PastureExample:
+        return PastureExample(TransformConfig.from_config(self.cfg.data), self.cfg.biomass.pad_to_square)
+
+    eval_transform = train_transform
+
+    def preflight(self, splits: tuple[str, ...], manifest: Path | None) -> None:
+        check_files(self.cfg, [p for s in splits for p in self.source(s).paths], load_image, manifest)
+
+    def run_files(self) -> dict[str, Any]:
+        return {"biomass_stats.json": self.stats}
+
+    # -- model and loss
+    def _layout(self) -> dict[str, slice]:
+        """Output columns of the head: masses, [log-variances], [height], [ndvi], [species logits]."""
+        b, sizes = self.cfg.biomass, [("mass", 5)]
+        sizes += [("log_var", 5)] if b.uncertainty else []
+        sizes += [("height", 1)] if b.height_weight > 0 else []
+        sizes += [("ndvi", 1)] if b.ndvi_weight > 0 else []
+        sizes += [("species", len(self.stats["species"]))] if b.species_weight > 0 else []
+        out, start = {}, 0
+        for name, n in sizes:
+            out[name], start = slice(start, start + n), start + n
+        return out
+
+    def build(self, rng: jax.Array):
+        return build_head_model(self.cfg, max(s.stop for s in self._layout().values()), rng)
+
+    def _masses(self, out: jax.Array) -> jax.Array:
+        """Head output -> the five masses in grams, derived columns filled in from the identities."""
+        b = self.cfg.biomass
+        grams = out[:, self._layout()["mass"]].astype(jnp.float32) * jnp.asarray(self.stats["scale"])
+        return biomass.complete(grams, b.train_dead, b.train_clover)
+
+    def loss(self, model, variables: dict, batch: dict, rng: jax.Array):
+        b, layout = self.cfg.biomass, self._layout()
+        out, updates = apply_train(model, variables, batch["image"], rng)
+        out = out.astype(jnp.float32)
+        pred, true = self._masses(out), batch["targets"]
+        scale = jnp.asarray(self.stats["scale"])
+        weights = jnp.asarray(biomass.loss_weights(b.train_dead, b.train_clover))
+        if b.loss == "smooth_l1":
+            total = biomass.smooth_l1(pred / scale, true / scale, weights)
+        else:
+            total = biomass.planthydra(pred, true, weights, b.cosine_weight, b.compositional_weight)
+        if b.huber_dead_delta > 0:
+            total += biomass.WEIGHTS[biomass.DEAD] * biomass.huber(pred[:, biomass.DEAD], true[:, biomass.DEAD],
+                                                                    b.huber_dead_delta)
+        if b.mass_balance_weight > 0:
+            total += b.mass_balance_weight * biomass.mass_balance(pred)
+        if b.uncertainty:
+            total += biomass.gaussian_nll(pred / scale, out[:, layout["log_var"]], true / scale) / 5
+        if b.qc_weight > 0:
+            total += b.qc_weight * biomass.qc_plausibility(pred / scale, jnp.asarray(self.stats["max_mass"]) / scale)
+        for key, stat in (("height", "height"), ("ndvi", "ndvi")):
+            if key in layout:
+                mean, std = self.stats[stat]
+                target = (batch[key] - mean) / std
+                known = jnp.isfinite(target)
+                err = optax.huber_loss(out[:, layout[key]][:, 0] - jnp.where(known, target, 0.0))
+                total += getattr(b, f"{key}_weight") * jnp.where(known, err, 0.0)
+        if "species" in layout:
+            known = batch["species"] >= 0
+            ce = optax.softmax_cross_entropy_with_integer_labels(out[:, layout["species"]],
+                                                                 jnp.maximum(batch["species"], 0))
+            total += b.species_weight * jnp.where(known, ce, 0.0)
+        return total, {"abs_error_total_g": jnp.abs(pred[:, biomass.TOTAL] - true[:, biomass.TOTAL])}, updates
+
+    # -- evaluation and prediction
+    def predict_fn(self, model) -> Callable:
+        return _predict_fn(self, model, tuple(self.cfg.eval.tta))
+
+    def evaluate(self, model, variables: dict, split: str, mesh, out_dir: Path | None = None,
+                 extra: dict | None = None) -> dict:
+        src = self.source(split)
+        fn = _batch_fn(self.predict_fn(model))
+        pred, ok = inference.map_source(fn, variables, src, self.eval_transform(), self.cfg.data,
+                                        self.cfg.eval.batch_size, mesh)
+        if not ok.any():
+            raise DataError(f"no readable image in split {split!r} ({src.location})")
+        result = biomass.target_metrics(src.targets[ok], pred[ok])
+        scale = np.asarray(self.stats["scale"])
+        result["loss"] = float(np.mean(((pred[ok] - src.targets[ok]) / scale) ** 2))  # MSE, standardised masses
+        result["unreadable"] = [src.paths[i] for i in np.flatnonzero(~ok)]
+        result["tta"] = list(self.cfg.eval.tta)
+        result.update(extra or {})
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            report.write_results_json(Path(out_dir) / f"{report.stem(split)}_results.json", result)
+            self.write_predictions(Path(out_dir) / f"{report.stem(split)}_submission.csv",
+                                   [src.paths[i] for i in np.flatnonzero(ok)], pred[ok])
+        return result
+
+    def describe_prediction(self, output: np.ndarray) -> dict:
+        return {"targets": {n: float(v) for n, v in zip(biomass.TARGETS, output)}}
+
+    def write_predictions(self, path: Path, paths: list[str], outputs: np.ndarray) -> None:
+        """The competition's submission layout: sample_id (<image id>__<target>), target (grams)."""
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["sample_id", "target"])
+            for p, row in zip(paths, outputs):
+                w.writerows([f"{Path(p).stem}__{name}", repr(float(v))] for name, v in zip(biomass.TARGETS, row))
+
+
+@functools.lru_cache(maxsize=16)
+def _predict_fn(task: Biomass, model, views: tuple[str, ...]) -> Callable:
+    return lambda variables, images: tta.average(lambda x: task._masses(model.apply(variables, x)), images, views)
+
+
+@functools.lru_cache(maxsize=16)
+def _batch_fn(predict: Callable) -> Callable:
+    return lambda v, batch: predict(v, batch["image"])

@@ -1,0 +1,87 @@
+"""The biomass task through the shared loop on a small synthetic pasture set in the competition's long-CSV layout:
+the best checkpoint by validation weighted R^2, derived targets, auxiliary heads, the submission CSV, bad data."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, tiny_config
+
+from jaxvit import biomass, inference, run_io
+from jaxvit.train import Trainer
+
+
+@pytest.fixture(scope="module")
+def pasture_dir(tmp_path_factory):
+    from jaxvit.data.synthetic_pasture import write_dataset
+    root = tmp_path_factory.mktemp("pasture")
+    write_dataset(root, per_split={"train": 48, "val": 16, "test": 16}, size=(64, 32), seed=0)
+    return root
+
+
+def _config(data_dir, **biomass_keys):
+    c = tiny_config(data_dir, task="biomass", epochs=3)
+    c.data.aug.color_jitter_prob = 0.0
+    c.model.pool = "cls_mean"
+    for k, v in biomass_keys.items():
+        c.biomass[k] = v
+    return c
+
+
+def test_biomass_trains_with_aux_heads_and_writes_a_submission(pasture_dir, tmp_path):
+    c = _config(pasture_dir, height_weight=0.2, ndvi_weight=0.2, species_weight=0.1, uncertainty=True,
+                mass_balance_weight=0.1, qc_weight=1e-3, huber_dead_delta=5.0)
+    result = Trainer(c, tmp_path / "run").run()
+    rows = list(csv.DictReader((tmp_path / "run" / "training_history.csv").open()))
+    assert len(rows) == 3 and {"val_weighted_r2", "val_r2_total", "val_r2_dead"} <= set(rows[0])
+    assert np.isfinite([float(r["train_loss"]) for r in rows]).all()
+    best = max(rows, key=lambda r: float(r["val_weighted_r2"]))
+    run = run_io.load_run(tmp_path / "run", "best")
+    assert run.step == int(best["step"])
+    mesh = inference.run_mesh(run.cfg)
+    again = run.task.evaluate(run.model, inference.place(run.variables, mesh), "val", mesh)
+    assert again["weighted_r2"] == pytest.approx(float(best["val_weighted_r2"]), abs=1e-5)
+    stats = json.loads((tmp_path / "run" / "biomass_stats.json").read_text())
+    assert len(stats["scale"]) == 5 and stats["species"]
+    # Submission: five rows per test image, sample_id = <image id>__<target>; Dead is Total - GDM exactly.
+    sub = list(csv.DictReader((tmp_path / "run" / "eval_test" / "test_submission.csv").open()))
+    assert len(sub) == 5 * 16 and sub[0]["sample_id"].endswith("__Dry_Green_g")
+    by_image = {}
+    for r in sub:
+        image, target = r["sample_id"].split("__")
+        by_image.setdefault(image, {})[target] = float(r["target"])
+    for t in by_image.values():
+        assert t["Dry_Dead_g"] == pytest.approx(t["Dry_Total_g"] - t["GDM_g"], abs=1e-3)
+    # The reported metric is the official formula on the submission's numbers.
+    truth = biomass.read_long_csv(pasture_dir / "test.csv")
+    ids = {k.rsplit("/", 1)[-1].rsplit(".", 1)[0]: v["targets"] for k, v in truth.items()}
+    pred = np.array([[by_image[i][n] for n in biomass.TARGETS] for i in ids])
+    assert result["weighted_r2"] == pytest.approx(biomass.weighted_r2(np.stack(list(ids.values())), pred), abs=1e-4)
+
+
+def test_biomass_learns_the_demo_signal(pasture_dir, tmp_path):
+    c = _config(pasture_dir, loss="planthydra")
+    c.train.epochs, c.train.batch_size, c.optim.lr = 12, 16, 2e-3
+    Trainer(c, tmp_path / "run").run()
+    r2 = [float(r["val_weighted_r2"]) for r in csv.DictReader((tmp_path / "run" / "training_history.csv").open())]
+    assert max(r2) > 0.3 and max(r2) > r2[0] + 0.2, r2
+
+
+def test_a_target_missing_for_an_image_is_one_line(pasture_dir, tmp_path):
+    bad = tmp_path / "data"
+    bad.mkdir()
+    for split in ("train", "val", "test"):
+        lines = (pasture_dir / f"{split}.csv").read_text().splitlines()
+        keep = [line for line in lines if not (split == "val" and "Dry_Dead_g" in line and line is lines[7])]
+        (bad / f"{split}.csv").write_text("\n".join(keep) + "\n")
+        (bad / split).symlink_to(pasture_dir / split)
+    proc = subprocess.run([sys.executable, "-m", "jaxvit.main", "--config=configs/biomass.py:demo",
+                           f"--workdir={tmp_path / 'w'}", f"--config.data.data_dir={bad}", "--config.data.demo="],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "val.csv" in last and "no row for Dry_Dead_g" in last
