@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -283,3 +284,56 @@ def read_long_csv(path: str | Path, allow_missing: bool = False) -> dict[str, di
     """`pivot_long` of a long CSV file (train.csv or test.csv of the competition)."""
     with open(path, newline="") as f:
         return pivot_long(csv.DictReader(f), str(path), allow_missing)
+
+
+# ---------------------------------------------------------------------------------------------------- folds
+
+_SEASONS = {12: "summer", 1: "summer", 2: "summer", 3: "autumn", 4: "autumn", 5: "autumn",
+            6: "winter", 7: "winter", 8: "winter", 9: "spring", 10: "spring", 11: "spring"}  # southern hemisphere
+
+
+def season(date: str) -> str:
+    """Austral season of a Sampling_Date such as '2015/9/4' ('' when the date is missing or unreadable)."""
+    parts = str(date or "").replace("-", "/").split("/")
+    try:
+        return _SEASONS[int(parts[1])]
+    except (IndexError, KeyError, ValueError):
+        return ""
+
+
+def group_folds(metadata: list[Mapping[str, Any]], n_folds: int, seed: int = 0) -> np.ndarray:
+    """Fold per image [N]: whole State x Season x Species groups go to one fold (the seed's `group_location`
+    strategy), largest groups first, each to the fold with the fewest images so far (ties: a seeded order)."""
+    keys = [(str(m.get("State", "")), season(m.get("Sampling_Date", "")), str(m.get("Species", ""))) for m in metadata]
+    groups: dict[tuple, list[int]] = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    if len(groups) < n_folds:
+        raise DataError(f"only {len(groups)} State x Season x Species groups for {n_folds} folds: use fewer folds "
+                        "(cv.n_folds) or a fold CSV (cv.fold_csv)")
+    tie = lambda k: np.random.default_rng([seed, zlib.crc32("|".join(k).encode())]).random()  # stable across hosts
+    order = sorted(groups, key=lambda k: (-len(groups[k]), tie(k)))
+    folds, sizes = np.zeros(len(keys), np.int32), np.zeros(n_folds, np.int64)
+    for k in order:
+        f = int(np.argmin(sizes))
+        folds[groups[k]] = f
+        sizes[f] += len(groups[k])
+    return folds
+
+
+def read_fold_csv(path: str | Path, image_paths: list[str]) -> np.ndarray:
+    """Fold per image from a CSV with a `fold` column and `image_path`, `image_id` or `sample_id` (<id>__<target>)."""
+    ids = {Path(p).stem: i for i, p in enumerate(image_paths)}
+    folds = np.full(len(image_paths), -1, np.int32)
+    with open(path, newline="") as f:
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            key = next((k for k in ("image_path", "image_id", "sample_id") if k in row), None)
+            if key is None or "fold" not in row:
+                raise DataError(f"{path}: need a fold column and one of image_path, image_id, sample_id")
+            image = Path(row[key]).stem if key == "image_path" else row[key].split("__")[0]
+            if image in ids:
+                folds[ids[image]] = int(_number(row["fold"], "fold", f"{path} line {line}"))
+    if (folds < 0).any():
+        missing = [image_paths[i] for i in np.flatnonzero(folds < 0)[:3]]
+        raise DataError(f"{path}: {int((folds < 0).sum())} train images have no fold, e.g. {missing}")
+    return folds

@@ -90,6 +90,12 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     # image and these views: hflip, vflip, rot90 (3 rotations), crops5 (4 corners + centre, 7/8 of the side).
     c.eval.tta = ()
 
+    c.cv = mlc.ConfigDict()  # cross-validation (jaxvit.cv; tasks with supports_cv, e.g. biomass)
+    c.cv.folds = ()  # train these folds of the train split, each into WORKDIR/fold_<k>, then cv_results.json; () = off
+    c.cv.n_folds = 5
+    c.cv.fold_csv = ""  # folds from a CSV (fold + image_path / image_id / sample_id); "" = the task's grouping
+    c.cv.fold = -1  # the fold this run holds out for validation (set by the driver); -1 = eval.val_split
+
     c.checkpoint = mlc.ConfigDict()
     c.checkpoint.every_steps = 0  # also save a resume point every N steps (0 = only at evaluations)
     c.checkpoint.keep = 3  # resume points kept
@@ -213,6 +219,12 @@ def problems(cfg: mlc.ConfigDict) -> list[str]:
         out.append(f"optim.layer_decay={cfg.optim.layer_decay!r}: must lie in (0, 1]")
     if not cfg.data.data_dir and not cfg.data.source.startswith("tfds:"):
         out.append("data.data_dir is empty: pass --config.data.data_dir=/path/to/your/data")
+    if cfg.cv.folds or cfg.cv.fold >= 0:
+        if not getattr(tasks.task_class(cfg.task), "supports_cv", False):
+            out.append(f"cv.folds={tuple(cfg.cv.folds)}: the {cfg.task} task has no cross-validation folds")
+        bad = [f for f in (*cfg.cv.folds, cfg.cv.fold) if f >= cfg.cv.n_folds]
+        if bad:
+            out.append(f"cv.folds={tuple(cfg.cv.folds)}: fold {bad[0]} is not below cv.n_folds={cfg.cv.n_folds}")
     if cfg.data.demo not in DEMO_SETS:
         out.append(f"data.demo={cfg.data.demo!r}: use one of {', '.join(repr(d) for d in DEMO_SETS)}")
     if not cfg.model.pretrained:

@@ -1,12 +1,13 @@
-"""Evaluate a trained run (or an ensemble of classification runs) on a split; writes the task's report files.
+"""Evaluate a trained run (or an ensemble of runs of one task) on a split; writes the task's report files.
 
     python -m jaxvit.evaluate --workdir=W --split=test [--checkpoint=best|final|periodic|STEP]
         [--output_dir=D] [--batch_size=N] [--data_dir=DIR] [--tta=hflip,vflip,rot90,crops5]
-    python -m jaxvit.evaluate --workdir=W1 --workdir=W2 ...      # ensemble: the runs' probabilities averaged
+    python -m jaxvit.evaluate --workdir=W1 --workdir=W2 ...      # ensemble: the runs' outputs averaged
 
 Classification writes `<split>_results.json`, `<split>_confusion_matrix.png` (row-normalised),
 `<split>_confusion_matrix_raw.png`, `<split>_per_class_metrics.png` and `<split>_predictions.csv` to
-`W/eval_<split>/` (ensembles: `W1/eval_<split>_ensemble/`), and `W/training_curves.png` from the history.
+`W/eval_<split>/` (ensembles: `W1/eval_<split>_ensemble/`), and `W/training_curves.png` from the history;
+regression writes results and predictions, biomass results and a submission CSV.
 `--tta` replaces the run's eval.tta (test-time views, `jaxvit.tta`; an ensemble uses the first run's for all
 members); the results JSON records the views used under "tta".
 """
@@ -20,7 +21,6 @@ import jax
 
 from jaxvit import inference, report, run_io, tta as tta_views
 from jaxvit.errors import DataError, exit_on_user_error
-from jaxvit.tasks import classification
 
 
 def _load(workdir, checkpoint, data_dir, batch_size, tta) -> tuple[run_io.Run, object]:
@@ -32,10 +32,21 @@ def _load(workdir, checkpoint, data_dir, batch_size, tta) -> tuple[run_io.Run, o
     return run, mesh
 
 
+def _check_same(first: tuple, run: run_io.Run, src, workdir, split: str) -> None:
+    """Ensemble members must be the same task over the same examples (and classes)."""
+    first_run, first_src = first
+    if run.cfg.task != first_run.cfg.task:
+        raise DataError(f"{workdir}: a {run.cfg.task!r} run cannot join an ensemble of {first_run.cfg.task!r} runs")
+    if src.paths != first_src.paths or getattr(src, "classes", None) != getattr(first_src, "classes", None):
+        raise DataError(f"{workdir}: images or classes of split {split!r} differ from the first run's; an ensemble "
+                        "needs runs over the same data (pass --data_dir)")
+
+
 def evaluate_runs(workdirs: Sequence[str | Path], split: str = "test", checkpoint: str | int = "best",
                   output_dir: str | Path | None = None, batch_size: int | None = None,
                   data_dir: str | None = None, tta: Sequence[str] | None = None) -> dict:
-    """Evaluate one run, or an ensemble of classification runs (mean of their probabilities), on `split`;
+    """Evaluate one run, or an ensemble of runs of one task (the mean of their outputs: class probabilities,
+    regression values, masses), on `split`;
     writes the report files on process 0 and returns the metrics. Each run preprocesses with its own config;
     `tta` (test-time views) replaces the runs' eval.tta."""
     tta = None if tta is None else tta_views.check(tta)
@@ -48,26 +59,20 @@ def evaluate_runs(workdirs: Sequence[str | Path], split: str = "test", checkpoin
         result = run.task.evaluate(run.model, inference.place(run.variables, mesh, run.cfg), split, mesh, out,
                                    extra=dict(split=split, models=[run_io.describe(run)]))
     else:
-        total, ok, models, src = None, None, [], None
+        total, ok, models, first = None, None, [], None
         for workdir in workdirs:
             run, mesh = _load(workdir, checkpoint, data_dir, batch_size, tta)
             tta = tuple(run.cfg.eval.tta)  # the first run's views for every member
-            if not isinstance(run.task, classification.Classification):
-                raise DataError(f"{workdir}: ensembles average class probabilities; this run's task is {run.cfg.task!r}")
-            run_src = run.task.source(split)
-            if src is not None and (run_src.classes != src.classes or run_src.paths != src.paths):
-                raise DataError(f"{workdir}: classes or images of split {split!r} differ from {workdirs[0]}'s; "
-                                "an ensemble needs runs over the same classes (pass --data_dir)")
-            src = run_src
-            fn = lambda v, batch, model=run.model, views=tta: classification.tta_probabilities(
-                model, v, batch["image"], views)
-            probs, run_ok = inference.map_source(fn, inference.place(run.variables, mesh, run.cfg), src,
-                                                 run.task.eval_transform(), run.cfg.data, run.cfg.eval.batch_size, mesh)
-            total = probs if total is None else total + probs
+            src = run.task.source(split)
+            if first is not None:
+                _check_same(first, run, src, workdir, split)
+            first = first or (run, src)
+            out_run, run_ok = run.task.outputs(run.model, inference.place(run.variables, mesh, run.cfg), src, mesh)
+            total = out_run if total is None else total + out_run
             ok = run_ok if ok is None else ok & run_ok
             models.append(run_io.describe(run))
-        result = classification.score(total / len(models), ok, src, out,
-                                      dict(split=split, models=models, tta=list(tta)))
+        run, src = first
+        result = run.task.score(total / len(models), ok, src, out, dict(split=split, models=models, tta=list(tta)))
     if jax.process_index() == 0:
         for workdir in workdirs:
             history = Path(workdir) / "training_history.csv"

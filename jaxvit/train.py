@@ -417,4 +417,8 @@ def _hms(seconds: float) -> str:
 
 
 def run(cfg, workdir: str | Path) -> dict:
+    """Train (and test) one run; with cv.folds, one run per fold (`jaxvit.cv`)."""
+    if cfg.cv.folds:
+        from jaxvit import cv
+        return cv.run(cfg, workdir)
     return Trainer(cfg, workdir).run()

@@ -61,6 +61,22 @@ def test_biomass_trains_with_aux_heads_and_writes_a_submission(pasture_dir, tmp_
     ids = {k.rsplit("/", 1)[-1].rsplit(".", 1)[0]: v["targets"] for k, v in truth.items()}
     pred = np.array([[by_image[i][n] for n in biomass.TARGETS] for i in ids])
     assert result["weighted_r2"] == pytest.approx(biomass.weighted_r2(np.stack(list(ids.values())), pred), abs=1e-4)
+    # An ensemble of the run and a copy whose best is another resume point averages their masses.
+    import shutil
+    from jaxvit import checkpoint, evaluate
+    other = next(s for s in checkpoint.steps(tmp_path / "run" / "checkpoints" / "periodic") if s != run.step)
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "run", copy)
+    shutil.rmtree(copy / "checkpoints" / "best")
+    shutil.copytree(copy / "checkpoints" / "periodic" / str(other), copy / "checkpoints" / "best" / str(other))
+    members = [run_io.load_run(w, "best") for w in (tmp_path / "run", copy)]
+    assert members[0].step != members[1].step
+    outs = [m.task.outputs(m.model, m.variables, m.task.source("test"), mesh)[0] for m in members]
+    ens = evaluate.evaluate_runs([tmp_path / "run", copy], "test", output_dir=tmp_path / "ens")
+    rows = list(csv.DictReader((tmp_path / "ens" / "test_submission.csv").open()))
+    np.testing.assert_allclose([float(r["target"]) for r in rows], ((outs[0] + outs[1]) / 2).reshape(-1), rtol=1e-5)
+    assert ens["weighted_r2"] == pytest.approx(biomass.weighted_r2(np.stack(list(ids.values())),
+                                                                   (outs[0] + outs[1]) / 2), abs=1e-6)
 
 
 def test_biomass_learns_the_demo_signal(pasture_dir, tmp_path):
@@ -85,3 +101,37 @@ def test_a_target_missing_for_an_image_is_one_line(pasture_dir, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "val.csv" in last and "no row for Dry_Dead_g" in last
+
+
+def test_cross_validation_over_grouped_folds(pasture_dir, tmp_path):
+    from jaxvit import cv, tasks
+    c = _config(pasture_dir)
+    c.train.epochs = 1
+    c.cv.folds, c.cv.n_folds = (0, 2), 3
+    result = cv.run(c, tmp_path)
+    # Folds keep State x Season x Species groups whole and partition the train split.
+    task = tasks.create(c)
+    records = biomass.read_long_csv(pasture_dir / "train.csv")
+    meta = [r["metadata"] for r in records.values()]
+    folds = task.folds(list(records), meta)
+    assert sorted(set(folds.tolist())) == [0, 1, 2]
+    groups = {}
+    for f, m in zip(folds, meta):
+        groups.setdefault((m["State"], biomass.season(m["Sampling_Date"]), m["Species"]), set()).add(int(f))
+    assert all(len(v) == 1 for v in groups.values())
+    for k in (0, 2):
+        c.cv.fold = k
+        train, val = tasks.create(c).source("train"), tasks.create(c).source("val")
+        assert not set(train.paths) & set(val.paths) and len(train) + len(val) == len(records)
+        assert len(val) == int((folds == k).sum()) and result["folds"][k]["images"] == len(val)
+        assert (tmp_path / f"fold_{k}" / "checkpoints" / "best").is_dir()
+    saved = json.loads((tmp_path / "cv_results.json").read_text())
+    r2 = [saved["folds"][str(k)]["val"]["weighted_r2"] for k in (0, 2)]
+    assert saved["mean"]["weighted_r2"] == pytest.approx(np.mean(r2)) and saved["std"]["weighted_r2"] >= 0
+    oof = list(csv.DictReader((tmp_path / "oof_predictions.csv").open()))
+    assert len(oof) == 5 * int(np.isin(folds, [0, 2]).sum())
+    # A fold CSV decides instead when given.
+    fold_csv = tmp_path / "folds.csv"
+    fold_csv.write_text("image_path,fold\n" + "".join(f"{p},{i % 3}\n" for i, p in enumerate(records)))
+    c.cv.fold_csv = str(fold_csv)
+    assert tasks.create(c).folds(list(records), meta).tolist() == [i % 3 for i in range(len(records))]

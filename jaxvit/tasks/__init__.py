@@ -17,7 +17,8 @@ TASKS = {  # config.task -> "module:class"
 }
 
 
-def _load(name: str):
+def task_class(name: str):
+    """The Task subclass registered as `name` (a ConfigError naming the known ones otherwise)."""
     if name not in TASKS:
         raise ConfigError(f"task={name!r} is not a jaxvit task; use one of {', '.join(TASKS)}")
     module, cls = TASKS[name].split(":")
@@ -25,10 +26,10 @@ def _load(name: str):
 
 
 def create(cfg, workdir: str | Path | None = None) -> Task:
-    return _load(cfg.task)(cfg, workdir)
+    return task_class(cfg.task)(cfg, workdir)
 
 
 def config_section(name: str) -> ml_collections.ConfigDict | None:
     """The task's own config keys (under `config.<task name>`), or None when it has none."""
-    section = getattr(_load(name), "default_config", None)
+    section = getattr(task_class(name), "default_config", None)
     return section() if section else None

@@ -7,6 +7,7 @@ model, the data fields, the loss, evaluation and prediction. Adding a workload i
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvit import lora
+from jaxvit import inference, lora, report
 from jaxvit.data import demo_sets, preflight
 from jaxvit.errors import DataError
 from jaxvit.models import get_config, load_pretrained
@@ -81,10 +82,22 @@ class Task:
                  extra: dict | None = None) -> dict:
         """Metrics of `split` (a JSON-able dict with at least the keys of history_metrics, plus `extra`); with
         `out_dir`, also the task's report files. Every process calls it; only process 0 passes out_dir."""
+        src = self.source(split)
+        outputs, ok = self.outputs(model, variables, src, mesh)
+        return self.score(outputs, ok, src, out_dir, {"tta": list(self.cfg.eval.tta)} | (extra or {}))
+
+    def outputs(self, model: Any, variables: dict, src: Any, mesh: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(predict_fn's outputs [N, ...], readable mask [N]) over a source, in its order (ensembles average these)."""
+        return inference.map_source(_batch_fn(self, model), variables, src, self.eval_transform(), self.cfg.data,
+                                    self.cfg.eval.batch_size, mesh)
+
+    def score(self, outputs: np.ndarray, ok: np.ndarray, src: Any, out_dir: Path | None = None,
+              extra: dict | None = None) -> dict:
+        """Metrics (and, with out_dir, report files) of outputs against the source's targets."""
         raise NotImplementedError
 
     def predict_fn(self, model: Any) -> Callable[[dict, jax.Array], jax.Array]:
-        """fn(variables, images) -> per-example outputs (probabilities, regression values, ...)."""
+        """fn(variables, images) -> per-example outputs (probabilities, regression values, ...), with eval.tta."""
         raise NotImplementedError
 
     def describe_prediction(self, output: np.ndarray) -> dict:
@@ -129,6 +142,19 @@ def build_head_model(cfg, num_outputs: int, rng: jax.Array) -> tuple[Classifier,
     return model, variables
 
 
+def finish_score(result: dict, src: Any, ok: np.ndarray, extra: dict | None, out_dir: Path | None, kind: str,
+                 write: Callable[[Path], None]) -> dict:
+    """Adds the unreadable paths and `extra` to a task's metrics; with out_dir, writes `<split>_results.json` and
+    `<split>_<kind>.csv` (through `write(path)`). For tasks whose report is these two files."""
+    result["unreadable"] = [src.paths[i] for i in np.flatnonzero(~ok)]
+    result.update(extra or {})
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        report.write_results_json(Path(out_dir) / f"{report.stem(src.split)}_results.json", result)
+        write(Path(out_dir) / f"{report.stem(src.split)}_{kind}.csv")
+    return result
+
+
 def apply_train(model, variables: dict, images: jax.Array, rng: jax.Array) -> tuple[jax.Array, dict]:
     """(outputs, updated mutable collections) of a training forward pass: collections other than params and
     lora (e.g. a BatchNorm head's batch_stats) are updated and returned for the train state."""
@@ -150,3 +176,10 @@ def check_files(cfg, paths: list[str], decode: Callable[[str], Any], manifest: P
     if report.unreadable and not cfg.data.skip_bad_images:
         raise DataError(f"{len(report.unreadable)} unreadable files (data.skip_bad_images=False): "
                         + "; ".join(f"{p}: {r}" for p, r in report.unreadable[:20]))
+
+
+@functools.lru_cache(maxsize=32)
+def _batch_fn(task: Task, model: Any) -> Callable:
+    """One function object per (task, model), so every validation reuses one compiled program."""
+    predict = task.predict_fn(model)
+    return lambda variables, batch: predict(variables, batch["image"])

@@ -16,7 +16,6 @@ augments with flips, quarter turns and colour jitter (data.aug.*), never crops (
 from __future__ import annotations
 
 import csv
-import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -28,11 +27,11 @@ import numpy as np
 import optax
 from PIL import Image
 
-from jaxvit import biomass, inference, report, tta
+from jaxvit import biomass, tta
 from jaxvit.data.sources import load_image
 from jaxvit.data.transforms import TransformConfig, color_jitter, normalize, random_flips_rot90
 from jaxvit.errors import ConfigError, DataError
-from jaxvit.tasks.base import Task, apply_train, build_head_model, check_files
+from jaxvit.tasks.base import Task, apply_train, build_head_model, check_files, finish_score
 
 LOSSES = ("smooth_l1", "planthydra")
 
@@ -42,11 +41,15 @@ class PastureSource:
 
     files = True
 
-    def __init__(self, csv_path: Path, split: str, species: list[str] | None = None):
+    def __init__(self, csv_path: Path, split: str, species: list[str] | None = None,
+                 keep: Callable[[list[str], list[dict]], np.ndarray] | None = None):
         if not csv_path.is_file():
             raise DataError(f"{str(csv_path)!r} not found: the biomass task reads <data_dir>/<split>.csv in the "
                             "competition's long format (sample_id, image_path, ..., target_name, target)")
         records = biomass.read_long_csv(csv_path)
+        if keep is not None:  # a cross-validation fold: keep(image paths, metadata) -> bool mask
+            mask = keep(list(records), [r["metadata"] for r in records.values()])
+            records = {p: r for (p, r), k in zip(records.items(), mask) if k}
         self.split, self.location = split, str(csv_path)
         self.paths = [str(csv_path.parent / p) for p in records]
         self.image_ids = [Path(p).stem for p in records]
@@ -99,6 +102,7 @@ class PastureExample:
 
 class Biomass(Task):
     name = "biomass"
+    supports_cv = True
     best_metric = "val/weighted_r2"
     best_mode = "max"
     history_metrics = ("loss", "weighted_r2", "r2_green", "r2_dead", "r2_clover", "r2_gdm", "r2_total")
@@ -147,8 +151,22 @@ class Biomass(Task):
 
     # -- data
     def source(self, split: str, species: list[str] | None | bool = True) -> PastureSource:
+        """`<split>.csv`; with cv.fold >= 0, the train split without that fold (train) or the fold alone (val)."""
         names = self.stats["species"] if species is True else species
-        return PastureSource(Path(self.cfg.data.data_dir) / f"{split}.csv", split, names)
+        fold, train = self.cfg.cv.fold, self.cfg.data.train_split
+        if fold < 0 or split not in (train, self.cfg.eval.val_split):
+            return PastureSource(Path(self.cfg.data.data_dir) / f"{split}.csv", split, names)
+        held_out = split != train
+        keep = lambda paths, meta: (self.folds(paths, meta) == fold) == held_out
+        return PastureSource(Path(self.cfg.data.data_dir) / f"{train}.csv", f"{split}_fold{fold}" if held_out
+                             else split, names, keep)
+
+    def folds(self, paths: list[str], metadata: list[dict]) -> np.ndarray:
+        """Fold of each train image: cv.fold_csv, else State x Season x Species groups (`biomass.group_folds`)."""
+        cv = self.cfg.cv
+        if cv.fold_csv:
+            return biomass.read_fold_csv(cv.fold_csv, paths)
+        return biomass.group_folds(metadata, cv.n_folds, self.cfg.seed)
 
     def train_transform(self) -> PastureExample:
         return PastureExample(TransformConfig.from_config(self.cfg.data), self.cfg.biomass.pad_to_square)
@@ -219,28 +237,19 @@ class Biomass(Task):
 
     # -- evaluation and prediction
     def predict_fn(self, model) -> Callable:
-        return _predict_fn(self, model, tuple(self.cfg.eval.tta))
+        views = tuple(self.cfg.eval.tta)
+        return lambda variables, images: tta.average(lambda x: self._masses(model.apply(variables, x)), images, views)
 
-    def evaluate(self, model, variables: dict, split: str, mesh, out_dir: Path | None = None,
-                 extra: dict | None = None) -> dict:
-        src = self.source(split)
-        fn = _batch_fn(self.predict_fn(model))
-        pred, ok = inference.map_source(fn, variables, src, self.eval_transform(), self.cfg.data,
-                                        self.cfg.eval.batch_size, mesh)
+    def score(self, outputs: np.ndarray, ok: np.ndarray, src: PastureSource, out_dir: Path | None = None,
+              extra: dict | None = None) -> dict:
         if not ok.any():
-            raise DataError(f"no readable image in split {split!r} ({src.location})")
-        result = biomass.target_metrics(src.targets[ok], pred[ok])
+            raise DataError(f"no readable image in split {src.split!r} ({src.location})")
+        result = biomass.target_metrics(src.targets[ok], outputs[ok])
         scale = np.asarray(self.stats["scale"])
-        result["loss"] = float(np.mean(((pred[ok] - src.targets[ok]) / scale) ** 2))  # MSE, standardised masses
-        result["unreadable"] = [src.paths[i] for i in np.flatnonzero(~ok)]
-        result["tta"] = list(self.cfg.eval.tta)
-        result.update(extra or {})
-        if out_dir is not None:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            report.write_results_json(Path(out_dir) / f"{report.stem(split)}_results.json", result)
-            self.write_predictions(Path(out_dir) / f"{report.stem(split)}_submission.csv",
-                                   [src.paths[i] for i in np.flatnonzero(ok)], pred[ok])
-        return result
+        result["loss"] = float(np.mean(((outputs[ok] - src.targets[ok]) / scale) ** 2))  # MSE, standardised masses
+        kept = [src.paths[i] for i in np.flatnonzero(ok)]
+        return finish_score(result, src, ok, extra, out_dir, "submission",
+                            lambda path: self.write_predictions(path, kept, outputs[ok]))
 
     def describe_prediction(self, output: np.ndarray) -> dict:
         return {"targets": {n: float(v) for n, v in zip(biomass.TARGETS, output)}}
@@ -253,12 +262,3 @@ class Biomass(Task):
             for p, row in zip(paths, outputs):
                 w.writerows([f"{Path(p).stem}__{name}", repr(float(v))] for name, v in zip(biomass.TARGETS, row))
 
-
-@functools.lru_cache(maxsize=16)
-def _predict_fn(task: Biomass, model, views: tuple[str, ...]) -> Callable:
-    return lambda variables, images: tta.average(lambda x: task._masses(model.apply(variables, x)), images, views)
-
-
-@functools.lru_cache(maxsize=16)
-def _batch_fn(predict: Callable) -> Callable:
-    return lambda v, batch: predict(v, batch["image"])

@@ -7,7 +7,6 @@ over the test-time views).
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from pathlib import Path
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxvit import inference, metrics, report, tta
+from jaxvit import metrics, report, tta
 from jaxvit.data import labelled
 from jaxvit.data.sources import load_image
 from jaxvit.data.transforms import RGBExample, TransformConfig
@@ -92,12 +91,9 @@ class Classification(Task):
         return cross_entropy(logits, soft), {"accuracy": accuracy}, updates
 
     # -- evaluation and prediction
-    def evaluate(self, model, variables: dict, split: str, mesh, out_dir: Path | None = None,
-                 extra: dict | None = None) -> dict:
-        src, views = self.source(split), tuple(self.cfg.eval.tta)
-        probs, ok = inference.map_source(_probs_fn(model, views), variables, src, self.eval_transform(),
-                                         self.cfg.data, self.cfg.eval.batch_size, mesh)
-        return score(probs, ok, src, out_dir, {"tta": list(views)} | (extra or {}))
+    def score(self, outputs: np.ndarray, ok: np.ndarray, src, out_dir: Path | None = None,
+              extra: dict | None = None) -> dict:
+        return score(outputs, ok, src, out_dir, extra)
 
     def predict_fn(self, model) -> Callable:
         views = tuple(self.cfg.eval.tta)
@@ -122,12 +118,6 @@ def probabilities(model, variables: dict, images: jax.Array) -> jax.Array:
 def tta_probabilities(model, variables: dict, images: jax.Array, views: tuple[str, ...] = ()) -> jax.Array:
     """`probabilities` averaged over the images and their test-time views (`jaxvit.tta`, eval.tta)."""
     return tta.average(lambda x: probabilities(model, variables, x), images, views)
-
-
-@functools.lru_cache(maxsize=16)
-def _probs_fn(model, views: tuple[str, ...] = ()) -> Callable:
-    """One function object per model and views, so per-epoch validation reuses one compiled program."""
-    return lambda v, batch: tta_probabilities(model, v, batch["image"], views)
 
 
 def soft_targets(labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:

@@ -9,7 +9,6 @@ and prediction average the outputs over the test-time views (only sensible for t
 from __future__ import annotations
 
 import csv
-import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -20,11 +19,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxvit import inference, metrics, report, tta
+from jaxvit import metrics, tta
 from jaxvit.data.sources import CsvSource, load_image
 from jaxvit.data.transforms import RGBExample, TransformConfig
 from jaxvit.errors import ConfigError
-from jaxvit.tasks.base import Task, apply_train, build_head_model, check_files
+from jaxvit.tasks.base import Task, apply_train, build_head_model, check_files, finish_score
 
 
 class Regression(Task):
@@ -60,7 +59,9 @@ class Regression(Task):
     # -- data
     def source(self, split: str) -> CsvSource:
         r = self.cfg.regression
-        return CsvSource(Path(self.cfg.data.data_dir) / f"{split}.csv", r.image_column, tuple(r.targets))
+        src = CsvSource(Path(self.cfg.data.data_dir) / f"{split}.csv", r.image_column, tuple(r.targets))
+        src.split = split  # names the report files
+        return src
 
     def train_transform(self) -> RGBExample:
         return RGBExample(TransformConfig.from_config(self.cfg.data))
@@ -94,24 +95,15 @@ class Regression(Task):
         return lambda variables, images: tta.average(
             lambda x: model.apply(variables, x).astype(jnp.float32), images, views) * std + mean
 
-    def evaluate(self, model, variables: dict, split: str, mesh, out_dir: Path | None = None,
-                 extra: dict | None = None) -> dict:
-        src = self.source(split)
-        pred, ok = inference.map_source(_batch_fn(self.predict_fn(model)), variables, src, self.eval_transform(),
-                                        self.cfg.data, self.cfg.eval.batch_size, mesh)
+    def score(self, outputs: np.ndarray, ok: np.ndarray, src, out_dir: Path | None = None,
+              extra: dict | None = None) -> dict:
         true = src.targets[ok]
-        result = metrics.regression_metrics(pred[ok], true, self.names)
+        result = metrics.regression_metrics(outputs[ok], true, self.names)
         std = np.asarray(self.stats["std"])
-        result["loss"] = float((((pred[ok] - true) / std) ** 2).mean())  # MSE in standardised units
-        result["unreadable"] = [src.paths[i] for i in np.flatnonzero(~ok)]
-        result["tta"] = list(self.cfg.eval.tta)
-        result.update(extra or {})
-        if out_dir is not None:
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            report.write_results_json(Path(out_dir) / f"{report.stem(split)}_results.json", result)
-            self.write_predictions(Path(out_dir) / f"{report.stem(split)}_predictions.csv",
-                                   [src.paths[i] for i in np.flatnonzero(ok)], pred[ok], true)
-        return result
+        result["loss"] = float((((outputs[ok] - true) / std) ** 2).mean())  # MSE in standardised units
+        kept = [src.paths[i] for i in np.flatnonzero(ok)]
+        return finish_score(result, src, ok, extra, out_dir, "predictions",
+                            lambda path: self.write_predictions(path, kept, outputs[ok], true))
 
     def describe_prediction(self, output: np.ndarray) -> dict:
         return {"targets": {n: float(v) for n, v in zip(self.names, output)}}
@@ -125,8 +117,3 @@ class Regression(Task):
             for i, (p, row) in enumerate(zip(paths, outputs)):
                 w.writerow([p, *(repr(float(v)) for v in row),
                             *(repr(float(v)) for v in (true[i] if true is not None else ()))])
-
-
-@functools.lru_cache(maxsize=16)
-def _batch_fn(predict: Callable) -> Callable:
-    return lambda v, batch: predict(v, batch["image"])
