@@ -6,7 +6,8 @@ biomass_experiment_priority_guide.md's defaults on DINOv3 ViT-B/16.
 
 Defaults as the seed's "Baseline": two stages (heads at 2e-4 until the validation weighted R^2 has not improved for
 10 evaluations or 30 epochs, then everything with the backbone at 1e-5 = lr x 0.05), SmoothL1 with the metric's
-target weights, Dead derived (Total - GDM), Clover trained, flips / quarter turns / colour jitter, global batch 16.
+target weights, Dead derived (Total - GDM), Clover trained, flips / quarter turns / colour jitter / CLAHE / motion
+blur, global batch 16.
 The seed expects CV weighted R^2 0.60-0.65 for this baseline. Variants: `:planthydra` (log1p + cosine +
 compositional loss), `:aux` (+ height and NDVI heads), `:best` (the seed's phase-6 combination, as far as jaxvit
 implements it), `:demo` (a synthetic pasture set rendered into runs/biomass_demo_data, a small ViT from scratch).
@@ -29,6 +30,7 @@ def get_config(arg: str = ""):
     c.data.image_size = 448
     c.data.aug.hflip, c.data.aug.vflip, c.data.aug.rot90 = True, True, True
     c.data.aug.color_jitter = (0.2, 0.2, 0.2, 0.02)
+    c.biomass.clahe_prob, c.biomass.motion_blur_prob = 0.3, 0.2  # the seed's strong augmentation
     c.eval.batch_size = 32
     return apply_variant(c, arg, "biomass.py", planthydra=planthydra, aux=aux, best=best, demo=demo)
 
@@ -47,6 +49,7 @@ def best(c):
     c.biomass.mass_balance_weight = 0.1
     c.train.stage1_epochs, c.train.epochs = 15, 60
     c.optim.layer_decay = 0.8
+    c.biomass.perspective_jitter = 0.03
 
 
 def demo(c):

@@ -34,7 +34,13 @@ def _config(data_dir, **biomass_keys):
 
 def test_biomass_trains_with_aux_heads_and_writes_a_submission(pasture_dir, tmp_path):
     c = _config(pasture_dir, height_weight=0.2, ndvi_weight=0.2, species_weight=0.1, uncertainty=True,
-                mass_balance_weight=0.1, qc_weight=1e-3, huber_dead_delta=5.0)
+                mass_balance_weight=0.1, qc_weight=1e-3, huber_dead_delta=5.0, clahe_prob=0.5, motion_blur_prob=0.5,
+                perspective_jitter=0.05, border_mask=0.1)
+    from jaxvit import tasks
+    transform, src = tasks.create(c).train_transform(), tasks.create(c).source("train")
+    a, b = (transform(src[0], np.random.default_rng(7)) for _ in range(2))
+    assert a["image"].shape == (32, 32, 3) and np.array_equal(a["image"], b["image"])  # deterministic in the rng
+    assert not np.array_equal(a["image"], transform(src[0])["image"])  # and augmented
     result = Trainer(c, tmp_path / "run").run()
     rows = list(csv.DictReader((tmp_path / "run" / "training_history.csv").open()))
     assert len(rows) == 3 and {"val_weighted_r2", "val_r2_total", "val_r2_dead"} <= set(rows[0])

@@ -11,7 +11,8 @@ trained. The loss (`biomass.loss`): `smooth_l1` on standardised masses with the 
 `planthydra` (log1p + cosine + compositional, in grams); optional Huber for Dead, mass balance, Gaussian NLL and QC
 plausibility terms. The best checkpoint has the highest validation weighted R^2 (the competition's metric, raw
 grams). Images are resized whole to data.image_size (or padded to square first, `biomass.pad_to_square`); training
-augments with flips, quarter turns and colour jitter (data.aug.*), never crops (the masses are of the whole frame).
+augments with flips, quarter turns and colour jitter (data.aug.*) and the seed's CLAHE, motion blur, perspective
+jitter and border mask (biomass.*, `jaxvit.data.photo_aug`), never crops (the masses are of the whole frame).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import optax
 from PIL import Image
 
 from jaxvit import biomass, tta
+from jaxvit.data import photo_aug
 from jaxvit.data.sources import load_image
 from jaxvit.data.transforms import TransformConfig, color_jitter, normalize, random_flips_rot90
 from jaxvit.errors import ConfigError, DataError
@@ -77,13 +79,20 @@ class PastureSource:
 
 
 class PastureExample:
-    """Decode, fit to data.image_size (squash, or pad to square first), augment (train), normalise. Picklable."""
+    """Decode, [train: perspective jitter, border mask], fit to data.image_size (squash, or pad to square first),
+    [train: CLAHE, motion blur, colour jitter, flips / quarter turns], normalise. Picklable."""
 
-    def __init__(self, cfg: TransformConfig, pad_to_square: bool):
-        self.cfg, self.pad_to_square = cfg, pad_to_square
+    def __init__(self, cfg: TransformConfig, aug: Any):
+        self.cfg, self.pad_to_square = cfg, bool(aug.pad_to_square)
+        self.aug = {k: float(aug[k]) for k in ("perspective_jitter", "border_mask", "clahe_prob", "motion_blur_prob")}
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
-        image = Image.fromarray(load_image(example["path"]))
+        x, a = load_image(example["path"]), self.aug
+        if rng is not None and a["perspective_jitter"] > 0:
+            x = photo_aug.perspective_jitter(x, a["perspective_jitter"], rng)
+        if rng is not None and a["border_mask"] > 0:
+            x = photo_aug.border_mask(x, a["border_mask"], rng)
+        image = Image.fromarray(x)
         if self.pad_to_square:
             side = max(image.size)
             square = Image.new("RGB", (side, side))
@@ -91,6 +100,11 @@ class PastureExample:
             image = square
         size, c = self.cfg.image_size, self.cfg
         image = image.resize((size, size), Image.Resampling.BILINEAR if rng is not None else Image.Resampling.BICUBIC)
+        if rng is not None and rng.random() < a["clahe_prob"]:
+            image = Image.fromarray(photo_aug.clahe(np.asarray(image)))
+        if rng is not None and rng.random() < a["motion_blur_prob"]:
+            image = Image.fromarray(photo_aug.motion_blur(np.asarray(image), int(rng.integers(3, 8)),
+                                                          float(rng.uniform(0, 180))))
         if rng is not None and any(v > 0 for v in c.color_jitter) and rng.random() < c.color_jitter_prob:
             image = color_jitter(image, c.color_jitter, rng)
         x = np.asarray(image)
@@ -123,6 +137,10 @@ class Biomass(Task):
         c.ndvi_weight = 0.0  # > 0: auxiliary Pre_GSHH_NDVI head (--use-ndvi-head --ndvi-weight)
         c.species_weight = 0.0  # > 0: auxiliary species classification head (--use-species-head)
         c.pad_to_square = False  # pad the photo to a square before resizing (--use-pad-to-square)
+        c.clahe_prob = 0.0  # train: probability of CLAHE on the luminance (the seed's --strong-aug)
+        c.motion_blur_prob = 0.0  # train: probability of a motion blur of 3-7 px at a random angle (--strong-aug)
+        c.perspective_jitter = 0.0  # train: corners moved by up to this fraction (--use-perspective-jitter)
+        c.border_mask = 0.0  # train: black bands up to this fraction of each edge (--use-border-mask)
         return c
 
     def __init__(self, cfg, workdir: str | Path | None = None):
@@ -169,7 +187,7 @@ class Biomass(Task):
         return biomass.group_folds(metadata, cv.n_folds, self.cfg.seed)
 
     def train_transform(self) -> PastureExample:
-        return PastureExample(TransformConfig.from_config(self.cfg.data), self.cfg.biomass.pad_to_square)
+        return PastureExample(TransformConfig.from_config(self.cfg.data), self.cfg.biomass)
 
     eval_transform = train_transform
 

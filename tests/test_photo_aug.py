@@ -1,0 +1,56 @@
+"""The biomass seed's strong augmentation (jaxvit.data.photo_aug) on small known images."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jaxvit.data import photo_aug
+
+
+def _gray(values: np.ndarray) -> np.ndarray:
+    return np.repeat(values.astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+def test_clahe_without_clipping_is_histogram_equalisation_and_full_clipping_keeps_the_image():
+    two_levels = _gray(np.where(np.arange(64)[None, :] < 32, 100, 110).repeat(32, 0))
+    out = photo_aug.clahe(two_levels, clip_limit=1e9, tiles=1)[..., 0]
+    # CDF mapping: half the pixels at or below 100 -> 255 / 2, all at or below 110 -> 255 (YCbCr rounding +-1).
+    assert np.abs(out[:, :32].astype(int) - 128).max() <= 1 and np.abs(out[:, 32:].astype(int) - 255).max() <= 1
+    rng = np.random.default_rng(0)
+    ramp = _gray(rng.integers(0, 256, (48, 48)))
+    flat = photo_aug.clahe(ramp, clip_limit=1.0, tiles=4)  # every bin clipped to the mean: a uniform histogram
+    assert np.abs(flat.astype(int) - ramp.astype(int)).mean() < 4
+    low = _gray(100 + rng.integers(0, 20, (48, 48)))
+    assert photo_aug.clahe(low, clip_limit=2.0, tiles=4).std() > 2 * low.std()  # low contrast is raised (limited)
+
+
+def test_motion_blur_spreads_a_point_along_its_angle():
+    image = np.zeros((15, 15, 3), np.uint8)
+    image[7, 7] = 250
+    horizontal = photo_aug.motion_blur(image, 5, 0.0)[..., 0]
+    assert horizontal[7, 5:10].tolist() == [50] * 5 and horizontal.sum() == 250
+    vertical = photo_aug.motion_blur(image, 5, 90.0)[..., 0]
+    assert vertical[5:10, 7].tolist() == [50] * 5 and vertical.sum() == 250
+    flat = np.full((9, 9, 3), 77, np.uint8)
+    assert (photo_aug.motion_blur(flat, 7, 33.0) == 77).all()
+    assert photo_aug.motion_blur(image, 1, 45.0) is image
+
+
+def test_perspective_jitter_is_the_identity_at_zero_and_moves_corners_otherwise():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 48, 3)).astype(np.uint8)
+    np.testing.assert_array_equal(photo_aug.perspective_jitter(image, 0.0, rng), image)
+    moved = photo_aug.perspective_jitter(image, 0.1, np.random.default_rng(1))
+    assert moved.shape == image.shape and not np.array_equal(moved, image)
+    again = photo_aug.perspective_jitter(image, 0.1, np.random.default_rng(1))
+    np.testing.assert_array_equal(moved, again)  # deterministic in the generator
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_border_mask_blacks_out_bands_no_wider_than_asked(seed):
+    image = np.full((40, 80, 3), 200, np.uint8)
+    out = photo_aug.border_mask(image, 0.25, np.random.default_rng(seed))
+    assert (out[10:30, 20:60] == 200).all()  # the centre is never touched
+    rows = np.flatnonzero((out[:, 40, 0] == 0))
+    assert all(r < 10 or r >= 30 for r in rows)
+    assert (image == 200).all()  # the input is not modified
