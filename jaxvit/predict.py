@@ -34,7 +34,7 @@ from PIL import Image
 
 from jaxvit import run_io, tta as tta_views, xla_options
 from jaxvit.data.sources import ImageLoadError, list_images, load_image
-from jaxvit.data.transforms import TransformConfig, eval_transform
+from jaxvit.data.transforms import TransformConfig
 from jaxvit.errors import exit_on_user_error
 from jaxvit.models import ViT
 from jaxvit.models.heads import Classifier
@@ -65,6 +65,7 @@ class Predictor:
                  info: dict | None = None):
         self.model, self.task, self.batch_size = model, task, batch_size
         self.tcfg = TransformConfig.from_config(data_cfg)
+        self._transform = task.eval_transform()
         self.variables = jax.device_put(variables)
         self.info = info or {}
         self._outputs = xla_options.jit(task.predict_fn(model))
@@ -88,8 +89,8 @@ class Predictor:
 
     # -- preprocessing
     def preprocess(self, image: ImageLike) -> np.ndarray:
-        """Normalised float32 (S, S, 3): resize, centre crop, normalise, as in evaluation."""
-        return eval_transform(to_rgb8(image), self.tcfg)
+        """Normalised float32 (S, S, 3): the task's evaluation transform (e.g. resize, centre crop, normalise)."""
+        return self._transform({"image": to_rgb8(image)})["image"]
 
     def _load_all(self, images: Sequence[ImageLike]) -> list[np.ndarray | str]:
         """Preprocessed images, or the reason an image could not be read, decoded in threads."""

@@ -67,6 +67,14 @@ def test_biomass_trains_with_aux_heads_and_writes_a_submission(pasture_dir, tmp_
     ids = {k.rsplit("/", 1)[-1].rsplit(".", 1)[0]: v["targets"] for k, v in truth.items()}
     pred = np.array([[by_image[i][n] for n in biomass.TARGETS] for i in ids])
     assert result["weighted_r2"] == pytest.approx(biomass.weighted_r2(np.stack(list(ids.values())), pred), abs=1e-4)
+    # predict on a directory writes the same submission layout with the same numbers.
+    from jaxvit import predict
+    predict.main([f"--workdir={tmp_path / 'run'}", f"--image_dir={pasture_dir / 'test'}",
+                  f"--output={tmp_path / 'pred.csv'}", "--checkpoint=best"])
+    predicted = {r["sample_id"]: float(r["target"]) for r in csv.DictReader((tmp_path / "pred.csv").open())}
+    assert len(predicted) == len(sub) and all(predicted[r["sample_id"]] == pytest.approx(float(r["target"]),
+                                                                                       rel=1e-4, abs=1e-3)
+                                              for r in sub)
     # An ensemble of the run and a copy whose best is another resume point averages their masses.
     import shutil
     from jaxvit import checkpoint, evaluate

@@ -79,7 +79,7 @@ class PastureSource:
 
 
 class PastureExample:
-    """Decode, [train: perspective jitter, border mask], fit to data.image_size (squash, or pad to square first),
+    """Decode a path (or take an "image" array), [train: perspective jitter, border mask], fit to data.image_size (squash, or pad to square first),
     [train: CLAHE, motion blur, colour jitter, flips / quarter turns], normalise. Picklable."""
 
     def __init__(self, cfg: TransformConfig, aug: Any):
@@ -87,7 +87,7 @@ class PastureExample:
         self.aug = {k: float(aug[k]) for k in ("perspective_jitter", "border_mask", "clahe_prob", "motion_blur_prob")}
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
-        x, a = load_image(example["path"]), self.aug
+        x, a = example["image"] if "image" in example else load_image(example["path"]), self.aug
         if rng is not None and a["perspective_jitter"] > 0:
             x = photo_aug.perspective_jitter(x, a["perspective_jitter"], rng)
         if rng is not None and a["border_mask"] > 0:
@@ -110,7 +110,7 @@ class PastureExample:
         x = np.asarray(image)
         if rng is not None:
             x = random_flips_rot90(x, c.hflip, c.vflip, c.rot90, rng)
-        out = {k: np.asarray(v) for k, v in example.items() if k != "path"}
+        out = {k: np.asarray(v) for k, v in example.items() if k not in ("path", "image")}
         return {"image": normalize(np.ascontiguousarray(x), c.mean, c.std), **out}
 
 
