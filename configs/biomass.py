@@ -50,6 +50,7 @@ def best(c):
     c.train.stage1_epochs, c.train.epochs = 15, 60
     c.optim.layer_decay = 0.8
     c.biomass.perspective_jitter = 0.03
+    c.biomass.halves, c.biomass.cross_view_weight = True, 0.1
 
 
 def demo(c):

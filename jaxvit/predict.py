@@ -104,8 +104,7 @@ class Predictor:
 
     def _padded(self, xs: list[np.ndarray]) -> np.ndarray:
         """A batch padded to `batch_size` rows, so every call reuses one compiled program."""
-        size = self.tcfg.image_size
-        batch = np.zeros((self.batch_size, size, size, 3), np.float32)
+        batch = np.zeros((self.batch_size, *xs[0].shape), np.float32)
         batch[:len(xs)] = np.stack(xs)
         return batch
 

@@ -149,3 +149,23 @@ def test_cross_validation_over_grouped_folds(pasture_dir, tmp_path):
     fold_csv.write_text("image_path,fold\n" + "".join(f"{p},{i % 3}\n" for i, p in enumerate(records)))
     c.cv.fold_csv = str(fold_csv)
     assert tasks.create(c).folds(list(records), meta).tolist() == [i % 3 for i in range(len(records))]
+
+
+def test_left_and_right_halves_add_up_to_the_photo(pasture_dir, tmp_path):
+    c = _config(pasture_dir, halves=True, cross_view_weight=0.1)
+    c.train.epochs = 1
+    Trainer(c, tmp_path / "run").run()
+    run = run_io.load_run(tmp_path / "run", "final")
+    src = run.task.source("test")
+    example = run.task.eval_transform()(src[0])
+    assert example["image"].shape == (2, 32, 32, 3)
+    # The photo's masses are the sum of what the model sees in each half (derived Dead from the summed heads).
+    raw = np.asarray(run.model.apply(run.variables, example["image"]))[:, :5] * np.asarray(run.task.stats["scale"])
+    expected = np.asarray(biomass.complete(raw.sum(0, keepdims=True), False, True))[0]
+    got = np.asarray(run.task.predict_fn(run.model)(run.variables, example["image"][None]))[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+    from jaxvit.predict import Predictor
+    from PIL import Image
+    photo = np.asarray(Image.open(src.paths[0]).convert("RGB"))
+    np.testing.assert_allclose(Predictor.from_workdir(tmp_path / "run", "final").raw_outputs([photo])[0], got,
+                               rtol=1e-4, atol=1e-3)

@@ -79,11 +79,13 @@ class PastureSource:
 
 
 class PastureExample:
-    """Decode a path (or take an "image" array), [train: perspective jitter, border mask], fit to data.image_size (squash, or pad to square first),
-    [train: CLAHE, motion blur, colour jitter, flips / quarter turns], normalise. Picklable."""
+    """Decode a path (or take an "image" array); train: perspective jitter, border mask; then each view (the whole
+    photo, or its left and right halves with `biomass.halves`: "image" [2, S, S, 3]) is fitted to data.image_size
+    (squashed, or padded to square first), augmented (train: CLAHE, motion blur, colour jitter, flips / quarter
+    turns) and normalised. Picklable."""
 
     def __init__(self, cfg: TransformConfig, aug: Any):
-        self.cfg, self.pad_to_square = cfg, bool(aug.pad_to_square)
+        self.cfg, self.pad_to_square, self.halves = cfg, bool(aug.pad_to_square), bool(aug.halves)
         self.aug = {k: float(aug[k]) for k in ("perspective_jitter", "border_mask", "clahe_prob", "motion_blur_prob")}
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
@@ -92,26 +94,30 @@ class PastureExample:
             x = photo_aug.perspective_jitter(x, a["perspective_jitter"], rng)
         if rng is not None and a["border_mask"] > 0:
             x = photo_aug.border_mask(x, a["border_mask"], rng)
-        image = Image.fromarray(x)
+        views = [x[:, :x.shape[1] // 2], x[:, x.shape[1] // 2:]] if self.halves else [x]
+        images = np.stack([self._view(v, rng) for v in views])
+        out = {k: np.asarray(v) for k, v in example.items() if k not in ("path", "image")}
+        return {"image": images if self.halves else images[0], **out}
+
+    def _view(self, x: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        image, size, c, a = Image.fromarray(np.ascontiguousarray(x)), self.cfg.image_size, self.cfg, self.aug
         if self.pad_to_square:
             side = max(image.size)
             square = Image.new("RGB", (side, side))
             square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
             image = square
-        size, c = self.cfg.image_size, self.cfg
         image = image.resize((size, size), Image.Resampling.BILINEAR if rng is not None else Image.Resampling.BICUBIC)
-        if rng is not None and rng.random() < a["clahe_prob"]:
+        if rng is None:
+            return normalize(np.asarray(image), c.mean, c.std)
+        if rng.random() < a["clahe_prob"]:
             image = Image.fromarray(photo_aug.clahe(np.asarray(image)))
-        if rng is not None and rng.random() < a["motion_blur_prob"]:
+        if rng.random() < a["motion_blur_prob"]:
             image = Image.fromarray(photo_aug.motion_blur(np.asarray(image), int(rng.integers(3, 8)),
                                                           float(rng.uniform(0, 180))))
-        if rng is not None and any(v > 0 for v in c.color_jitter) and rng.random() < c.color_jitter_prob:
+        if any(v > 0 for v in c.color_jitter) and rng.random() < c.color_jitter_prob:
             image = color_jitter(image, c.color_jitter, rng)
-        x = np.asarray(image)
-        if rng is not None:
-            x = random_flips_rot90(x, c.hflip, c.vflip, c.rot90, rng)
-        out = {k: np.asarray(v) for k, v in example.items() if k not in ("path", "image")}
-        return {"image": normalize(np.ascontiguousarray(x), c.mean, c.std), **out}
+        x = random_flips_rot90(np.asarray(image), c.hflip, c.vflip, c.rot90, rng)
+        return normalize(np.ascontiguousarray(x), c.mean, c.std)
 
 
 class Biomass(Task):
@@ -136,6 +142,8 @@ class Biomass(Task):
         c.height_weight = 0.0  # > 0: auxiliary Height_Ave_cm head (--use-height-head --height-weight)
         c.ndvi_weight = 0.0  # > 0: auxiliary Pre_GSHH_NDVI head (--use-ndvi-head --ndvi-weight)
         c.species_weight = 0.0  # > 0: auxiliary species classification head (--use-species-head)
+        c.halves = False  # left and right halves as two views; masses = the halves' sum (the seed's L/R views)
+        c.cross_view_weight = 0.0  # halves: weight of the halves' disagreement (--use-cross-view-consistency)
         c.pad_to_square = False  # pad the photo to a square before resizing (--use-pad-to-square)
         c.clahe_prob = 0.0  # train: probability of CLAHE on the luminance (the seed's --strong-aug)
         c.motion_blur_prob = 0.0  # train: probability of a motion blur of 3-7 px at a random angle (--strong-aug)
@@ -148,6 +156,8 @@ class Biomass(Task):
         b = cfg.biomass
         if b.loss not in LOSSES:
             raise ConfigError(f"biomass.loss={b.loss!r}: use one of {', '.join(LOSSES)}")
+        if b.cross_view_weight > 0 and not b.halves:
+            raise ConfigError("biomass.cross_view_weight > 0 needs biomass.halves=True (two views to compare)")
         if b.huber_dead_delta < 0:
             raise ConfigError(f"biomass.huber_dead_delta={b.huber_dead_delta}: must be >= 0 (0 = off)")
         saved = Path(workdir) / "biomass_stats.json" if workdir else None
@@ -214,15 +224,29 @@ class Biomass(Task):
         return build_head_model(self.cfg, max(s.stop for s in self._layout().values()), rng)
 
     def _masses(self, out: jax.Array) -> jax.Array:
-        """Head output -> the five masses in grams, derived columns filled in from the identities."""
+        """Head output [B, K] -> the five masses in grams, derived columns filled in from the identities."""
         b = self.cfg.biomass
         grams = out[:, self._layout()["mass"]].astype(jnp.float32) * jnp.asarray(self.stats["scale"])
         return biomass.complete(grams, b.train_dead, b.train_clover)
 
+    def _combine(self, out: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
+        """Outputs of every view [B * V, K] -> (the photo's outputs [B, K], cross-view disagreement [B]). Halves: the
+        masses add up (each half shows half the quadrat), the rest is averaged; the disagreement is the mean squared
+        difference of the halves' standardised masses."""
+        out = out.astype(jnp.float32).reshape(batch_size, -1, out.shape[-1])
+        if out.shape[1] == 1:
+            return out[:, 0], jnp.zeros(batch_size)
+        mass = self._layout()["mass"]
+        whole = out.mean(1).at[:, mass].set(out[:, :, mass].sum(1))
+        return whole, jnp.mean((out[:, 0, mass] - out[:, 1, mass]) ** 2, -1)
+
+    def _views(self, images: jax.Array) -> jax.Array:
+        return images.reshape(-1, *images.shape[-3:])  # [B, V, S, S, C] (halves) or [B, S, S, C] -> [B * V, ...]
+
     def loss(self, model, variables: dict, batch: dict, rng: jax.Array):
         b, layout = self.cfg.biomass, self._layout()
-        out, updates = apply_train(model, variables, batch["image"], rng)
-        out = out.astype(jnp.float32)
+        views, updates = apply_train(model, variables, self._views(batch["image"]), rng)
+        out, disagreement = self._combine(views, batch["targets"].shape[0])
         pred, true = self._masses(out), batch["targets"]
         scale = jnp.asarray(self.stats["scale"])
         weights = jnp.asarray(biomass.loss_weights(b.train_dead, b.train_clover))
@@ -233,6 +257,8 @@ class Biomass(Task):
         if b.huber_dead_delta > 0:
             total += biomass.WEIGHTS[biomass.DEAD] * biomass.huber(pred[:, biomass.DEAD], true[:, biomass.DEAD],
                                                                     b.huber_dead_delta)
+        if b.cross_view_weight > 0:
+            total += b.cross_view_weight * disagreement
         if b.mass_balance_weight > 0:
             total += b.mass_balance_weight * biomass.mass_balance(pred)
         if b.uncertainty:
@@ -255,8 +281,13 @@ class Biomass(Task):
 
     # -- evaluation and prediction
     def predict_fn(self, model) -> Callable:
-        views = tuple(self.cfg.eval.tta)
-        return lambda variables, images: tta.average(lambda x: self._masses(model.apply(variables, x)), images, views)
+        names = tuple(self.cfg.eval.tta)
+
+        def predict(variables, images):
+            per_view = lambda x: model.apply(variables, x).astype(jnp.float32)
+            out = tta.average(per_view, self._views(images), names)  # TTA views of each photo view
+            return self._masses(self._combine(out, images.shape[0])[0])
+        return predict
 
     def score(self, outputs: np.ndarray, ok: np.ndarray, src: PastureSource, out_dir: Path | None = None,
               extra: dict | None = None) -> dict:

@@ -19,31 +19,27 @@ def _psum(x, axis_name):
     return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def _logsumexp(x, axis, axis_name=None):
-    """log sum exp of x over `axis` (None: all) and over the devices of `axis_name`; -inf where all are -inf."""
-    m = jnp.max(x, axis=axis, keepdims=True)
-    m = m if axis_name is None else jax.lax.pmax(m, axis_name)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    return m + jnp.log(_psum(jnp.sum(jnp.exp(x - m), axis=axis, keepdims=True), axis_name))
-
-
 def sinkhorn_knopp(teacher_logits, temp, n_iters: int = 3, axis_name=None, valid=None):
     """Q = exp(l/temp) / sum; n_iters x (Q /= K * sum_b Q; Q /= B * sum_k Q); return B * Q  ([B, K] rows sum to 1).
 
     The official `sinkhorn_knopp_teacher` in the [B, K] layout (its K x B matrix transposed): "rows" (one per
     prototype) are sums over the batch axis, all-reduced over `axis_name` (B is the global batch); "columns" (one
-    per sample) are sums over K. Computed in log space (each sum a max-subtracted log-sum-exp): the same result,
-    without the official overflow (inf/NaN once l/temp > ~88) or the underflow of rare prototypes that a single
-    global max-shift would flush before their row normalisation. `valid` ([B] bool) drops padding rows (zero
-    probabilities; B counts valid rows only, like the iBOT version's `n_masked_patches_tensor`)."""
+    per sample) are sums over K. Stable: each prototype's (global) max of l is subtracted before / temp and exp, a factor
+    the first prototype normalisation cancels (n_iters=0: the global max), so the result is the same without the
+    official overflow (inf/NaN once l/temp > ~88) and without flushing whole rare prototypes, as one global shift
+    would. `valid` ([B] bool) drops padding rows (zero probabilities; B counts the valid rows, like the iBOT
+    version's `n_masked_patches_tensor`)."""
     valid = jnp.ones(teacher_logits.shape[:1], bool) if valid is None else valid
-    lq = jnp.where(valid[:, None], teacher_logits.astype(F32) / temp, -jnp.inf)
-    log_b, log_k = jnp.log(_psum(valid.sum().astype(F32), axis_name)), jnp.log(F32(lq.shape[1]))
-    lq = lq - _logsumexp(lq, None, axis_name)
+    l = jnp.where(valid[:, None], teacher_logits.astype(F32), -jnp.inf)
+    lmax = jnp.max(l, axis=0 if n_iters else None, keepdims=True)
+    lmax = lmax if axis_name is None else jax.lax.pmax(lmax, axis_name)
+    q = jnp.exp((l - jnp.where(jnp.isfinite(lmax), lmax, 0.0)) / temp)  # shifted before / temp: exact-er
+    b, k = _psum(valid.sum().astype(F32), axis_name), l.shape[1]
+    q = q / _psum(q.sum(), axis_name)
     for _ in range(n_iters):
-        lq = lq - _logsumexp(lq, 0, axis_name) - log_k
-        lq = jnp.where(valid[:, None], lq - _logsumexp(lq, 1) - log_b, -jnp.inf)
-    return jnp.exp(lq + log_b)
+        q = q / _psum(q.sum(0, keepdims=True), axis_name) / k
+        q = q / jnp.maximum(q.sum(1, keepdims=True), jnp.finfo(F32).tiny) / b  # padding rows: 0 / tiny
+    return q * b
 
 
 def softmax_center(teacher_logits, center, temp):
