@@ -9,6 +9,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps dinov2==0.0.1.dev2
 	touch $(STAMP)
 
 demo: $(STAMP)

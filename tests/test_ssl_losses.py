@@ -154,7 +154,8 @@ def test_softmax_center_and_update_center_match_official():
     ibot.apply_center_update()
     close(ibot_center, ibot.center)
     padded = np.concatenate([tokens[0], randn(rng, 5, 12)])
-    close(L.update_center(0.0 * ibot_center, padded, 0.5, valid=np.arange(20) < 15), 0.5 * tokens[0].mean(0, keepdims=True)[None])
+    got = L.update_center(jnp.zeros((1, 1, 12)), padded, 0.5, valid=np.arange(20) < 15)  # padding rows dropped
+    close(got, 0.5 * tokens[0].mean(0)[None, None])
 
 
 # ------------------------------------------------------------------------------------------------------- DINO
@@ -229,9 +230,10 @@ def test_ibot_loss_matches_official_with_ragged_and_padded_masks():
 # ------------------------------------------------------------------------------------------------------ KoLeo
 
 
+@pytest.mark.filterwarnings("ignore:`torch.cuda.amp.autocast")
 def test_koleo_loss_matches_official():
     rng = np.random.default_rng(7)
-    x = randn(rng, 32, 16)
+    x = randn(rng, 64, 8)  # nearest neighbours well inside the sphere: the loss is O(1), not ~0
     x_torch = T(x.copy()).requires_grad_()
     want = dinov2_loss.KoLeoLoss()(x_torch)
     want.backward()
@@ -342,7 +344,7 @@ def _fake_samples(n):
 
 def test_batch_masks_are_the_official_collate_on_the_same_draws(monkeypatch):
     masking, collate = _official("masking"), _official("collate")
-    for seed, batch in [(0, 16), (1, 10), (2, 7 * 2)]:
+    for seed, batch in [(0, 16), (1, 10), (2, 14), (3, 32), (4, 2), (5, 64)]:
         draws = OfficialRandom(seed)
         monkeypatch.setattr(masking, "random", draws)
         monkeypatch.setattr(collate, "random", draws)

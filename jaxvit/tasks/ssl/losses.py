@@ -24,11 +24,12 @@ def sinkhorn_knopp(teacher_logits, temp, n_iters: int = 3, axis_name=None, valid
 
     The official `sinkhorn_knopp_teacher` in the [B, K] layout (its K x B matrix transposed): "rows" (one per
     prototype) are sums over the batch axis, all-reduced over `axis_name` (B is the global batch); "columns" (one
-    per sample) are sums over K. Stable: each prototype's (global) max of l is subtracted before / temp and exp, a factor
-    the first prototype normalisation cancels (n_iters=0: the global max), so the result is the same without the
-    official overflow (inf/NaN once l/temp > ~88) and without flushing whole rare prototypes, as one global shift
-    would. `valid` ([B] bool) drops padding rows (zero probabilities; B counts the valid rows, like the iBOT
-    version's `n_masked_patches_tensor`)."""
+    per sample) are sums over K. Stable: each prototype's (global) max of l is subtracted before / temp and exp,
+    a factor the first prototype normalisation cancels (n_iters=0: the global max), so the result is the same
+    without the official overflow (inf/NaN once l/temp > ~88) and without flushing whole rare prototypes, as one
+    global shift would (a sample ~88 * temp below every prototype's max still underflows: zeros, official NaN).
+    `valid` ([B] bool) drops padding rows (zero probabilities; B counts the valid rows, like the iBOT version's
+    `n_masked_patches_tensor`)."""
     valid = jnp.ones(teacher_logits.shape[:1], bool) if valid is None else valid
     l = jnp.where(valid[:, None], teacher_logits.astype(F32), -jnp.inf)
     lmax = jnp.max(l, axis=0 if n_iters else None, keepdims=True)
