@@ -53,11 +53,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-TARGETS: tuple[str, ...] = ("Dry_Green_g", "Dry_Dead_g", "Dry_Clover_g", "GDM_g", "Dry_Total_g")
-# The competition's weights of the five targets in its weighted R^2.
-TARGET_WEIGHTS: dict[str, float] = {
-    "Dry_Green_g": 0.1, "Dry_Dead_g": 0.1, "Dry_Clover_g": 0.1, "GDM_g": 0.2, "Dry_Total_g": 0.5,
-}
+from jaxvit.biomass import TARGETS
+
 COLUMNS: tuple[str, ...] = (
     "sample_id", "image_path", "Sampling_Date", "State", "Species",
     "Pre_GSHH_NDVI", "Height_Ave_cm", "target_name", "target",
@@ -290,29 +287,6 @@ def write_dataset(
     marker.write_text(json.dumps(params, indent=1))
     partial.unlink()
     return root
-
-
-def read_wide(csv_path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
-    """Read a long-format CSV into image paths (first-seen order) and an (N, 5) target array in TARGETS order."""
-    paths: list[str] = []
-    index: dict[str, int] = {}
-    values: dict[tuple[int, str], float] = {}
-    with open(csv_path, newline="") as f:
-        for r in csv.DictReader(f):
-            i = index.setdefault(r["image_path"], len(paths))
-            if i == len(paths):
-                paths.append(r["image_path"])
-            values[(i, r["target_name"])] = float(r["target"])
-    y = np.array([[values[(i, t)] for t in TARGETS] for i in range(len(paths))])
-    return paths, y
-
-
-def weighted_r2(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """The competition's weighted R^2 over all (image, target) pairs of (N, 5) arrays in TARGETS order."""
-    y_true, y_pred = np.asarray(y_true, np.float64), np.asarray(y_pred, np.float64)
-    w = np.broadcast_to(np.array([TARGET_WEIGHTS[t] for t in TARGETS]), y_true.shape)
-    mean = (w * y_true).sum() / w.sum()
-    return float(1.0 - (w * (y_true - y_pred) ** 2).sum() / (w * (y_true - mean) ** 2).sum())
 
 
 def main(argv: list[str] | None = None) -> None:
