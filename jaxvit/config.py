@@ -78,7 +78,7 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
 
     c.data = default_data_config()
     c.data.classes = ()  # class names in label order; () = sorted directory names
-    c.data.demo = ""  # write a demo data set into data_dir first: gz2 (synthetic galaxies) | digits (scikit-learn)
+    c.data.demo = ""  # write a demo set into data_dir first: gz2 | digits | pasture (jaxvit.data.demo_sets)
 
     c.eval = mlc.ConfigDict()
     c.eval.batch_size = 64
