@@ -265,9 +265,9 @@ class Biomass(Task):
             total += biomass.gaussian_nll(pred / scale, out[:, layout["log_var"]], true / scale) / 5
         if b.qc_weight > 0:
             total += b.qc_weight * biomass.qc_plausibility(pred / scale, jnp.asarray(self.stats["max_mass"]) / scale)
-        for key, stat in (("height", "height"), ("ndvi", "ndvi")):
+        for key in ("height", "ndvi"):
             if key in layout:
-                mean, std = self.stats[stat]
+                mean, std = self.stats[key]
                 target = (batch[key] - mean) / std
                 known = jnp.isfinite(target)
                 err = optax.huber_loss(out[:, layout[key]][:, 0] - jnp.where(known, target, 0.0))
