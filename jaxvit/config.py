@@ -73,6 +73,9 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     c.optim.warmup_steps = 0  # overrides warmup_ratio when > 0
     c.optim.lr_min_ratio = 0.0  # cosine floor, as a fraction of lr
     c.optim.grad_clip = 1.0  # global-norm clip; 0 = off
+    c.optim.clip_per_module = False  # True: clip each module (params/backbone, params/<head>) separately (DINO)
+    c.optim.weight_decay_end = -1.0  # >= 0: weight decay follows a cosine from weight_decay to this (DINO 0.4)
+    c.optim.lr_scaling = "none"  # none | sqrt_wrt_1024 (lr x 4 sqrt(B/1024), DINO) | linear_wrt_256 (lr x B/256)
     c.optim.layer_decay = 1.0  # block i gets lr * decay ** (depth - i)
     c.optim.lr_mults = ()  # ((regex over variable paths, multiplier), ...): first match wins
 
@@ -83,6 +86,7 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     c.eval = mlc.ConfigDict()
     c.eval.batch_size = 64
     c.eval.every_steps = 0  # evaluate (and save a resume point) every N steps; 0 = at the end of each epoch
+    c.eval.at_start = False  # also evaluate before the first step (a history row at step 0)
     c.eval.val_split = "val"  # split evaluated during training ("" = none)
     c.eval.test_split = "test"  # split evaluated at the end ("" = none)
     c.eval.test_checkpoint = "best"  # best | final: the weights the end-of-run test uses
@@ -167,7 +171,8 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"), "model.frozen_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"), "model.pool": ("cls", "cls_mean"),
     "model.head_norm": ("none", "batch"), "model.head_act": ("gelu", "relu"),
-    "optim.schedule": ("cosine", "onecycle", "constant"), "data.preflight": ("auto", "full", "sample", "off"),
+    "optim.schedule": ("cosine", "onecycle", "constant"),
+    "optim.lr_scaling": ("none", "sqrt_wrt_1024", "linear_wrt_256"), "data.preflight": ("auto", "full", "sample", "off"),
     "eval.test_checkpoint": ("best", "final"), "checkpoint.best_mode": ("", "max", "min"),
 }
 _POSITIVE = ("train.batch_size", "eval.batch_size", "train.grad_accum", "train.log_every_steps", "data.image_size",

@@ -165,6 +165,22 @@ def plot_training_curves(history_csv_path: PathLike, path: PathLike) -> None:
     _save(fig, path)
 
 
+def plot_attention_maps(images: np.ndarray, maps: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                        path: PathLike, max_heads: int = 6) -> None:
+    """One row per image: the (de-normalised) image, then one attention map [h, w] per head (up to max_heads)."""
+    n, heads = maps.shape[0], min(maps.shape[1], max_heads)
+    fig = Figure(figsize=(1.6 * (heads + 1), 1.6 * n))
+    axes = fig.subplots(n, heads + 1, squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(np.clip(images[i] * np.asarray(std) + np.asarray(mean), 0, 1))
+        for j in range(heads):
+            axes[i, j + 1].imshow(maps[i, j], cmap="inferno")
+            if i == 0:
+                axes[i, j + 1].set_title(f"head {j}", fontsize=8)
+        for ax in axes[i]:
+            ax.set_axis_off()
+    _save(fig, path)
+
 def write_predictions_csv(
     path: PathLike,
     paths: Sequence[str],

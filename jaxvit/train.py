@@ -116,9 +116,9 @@ def make_step(task, model, cfg, tx: optax.GradientTransformation, lr_schedule: C
     """step(state, batch) -> (state, metrics): the un-jitted train step (jit it with the state's shardings)."""
     t = cfg.train
 
-    def loss_fn(trainable, frozen, mutable, batch, rng):
+    def loss_fn(trainable, frozen, mutable, batch, rng, step):
         variables = optim.combine(optim.combine(trainable, frozen), mutable)
-        loss, metrics, updates = task.loss(model, variables, batch, rng)
+        loss, metrics, updates = task.loss(model, variables, batch, rng, step=step)
         return loss.mean(), (loss, metrics, updates)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -127,7 +127,8 @@ def make_step(task, model, cfg, tx: optax.GradientTransformation, lr_schedule: C
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         mutable = state.get("mutable", {})
         if t.grad_accum == 1:
-            (_, (losses, metrics, updates)), grads = grad_fn(state["trainable"], state["frozen"], mutable, batch, rng)
+            (_, (losses, metrics, updates)), grads = grad_fn(state["trainable"], state["frozen"], mutable, batch, rng,
+                                                             state["step"])
         else:  # equal micro-batches: the mean of their gradients is the gradient of the full batch
             k = t.grad_accum
             micro_batches = jax.tree_util.tree_map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
@@ -135,7 +136,8 @@ def make_step(task, model, cfg, tx: optax.GradientTransformation, lr_schedule: C
             def micro(carry, xs):
                 grads, mut = carry
                 i, mb = xs
-                (_, (l, m, upd)), g = grad_fn(state["trainable"], state["frozen"], mut, mb, jax.random.fold_in(rng, i))
+                (_, (l, m, upd)), g = grad_fn(state["trainable"], state["frozen"], mut, mb, jax.random.fold_in(rng, i),
+                                              state["step"])
                 return (jax.tree_util.tree_map(jnp.add, grads, g), optim.combine(mut, upd)), (l, m)
 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, state["trainable"])
@@ -151,7 +153,9 @@ def make_step(task, model, cfg, tx: optax.GradientTransformation, lr_schedule: C
         new = dict(state, step=state["step"] + 1, trainable=keep(trainable, state["trainable"]),
                    opt_state=keep(opt_state, state["opt_state"]))
         if mutable:
-            new["mutable"] = keep(optim.combine(mutable, updates), mutable)
+            after = task.after_update(optim.combine(new["trainable"], state["frozen"]),
+                                      optim.combine(mutable, updates), state["step"])
+            new["mutable"] = keep(after, mutable)
         if "ema" in state:
             current = _averaged(new["trainable"], new.get("mutable", {}))
             new["ema"] = keep(optim.ema_update(state["ema"], current, t.ema_decay), state["ema"])
@@ -179,12 +183,13 @@ class Trainer:
         self._preflight()
         t = cfg.train
         self.train_src = self.task.source(cfg.data.train_split)
-        self.steps_per_epoch = pipeline.steps_per_epoch(len(self.train_src), t.batch_size)
+        self.steps_per_epoch = self.task.steps_per_epoch(len(self.train_src), t.batch_size)
         self.phases = phases(cfg)
         lengths = [p.length(self.steps_per_epoch) for p in self.phases]
         # Phases that all have a length define the run's; otherwise the last runs to train.steps / train.epochs.
         self.total_steps = sum(lengths) if t.phases and all(lengths) else t.steps or t.epochs * self.steps_per_epoch
         self.eval_every = cfg.eval.every_steps or self.steps_per_epoch
+        self.task.set_run_length(self.total_steps, self.steps_per_epoch)
         self.model, self.variables = self.task.build(jax.random.key(cfg.seed))
         self.depth = self.task.depth(self.model)
         self.best_metric = cfg.checkpoint.best_metric or self.task.best_metric
@@ -218,7 +223,8 @@ class Trainer:
         trainable = partition(variables, rule)[0]
         length = phase.length(self.steps_per_epoch) if index < len(self.phases) - 1 else 0
         tx, schedule, mults = optim.make_optimizer(self.cfg, trainable, length or self.total_steps - start,
-                                                   self.depth, phase.lr or None, phase.lr_mults)
+                                                   self.depth, phase.lr or None, phase.lr_mults,
+                                                   self.task.lr_gates(self.steps_per_epoch))
         state, self.state_sharding = init_state(self.cfg, variables, rule, tx, self.mesh, start)
         step = make_step(self.task, self.model, self.cfg, tx, lambda s: schedule(s - start))
         compiled = xla_options.jit(step, in_shardings=(self.state_sharding, self.batch_sharding),
@@ -245,7 +251,7 @@ class Trainer:
             for name, content in self.task.run_files().items():
                 (self.workdir / name).write_text(json.dumps(content, indent=2))
         data = pipeline.train_iterator(self.train_src, self.task.train_transform(), c.data, global_batch=t.batch_size,
-                                       seed=c.seed)
+                                       seed=c.seed, batch_transform=self.task.batch_transform())
         meta = dict(phase=0, phase_start=0, best=None, since_best=0, history=[], sums={}, lr=0.0)
         latest = self.ckpts.latest()
         if latest is not None:
@@ -255,6 +261,8 @@ class Trainer:
             state = self.ckpts.restore(latest, state, data)
             log.info("resumed from step %d (phase %s)", latest, self.phases[meta["phase"]].name)
         self._log_overview(state, mults)
+        if c.eval.at_start and latest is None and c.eval.val_split:
+            self._eval_point(state, meta, 0, 0.0)  # the starting point of the curves (k-NN of the initial teacher)
         try:
             state, step = self._loop(state, step_fn, data, meta)
             self.ckpts.save_inference("final", step, eval_variables(state), self._info(step, meta))

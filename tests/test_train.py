@@ -374,7 +374,7 @@ class CountingClassification(Classification):
         model, variables = super().build(rng)
         return model, {**variables, "counts": {"seen": jnp.zeros((), jnp.float32), "labels": jnp.zeros(())}}
 
-    def loss(self, model, variables, batch, rng):
+    def loss(self, model, variables, batch, rng, step=None):
         params = {k: v for k, v in variables.items() if k != "counts"}
         loss, metrics, _ = super().loss(model, params, batch, rng)
         c = variables["counts"]

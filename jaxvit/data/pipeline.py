@@ -44,7 +44,7 @@ from jaxvit.errors import DataError
 log = logging.getLogger(__name__)
 
 # Tags keeping the random streams of different purposes apart.
-_ORDER, _AUGMENT, _REPLACE = 0x0D, 0xA6, 0x5E
+_ORDER, _AUGMENT, _REPLACE, _BATCH = 0x0D, 0xA6, 0x5E, 0xBA
 _MAX_REPLACEMENT_TRIES = 16
 
 
@@ -235,9 +235,9 @@ class TrainIterator(grain.DatasetIterator):
     The grain pipeline underneath is (re)built lazily from the current step.
     """
 
-    def __init__(self, example: _TrainExample, cfg: Any):
+    def __init__(self, example: _TrainExample, cfg: Any, batch_transform: Callable | None = None):
         super().__init__()
-        self._example, self._cfg = example, cfg
+        self._example, self._cfg, self._batch_transform = example, cfg, batch_transform
         self.step = 0
         self.bad_count = 0  # replaced samples seen by this process so far
         self._inner: grain.DatasetIterator | None = None
@@ -266,6 +266,9 @@ class TrainIterator(grain.DatasetIterator):
         if self._inner is None:
             self._inner = self._build()
         batch = next(self._inner)
+        if self._batch_transform is not None:
+            ex = self._example
+            batch = self._batch_transform(batch, np.random.default_rng([_BATCH, ex.seed, self.step, ex.process_index]))
         self.step += 1
         self.bad_count += int(np.sum(batch["bad"]))
         return batch
@@ -313,8 +316,12 @@ def train_iterator(
     seed: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    batch_transform: Callable | None = None,
 ) -> TrainIterator:
     """Infinite, deterministic, per-process-sharded training iterator (see module docstring).
+
+    `batch_transform(local batch, rng)` runs on each batch in this process (not in the workers), with an rng
+    that is a function of (seed, step, process_index) only.
 
     `process_index` / `process_count` default to `jax.process_index()` / `jax.process_count()`.
     """
@@ -327,7 +334,7 @@ def train_iterator(
                         f"{global_batch}: use a smaller batch")
     example = _TrainExample(source, transform, cfg, seed=seed, global_batch=global_batch,
                             process_index=process_index, local_batch=local_b)
-    return TrainIterator(example, cfg)
+    return TrainIterator(example, cfg, batch_transform)
 
 
 def iterator_save_args(it: grain.DatasetIterator) -> Any:

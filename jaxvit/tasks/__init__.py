@@ -14,6 +14,7 @@ TASKS = {  # config.task -> "module:class"
     "classification": "jaxvit.tasks.classification:Classification",
     "regression": "jaxvit.tasks.regression:Regression",
     "biomass": "jaxvit.tasks.biomass:Biomass",
+    "ssl": "jaxvit.tasks.ssl.task:SSL",
 }
 
 

@@ -69,12 +69,37 @@ class Task:
         """(model, variables) with pretrained weights loaded; variables are collections {"params", ...}."""
         raise NotImplementedError
 
+    def steps_per_epoch(self, n_examples: int, batch_size: int) -> int:
+        """Steps of one "epoch" (train.epochs, evaluation points, epoch-based schedules): one pass over the data;
+        SSL counts official epochs of a fixed length instead."""
+        return n_examples // batch_size
+
+    def set_run_length(self, total_steps: int, steps_per_epoch: int) -> None:
+        """Told by the loop before building the step (tasks with step-dependent schedules keep them)."""
+        self.total_steps, self.epoch_steps = total_steps, steps_per_epoch
+
+    def batch_transform(self) -> Callable[[dict, np.random.Generator], dict] | None:
+        """fn(local batch, rng) -> batch, run on each process's batch before the step (e.g. iBOT masks, which
+        are stratified over a batch); the rng is a function of (seed, step, process). None: no such step."""
+        return None
+
+    def lr_gates(self, steps_per_epoch: int) -> tuple[tuple[str, int], ...]:
+        """((regex over variable paths, step), ...): those variables' lr is 0 before that step of a phase."""
+        return ()
+
+    def after_update(self, params: dict, mutable: dict, step: jax.Array) -> dict:
+        """Task state after the optimizer step (inside the jitted step): `params` are the updated parameter
+        collections, `step` the step just taken; returns the new mutable collections (e.g. an EMA teacher)."""
+        return mutable
+
     def depth(self, model: Any) -> int:
         """Blocks of the backbone (layer-wise learning-rate decay)."""
         return model.backbone.depth
 
-    def loss(self, model: Any, variables: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict, dict]:
-        """(per-example loss [B], per-example metrics {name: [B]}, updated mutable collections {name: tree})."""
+    def loss(self, model: Any, variables: dict, batch: dict, rng: jax.Array, step: jax.Array
+             ) -> tuple[jax.Array, dict, dict]:
+        """(per-example loss [B], per-example metrics {name: [B]}, updated mutable collections {name: tree});
+        `step` is the train step (an int32 array) for step-dependent schedules."""
         raise NotImplementedError
 
     # -- evaluation and prediction

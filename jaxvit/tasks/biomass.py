@@ -243,7 +243,7 @@ class Biomass(Task):
     def _views(self, images: jax.Array) -> jax.Array:
         return images.reshape(-1, *images.shape[-3:])  # [B, V, S, S, C] (halves) or [B, S, S, C] -> [B * V, ...]
 
-    def loss(self, model, variables: dict, batch: dict, rng: jax.Array):
+    def loss(self, model, variables: dict, batch: dict, rng: jax.Array, step=None):
         b, layout = self.cfg.biomass, self._layout()
         views, updates = apply_train(model, variables, self._views(batch["image"]), rng)
         out, disagreement = self._combine(views, batch["targets"].shape[0])

@@ -81,7 +81,7 @@ class Classification(Task):
     def build(self, rng: jax.Array):
         return build_head_model(self.cfg, len(self.classes), rng)
 
-    def loss(self, model, variables: dict, batch: dict, rng: jax.Array):
+    def loss(self, model, variables: dict, batch: dict, rng: jax.Array, step=None):
         t, k = self.cfg.train, len(self.classes)
         mix_rng, drop_rng = jax.random.split(rng)
         soft = soft_targets(batch["label"], k, t.label_smoothing)

@@ -82,7 +82,7 @@ class Regression(Task):
     def _standardise(self, targets: jax.Array) -> jax.Array:
         return (targets - jnp.asarray(self.stats["mean"])) / jnp.asarray(self.stats["std"])
 
-    def loss(self, model, variables: dict, batch: dict, rng: jax.Array):
+    def loss(self, model, variables: dict, batch: dict, rng: jax.Array, step=None):
         out, updates = apply_train(model, variables, batch["image"], rng)
         err = out.astype(jnp.float32) - self._standardise(batch["targets"])
         per_target = err ** 2 if self.cfg.regression.loss == "mse" else optax.huber_loss(err, delta=1.0)

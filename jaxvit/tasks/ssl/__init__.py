@@ -1,1 +1,1 @@
-"""Self-supervised (DINO / iBOT / KoLeo / Gram) losses and iBOT block masks, after the official DINOv2/DINOv3 code."""
+"""Continued DINO self-supervised pretraining: losses, iBOT masks, multi-crop views, heads and the `ssl` task."""

@@ -113,15 +113,20 @@ class MultiCrop:
             view = solarize(view, c.solarize_threshold)
         return normalize(np.asarray(view), c.mean, c.std)
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        image = np.asarray(image)
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+    def __call__(self, image, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """`image`: one uint8 (H, W, 3) array, or a list of 2 + n_local of them (one per view, in view order:
+        e.g. a different microscopy channel per view)."""
         c = self.cfg
-        img = Image.fromarray(image)
-        g1 = self._view(img, c.global_size, c.global_scale, c.blur_probs[0], 0.0, rng)
-        g2 = self._view(img, c.global_size, c.global_scale, c.blur_probs[1], c.solarize_prob_global2, rng)
+        images = list(image) if isinstance(image, (list, tuple)) else [image] * (2 + c.n_local)
+        if len(images) != 2 + c.n_local:
+            raise ValueError(f"expected one image or {2 + c.n_local} (one per view), got {len(images)}")
+        for im in images:
+            if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
+                raise ValueError(f"expected a uint8 (H, W, 3) image, got {im.dtype} {im.shape}")
+        pil = [Image.fromarray(np.asarray(im)) for im in images]
+        g1 = self._view(pil[0], c.global_size, c.global_scale, c.blur_probs[0], 0.0, rng)
+        g2 = self._view(pil[1], c.global_size, c.global_scale, c.blur_probs[1], c.solarize_prob_global2, rng)
         local = np.empty((c.n_local, c.local_size, c.local_size, 3), np.float32)
         for i in range(c.n_local):
-            local[i] = self._view(img, c.local_size, c.local_scale, c.blur_probs[2], 0.0, rng)
+            local[i] = self._view(pil[2 + i], c.local_size, c.local_scale, c.blur_probs[2], 0.0, rng)
         return {"global": np.stack([g1, g2]), "local": local}

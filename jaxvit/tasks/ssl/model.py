@@ -1,0 +1,80 @@
+"""The SSL model: a ViT backbone with a DINO head (on the [CLS] token) and an iBOT head (on patch tokens).
+
+`DINOHead` is the official head (dinov2/dinov3 `layers/dino_head.py`): Linear(D, hidden) - GELU - ... -
+Linear(hidden, bottleneck), L2-normalised, then prototypes Linear(bottleneck, K, bias=False); DINOv2 weight-
+normalises the prototypes (`weight_norm`, weight_g filled with 1 and trained), DINOv3 does not. Parameter names
+follow the PyTorch modules' order (`mlp_{i}` is the i-th Linear of `mlp`, `kernel` [+ `weight_g`] the
+prototypes, torch's `last_layer.weight`.T [+ `weight_g`]); parity is tested against `dinov2.layers.DINOHead` in tests/test_ssl_task.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxvit.models.vit import ViT, ViTConfig, gelu
+
+_INIT = nn.initializers.truncated_normal(0.02)  # the official _init_weights: trunc_normal(std=0.02), bias 0
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    n_prototypes: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+    weight_norm: bool = False  # True: DINOv2's weight-normalised prototypes; False: DINOv3's plain Linear
+
+
+class DINOHead(nn.Module):
+    cfg: HeadConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., D] features -> [..., K] prototype logits, in float32 (heads are small next to the backbone)."""
+        c = self.cfg
+        x = x.astype(jnp.float32)
+        widths = [c.hidden_dim] * (max(c.nlayers, 1) - 1) + [c.bottleneck_dim]
+        for i, width in enumerate(widths):
+            x = nn.Dense(width, kernel_init=_INIT, name=f"mlp_{i}")(x)
+            if i < len(widths) - 1:
+                x = gelu(x)
+        x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+        v = self.param("kernel", _INIT, (c.bottleneck_dim, c.n_prototypes))  # [in, out] (torch's weight.T)
+        if c.weight_norm:  # w = g * v / ||v||, the norm per prototype (torch weight_norm, dim=0 of [out, in])
+            g = self.param("weight_g", nn.initializers.ones, (c.n_prototypes,))
+            v = v * (g / jnp.linalg.norm(v, axis=0))
+        return jnp.dot(x, v, precision=jax.lax.Precision.HIGHEST)
+
+
+class SSLModel(nn.Module):
+    """Backbone (params under `backbone/`), `dino_head/` and, when separate, `ibot_head/`.
+
+    `__call__` is the backbone (its output dict: pooler_output, patch_tokens, ...); `dino` / `ibot` apply the heads
+    (`model.apply(variables, x, method="dino")`); `init_all` creates every parameter."""
+
+    vit: ViTConfig
+    dino_cfg: HeadConfig
+    ibot_cfg: HeadConfig
+    separate_ibot_head: bool = True
+
+    def setup(self):
+        self.backbone = ViT(self.vit)
+        self.dino_head = DINOHead(self.dino_cfg)
+        self.ibot_head = DINOHead(self.ibot_cfg) if self.separate_ibot_head else self.dino_head
+
+    def __call__(self, images: jax.Array, *, train: bool = False, mask: jax.Array | None = None,
+                 return_attention: bool = False) -> dict:
+        return self.backbone(images, train=train, mask=mask, return_attention=return_attention)
+
+    def dino(self, x: jax.Array) -> jax.Array:
+        return self.dino_head(x)
+
+    def ibot(self, x: jax.Array) -> jax.Array:
+        return self.ibot_head(x)
+
+    def init_all(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        out = self(images)
+        return self.dino(out["pooler_output"]), self.ibot(out["patch_tokens"])

@@ -1,0 +1,163 @@
+"""The `ssl` task: heads against the official DINOHead, the official schedules, the teacher as the EMA of the
+student, the frozen prototypes of the first epoch, iBOT batch masks, and a short run through the loop."""
+import csv
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from conftest import TINY_VIT
+from jaxvit import optim, sharding, tasks
+from jaxvit.config import base_config
+from jaxvit.data import pipeline
+from jaxvit.tasks.ssl.model import DINOHead, HeadConfig
+from jaxvit.train import Trainer, init_state, make_step
+
+torch = pytest.importorskip("torch")
+
+
+def tiny_ssl_config(data_dir, **train):
+    """A tiny student (patch 8, width 32, depth 2) on 32 px global / 16 px local crops, heads of 64 prototypes."""
+    c = base_config("ssl")
+    c.data.data_dir = str(data_dir)
+    c.data.image_size, c.data.crop_ratio, c.data.num_workers = 32, 1.0, 0
+    c.model.overrides.update(TINY_VIT)
+    s = c.ssl
+    s.epoch_length = 0
+    s.crops.global_size, s.crops.local_size, s.crops.n_local = 32, 16, 2
+    for head in (s.dino, s.ibot):
+        head.n_prototypes, head.hidden_dim, head.bottleneck_dim = 64, 32, 16
+    s.teacher.warmup_temp_epochs = 1
+    s.knn.k = 3
+    s.attention_images = 2
+    c.train.epochs, c.train.batch_size, c.train.log_every_steps = 2, 8, 1
+    c.eval.batch_size, c.eval.test_split, c.eval.test_checkpoint = 8, "", "final"
+    c.optim.lr, c.optim.warmup_ratio = 1e-3, 0.0
+    for k, v in train.items():
+        c.train[k] = v
+    return c
+
+
+def flat(tree):
+    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+@pytest.mark.parametrize("weight_norm", [True, False])
+def test_dino_head_matches_the_official_head(weight_norm):
+    from dinov2.layers.dino_head import DINOHead as Official
+    torch.manual_seed(0)
+    official = Official(24, 50, nlayers=3, hidden_dim=40, bottleneck_dim=16)
+    with torch.no_grad():
+        for p in official.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # biases and weight_g away from their initial 0 / 1
+    if not weight_norm:  # DINOv3's plain prototypes: the same head without weight_norm
+        torch.nn.utils.remove_weight_norm(official.last_layer)
+    sd = {k: v.detach().numpy() for k, v in official.state_dict().items()}
+    params = {f"mlp_{i}": {"kernel": sd[f"mlp.{2 * i}.weight"].T, "bias": sd[f"mlp.{2 * i}.bias"]} for i in range(3)}
+    if weight_norm:
+        params.update(kernel=sd["last_layer.weight_v"].T, weight_g=sd["last_layer.weight_g"][:, 0])
+    else:
+        params["kernel"] = sd["last_layer.weight"].T
+    x = np.random.default_rng(0).standard_normal((5, 24)).astype(np.float32)
+    got = DINOHead(HeadConfig(50, 40, 16, 3, weight_norm)).apply({"params": params}, x)
+    want = official(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_schedules_match_the_official_cosine_scheduler():
+    from dinov2.utils.utils import CosineScheduler
+    cases = [dict(base_value=0.992, final_value=1.0, total_iters=37),  # teacher momentum
+             dict(base_value=0.04, final_value=0.4, total_iters=50),  # weight decay
+             dict(base_value=0.07, final_value=0.07, total_iters=12, warmup_iters=12, start_warmup_value=0.04),
+             dict(base_value=1e-3, final_value=1e-6, total_iters=40, warmup_iters=10)]  # temperature, lr
+    for case in cases:
+        official = CosineScheduler(**case)
+        mine = optim.cosine(case["base_value"], case["final_value"], case["total_iters"],
+                            case.get("warmup_iters", 0), case.get("start_warmup_value", 0.0))
+        steps = np.arange(case["total_iters"] + 3)
+        np.testing.assert_allclose(np.asarray(jax.vmap(mine)(steps)), [official[int(i)] for i in steps],
+                                   rtol=1e-6, atol=1e-9, err_msg=str(case))
+
+
+def test_lr_scaling_and_per_module_clipping(gz2_dir):
+    c = tiny_ssl_config(gz2_dir)
+    c.train.batch_size, c.optim.lr_scaling = 256, "sqrt_wrt_1024"
+    assert optim.lr_scale(c) == pytest.approx(2.0)
+    clip = optim.clip_per_module(1.0)
+    grads = {"params": {"backbone": {"w": jnp.full((4,), 3.0)}, "dino_head": {"w": jnp.full((2,), 0.1)}}}
+    out, _ = clip.update(grads, clip.init(grads))
+    np.testing.assert_allclose(jnp.linalg.norm(out["params"]["backbone"]["w"]), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(out["params"]["dino_head"]["w"], 0.1)  # below the limit: untouched
+
+
+def _setup(gz2_dir, **ssl):
+    c = tiny_ssl_config(gz2_dir)
+    c.optim.weight_decay, c.optim.weight_decay_end = 0.04, 0.4
+    for k, v in ssl.items():
+        c.ssl[k] = v
+    task = tasks.create(c)
+    model, variables = task.build(jax.random.key(0))
+    src = task.source("train")
+    spe = task.steps_per_epoch(len(src), c.train.batch_size)
+    task.set_run_length(3 * spe, spe)
+    rule = optim.trainable_rule("all", c, task.head)
+    tx, schedule, _ = optim.make_optimizer(c, optim.split({"params": variables["params"]}, rule)[0], 3 * spe,
+                                           task.depth(model), lr_gates=task.lr_gates(spe))
+    state, _ = init_state(c, variables, rule, tx, sharding.make_mesh(c.mesh))
+    data = pipeline.train_iterator(src, task.train_transform(), c.data, global_batch=8, seed=0,
+                                   batch_transform=task.batch_transform())
+    return c, task, jax.jit(make_step(task, model, c, tx, schedule)), state, data, spe
+
+
+def test_teacher_is_the_ema_of_the_student_and_prototypes_wait_one_epoch(gz2_dir):
+    c, task, step, state, data, spe = _setup(gz2_dir, epoch_length=2, head_weight_norm=True)
+    assert spe == 2
+    teacher = flat(state["mutable"]["teacher"])
+    start = flat(state["trainable"]["params"])
+    for i in range(3):
+        state, metrics = step(state, next(data))
+        assert np.isfinite(float(metrics["loss"]))
+        student = flat(state["trainable"]["params"])
+        m = float(task.momentum(i))
+        teacher = {k: m * v + (1 - m) * student[k] for k, v in teacher.items()}
+        for k, v in flat(state["mutable"]["teacher"]).items():
+            np.testing.assert_allclose(v, teacher[k], rtol=1e-5, atol=1e-7, err_msg=k)
+        frozen = i < spe  # the prototypes' lr is 0 during the first epoch (2 steps)
+        for k in ("dino_head/kernel", "dino_head/weight_g", "ibot_head/kernel"):
+            assert np.array_equal(student[k], start[k]) == frozen, (i, k)
+        assert not np.array_equal(student["dino_head/mlp_0/kernel"], start["dino_head/mlp_0/kernel"])
+    assert 0.992 < float(task.momentum(2)) < 1.0 and float(task.momentum(100)) == 1.0
+    assert float(task.teacher_temp(0)) == pytest.approx(0.04) and float(task.teacher_temp(spe)) == pytest.approx(0.07)
+
+
+def test_ibot_masks_of_a_batch(gz2_dir):
+    _, task, _, _, data, _ = _setup(gz2_dir)
+    batch = next(data)
+    masks = batch["masks"]  # [b, 2, P]
+    assert masks.shape == (8, 2, 16) and masks.dtype == bool
+    per_crop = masks.reshape(16, -1).sum(1)
+    assert (per_crop > 0).sum() == 8  # half of the 2 * 8 global crops, exact (DINOv3 top-up)
+    assert sorted(per_crop[per_crop > 0]) == sorted(int(16 * p) for p in np.linspace(0.1, 0.5, 9)[1:])
+    assert masks.sum() <= task.mask_batch().max_masked(8)
+
+
+def test_softmax_centering_updates_the_centres(gz2_dir):
+    _, task, step, state, data, _ = _setup(gz2_dir, centering="softmax")
+    before = flat(state["mutable"]["centers"])
+    state, metrics = step(state, next(data))
+    assert np.isfinite(float(metrics["loss"]))
+    assert all(not np.array_equal(v, before[k]) for k, v in flat(state["mutable"]["centers"]).items())
+
+
+def test_a_short_run_trains_evaluates_and_draws_attention(gz2_dir, tmp_path):
+    c = tiny_ssl_config(gz2_dir, epochs=3)
+    c.eval.at_start = True
+    Trainer(c, tmp_path).run()
+    rows = list(csv.DictReader((tmp_path / "training_history.csv").open()))
+    assert [int(r["step"]) for r in rows] == [0, 5, 10, 15]
+    assert all(0.0 <= float(r["val_knn_accuracy"]) <= 1.0 for r in rows)
+    losses = [float(r["train_loss"]) for r in rows[1:]]
+    assert losses[-1] < losses[0], losses
+    assert (tmp_path / "attention_val.png").stat().st_size > 0
