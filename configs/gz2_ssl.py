@@ -13,6 +13,7 @@ for fine-tuning with `python -m jaxvit.export --workdir=runs/gz2_ssl --output=ru
 pretrains a tiny ViT on the synthetic galaxies (no download) for a few minutes on a CPU.
 """
 from jaxvit.config import apply_variant, base_config
+from jaxvit.tasks.ssl.task import dino_optimizer
 
 
 def get_config(arg: str = ""):
@@ -40,16 +41,6 @@ def get_config(arg: str = ""):
     c.eval.test_split = ""
     c.eval.test_checkpoint = "final"
     return apply_variant(c, arg, "gz2_ssl.py", demo=demo)
-
-
-def dino_optimizer(c):
-    """The official DINOv2/DINOv3 optimizer around optim.lr: AdamW (0.9, 0.999), weight decay cosine 0.04 -> 0.4,
-    layer decay 0.9, patch embedding lr x 0.2, gradients clipped to 3.0 per module."""
-    c.optim.weight_decay, c.optim.weight_decay_end = 0.04, 0.4
-    c.optim.layer_decay = 0.9
-    c.optim.lr_mults = ((r"/embeddings/patch_embeddings/", 0.2),)
-    c.optim.grad_clip, c.optim.clip_per_module = 3.0, True
-    c.optim.b1, c.optim.b2 = 0.9, 0.999
 
 
 def demo(c):

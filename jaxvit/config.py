@@ -81,7 +81,7 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
 
     c.data = default_data_config()
     c.data.classes = ()  # class names in label order; () = sorted directory names
-    c.data.demo = ""  # write a demo set into data_dir first: gz2 | digits | pasture (jaxvit.data.demo_sets)
+    c.data.demo = ""  # write a demo set into data_dir first: gz2 | digits | pasture | cells (jaxvit.data.demo_sets)
 
     c.eval = mlc.ConfigDict()
     c.eval.batch_size = 64

@@ -50,12 +50,17 @@ class Run:
 
 
 def backbone_variables(variables: dict) -> dict:
-    """The backbone's part of backbone + head variables, for `ViT.apply` (LoRA adapters kept separate)."""
+    """The backbone's part of backbone + head variables, for `ViT.apply` (LoRA adapters kept separate); of an
+    SSL run, the teacher's backbone."""
+    if "teacher" in variables:
+        return {"params": variables["teacher"]["backbone"]}
     return {col: tree["backbone"] for col, tree in variables.items() if "backbone" in tree}
 
 
 def merged_backbone(model, variables: dict) -> dict:
-    """Backbone params with any LoRA adapters merged in: plain ViT weights."""
+    """Backbone params with any LoRA adapters merged in: plain ViT weights (an SSL run's teacher)."""
+    if "teacher" in variables:
+        return variables["teacher"]["backbone"]
     params = variables["params"]["backbone"]
     if "lora" in variables:
         params = lora.merge(params, variables["lora"]["backbone"], model.backbone.lora_alpha)

@@ -5,6 +5,8 @@
            as <data_dir>/{train,val,test}.npz (60/20/20, stratified) for data.source="npz"
   pasture  synthetic top-down pasture photos with five dry masses, in the CSIRO Image2Biomass long-CSV layout
            (jaxvit.data.synthetic_pasture)
+  cells    synthetic multi-channel Cell Painting sites (4 treatments, 3 plates, instance masks) in the JUMP
+           load-data layout (jaxvit.data.synthetic_cells; data.source="jump")
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 
 from jaxvit.errors import UserError
 
-DEMO_SETS = ("", "gz2", "digits", "pasture")
+DEMO_SETS = ("", "gz2", "digits", "pasture", "cells")
 
 
 def write(name: str, data_dir: str | os.PathLike, seed: int = 0) -> None:
@@ -29,6 +31,9 @@ def write(name: str, data_dir: str | os.PathLike, seed: int = 0) -> None:
     elif name == "pasture":
         from jaxvit.data.synthetic_pasture import write_dataset as write_pasture
         write_pasture(data_dir, seed=seed)
+    elif name == "cells":
+        from jaxvit.data.synthetic_cells import write_dataset as write_cells
+        write_cells(data_dir, seed=seed)
 
 
 def write_digits(data_dir: str | os.PathLike, seed: int = 0, fractions: tuple[float, float] = (0.6, 0.2)) -> None:

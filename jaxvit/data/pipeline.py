@@ -51,7 +51,7 @@ _MAX_REPLACEMENT_TRIES = 16
 def default_data_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.data_dir = ""
-    cfg.source = "folder"  # folder | csv | npz | tfds:NAME (jaxvit.data.labelled; classification)
+    cfg.source = "folder"  # folder | csv | npz | tfds:NAME (jaxvit.data.labelled) | jump (ssl: jaxvit.data.jump)
     cfg.tfds_data_dir = ""  # where tfds datasets are prepared ("" = ~/tensorflow_datasets)
     cfg.manual_dir = ""  # a tfds dataset's downloaded archive(s): jaxvit builds the dataset from them once
     cfg.train_split = "train"  # the split trained on (tfds slices work: "train[:90%]")
@@ -65,6 +65,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.skip_bad_images = True
     cfg.preflight = "auto"  # full (decode every file) | sample (headers + a decoded sample) | auto | off
     cfg.preflight_sample = 1000  # files decoded by the sample check
+    from jaxvit.data.jump import CONFIG_DEFAULTS  # data.source="jump": load_data, channels, label_column, ...
+    cfg.update(CONFIG_DEFAULTS)
     cfg.aug = ml_collections.ConfigDict()
     cfg.aug.crop_scale = (0.8, 1.0)
     cfg.aug.crop_ratio = (3 / 4, 4 / 3)

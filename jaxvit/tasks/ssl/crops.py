@@ -123,7 +123,8 @@ class MultiCrop:
         for im in images:
             if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
                 raise ValueError(f"expected a uint8 (H, W, 3) image, got {im.dtype} {im.shape}")
-        pil = [Image.fromarray(np.asarray(im)) for im in images]
+        converted: dict[int, Image.Image] = {}  # one PIL image per distinct array
+        pil = [converted.setdefault(id(im), Image.fromarray(np.asarray(im))) for im in images]
         g1 = self._view(pil[0], c.global_size, c.global_scale, c.blur_probs[0], 0.0, rng)
         g2 = self._view(pil[1], c.global_size, c.global_scale, c.blur_probs[1], c.solarize_prob_global2, rng)
         local = np.empty((c.n_local, c.local_size, c.local_size, 3), np.float32)

@@ -20,18 +20,16 @@ from jaxvit.tasks.ssl.crops import MultiCrop
 
 @dataclasses.dataclass(frozen=True)
 class RGBViews:
-    """example + rng -> n uint8 (H, W, 3) images: the decoded image n times, or a JUMP stack's channel views."""
+    """example + rng -> n uint8 (H, W, 3) images: the decoded image n times, or views of a JUMP site's channel
+    stack by the source's data.channel_mode (evaluation, without an rng: the channels' average)."""
 
     source: Any
-    channel_mode: str = "average"
-    intensity: str = "image"
 
     def __call__(self, example: dict, rng: np.random.Generator | None, n: int) -> list[np.ndarray]:
         if "files" in example:  # a JUMP site: one file per channel
             from jaxvit.data import jump
-            stack = self.source.load_stack(example, self.intensity)
-            mode = self.channel_mode if rng is not None else "average"
-            return jump.to_rgb(stack, mode, rng if rng is not None else np.random.default_rng(0), n)
+            mode = self.source.channel_mode if rng is not None else "average"
+            return jump.to_rgb(self.source.load_stack(example), mode, rng, n)
         image = example["image"] if "image" in example else load_image(example["path"])
         return [np.asarray(image)] * n
 

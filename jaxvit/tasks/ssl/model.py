@@ -50,31 +50,24 @@ class DINOHead(nn.Module):
 
 
 class SSLModel(nn.Module):
-    """Backbone (params under `backbone/`), `dino_head/` and, when separate, `ibot_head/`.
+    """Backbone (params under `backbone/`, its ViTConfig in `backbone` as the classifier's), `dino_head/` and,
+    when separate, `ibot_head/`. `model.apply(v, images)` runs the backbone (its output dict: pooler_output,
+    patch_tokens, ...); `head="dino"` / `"ibot"` applies a head to features; `init_all` creates every parameter."""
 
-    `__call__` is the backbone (its output dict: pooler_output, patch_tokens, ...); `dino` / `ibot` apply the heads
-    (`model.apply(variables, x, method="dino")`); `init_all` creates every parameter."""
-
-    vit: ViTConfig
+    backbone: ViTConfig
     dino_cfg: HeadConfig
     ibot_cfg: HeadConfig
     separate_ibot_head: bool = True
 
-    def setup(self):
-        self.backbone = ViT(self.vit)
-        self.dino_head = DINOHead(self.dino_cfg)
-        self.ibot_head = DINOHead(self.ibot_cfg) if self.separate_ibot_head else self.dino_head
-
-    def __call__(self, images: jax.Array, *, train: bool = False, mask: jax.Array | None = None,
-                 return_attention: bool = False) -> dict:
-        return self.backbone(images, train=train, mask=mask, return_attention=return_attention)
-
-    def dino(self, x: jax.Array) -> jax.Array:
-        return self.dino_head(x)
-
-    def ibot(self, x: jax.Array) -> jax.Array:
-        return self.ibot_head(x)
+    @nn.compact
+    def __call__(self, x: jax.Array, *, head: str = "", train: bool = False, mask: jax.Array | None = None,
+                 return_attention: bool = False):
+        if head == "dino" or (head == "ibot" and not self.separate_ibot_head):
+            return DINOHead(self.dino_cfg, name="dino_head")(x)
+        if head == "ibot":
+            return DINOHead(self.ibot_cfg, name="ibot_head")(x)
+        return ViT(self.backbone, name="backbone")(x, train=train, mask=mask, return_attention=return_attention)
 
     def init_all(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         out = self(images)
-        return self.dino(out["pooler_output"]), self.ibot(out["patch_tokens"])
+        return self(out["pooler_output"], head="dino"), self(out["patch_tokens"], head="ibot")

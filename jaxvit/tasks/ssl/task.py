@@ -77,6 +77,16 @@ def default_config() -> mlc.ConfigDict:
     return c
 
 
+def dino_optimizer(c):
+    """The official DINOv2/DINOv3 optimizer around optim.lr: AdamW (0.9, 0.999), weight decay cosine 0.04 -> 0.4,
+    layer decay 0.9, patch embedding lr x 0.2, gradients clipped to 3.0 per module."""
+    c.optim.weight_decay, c.optim.weight_decay_end = 0.04, 0.4
+    c.optim.layer_decay = 0.9
+    c.optim.lr_mults = ((r"/embeddings/patch_embeddings/", 0.2),)
+    c.optim.grad_clip, c.optim.clip_per_module = 3.0, True
+    c.optim.b1, c.optim.b2 = 0.9, 0.999
+
+
 class SSL(Task):
     name = "ssl"
     best_metric = "val/knn_accuracy"
@@ -108,8 +118,7 @@ class SSL(Task):
         return self._sources[split]
 
     def _views(self, split: str) -> RGBViews:
-        d = self.cfg.data
-        return RGBViews(self.source(split), d.get("channel_mode", "average"), d.get("intensity", "image"))
+        return RGBViews(self.source(split))
 
     def crop_config(self) -> MultiCropConfig:
         c = self.s.crops
@@ -139,6 +148,9 @@ class SSL(Task):
     def preflight(self, splits: tuple[str, ...], manifest: Path | None) -> None:
         for split in splits:
             src = self.source(split)
+            if self.jump and src.intensity == "plate":  # computed once here, so that the workers receive them
+                for plate in sorted(set(src.plates)):
+                    src.plate_stats(plate)
             counts = ", ".join(f"{c} {int(n)}" for c, n in zip(src.classes, src.class_counts()))
             log.info("%s: %d images (%s) from %s", split, len(src), counts, src.location)
         paths = [p for s in splits if getattr(self.source(s), "files", False) and not self.jump
@@ -198,7 +210,7 @@ class SSL(Task):
             params["backbone"] = backbone
         fresh = ["dino_head", "ibot_head" if s.ibot.separate_head else "", "" if backbone else "backbone"]
         log.info("initialised fresh: %s; the teacher starts as a copy of the student", ", ".join(f for f in fresh if f))
-        variables = {"params": params, "teacher": jax.tree_util.tree_map(np.array, params)}
+        variables = {"params": params, "teacher": jax.tree_util.tree_map(jnp.copy, params)}
         if s.centering == "softmax":
             variables["centers"] = {"dino": jnp.zeros((dino.n_prototypes,)), "ibot": jnp.zeros((ibot.n_prototypes,))}
         elif s.centering != "sinkhorn_knopp":
@@ -214,7 +226,7 @@ class SSL(Task):
         return model, variables
 
     def depth(self, model: SSLModel) -> int:
-        return model.vit.depth
+        return model.backbone.depth
 
     # -- schedules (of the step, inside the jitted step)
     def teacher_temp(self, step: jax.Array) -> jax.Array:
@@ -245,8 +257,8 @@ class SSL(Task):
         # teacher: unmasked global crops
         t_out = model.apply(teacher, globals_)
         t_patches = t_out["patch_tokens"]
-        t_cls = model.apply(teacher, t_out["pooler_output"], method="dino")  # [2b, K]
-        t_ibot = model.apply(teacher, t_patches.reshape(-1, t_patches.shape[-1])[idx], method="ibot")  # [M, K]
+        t_cls = model.apply(teacher, t_out["pooler_output"], head="dino")  # [2b, K]
+        t_ibot = model.apply(teacher, t_patches.reshape(-1, t_patches.shape[-1])[idx], head="ibot")  # [M, K]
         updates = {}
         if s.centering == "sinkhorn_knopp":
             t_cls_p = losses.sinkhorn_knopp(t_cls, temp)
@@ -265,10 +277,10 @@ class SSL(Task):
         rng_g, rng_l = jax.random.split(rng)
         s_g = model.apply(params, globals_, train=True, mask=flat_masks, rngs={"dropout": rng_g})
         s_l = model.apply(params, locals_, train=True, rngs={"dropout": rng_l})
-        s_cls = model.apply(params, jnp.concatenate([s_g["pooler_output"], s_l["pooler_output"]]), method="dino")
+        s_cls = model.apply(params, jnp.concatenate([s_g["pooler_output"], s_l["pooler_output"]]), head="dino")
         s_global, s_local = crop_major(s_cls[:2 * b]), s_cls[2 * b:].reshape(b, n_local, -1).swapaxes(0, 1)
         s_patches = s_g["patch_tokens"]
-        s_ibot = model.apply(params, s_patches.reshape(-1, s_patches.shape[-1])[idx], method="ibot")
+        s_ibot = model.apply(params, s_patches.reshape(-1, s_patches.shape[-1])[idx], head="ibot")
 
         # losses, weighted as DINOv3's compute_losses
         global_terms = 2 if s.dino.global_ignore_diagonal else 4
@@ -338,7 +350,7 @@ class SSL(Task):
         images = np.stack([transform(src[i])["image"] for i in range(n)])
         teacher = {"params": variables.get("teacher", variables["params"])}
         attn = jax.jit(lambda v, x: model.apply(v, x, return_attention=True)["attentions"][-1])(teacher, images)
-        p, prefix = model.vit.patch_size, model.vit.num_prefix
+        p, prefix = model.backbone.patch_size, model.backbone.num_prefix
         h = images.shape[1] // p
         maps = np.asarray(attn[:, :, 0, prefix:], np.float32).reshape(n, -1, h, h)
         report.plot_attention_maps(images, maps, tuple(self.cfg.data.mean), tuple(self.cfg.data.std), path)

@@ -1,0 +1,333 @@
+"""JUMP Cell Painting sites listed in a CellProfiler "load data" table, as a labelled multi-channel source.
+
+The table (CSV, or parquet read with pyarrow) has one row per imaging site with the columns
+Metadata_Plate, Metadata_Well, Metadata_Site and, per channel X, FileName_X and PathName_X (the file's
+directory, absolute or relative to the table's directory). Optional columns:
+  data.label_column  (default Metadata_Treatment)  the class of each site; absent: every site is "unlabelled"
+  data.split_column  (default Metadata_Split)      train / val / test; absent: every site is in every split
+  FileName_CellMask / PathName_CellMask            a 16-bit cell label image per site (examples get "mask")
+
+`open_split(data_cfg, split)` reads the config keys in CONFIG_DEFAULTS (plus data.data_dir). `JumpSource[i]` is a
+dict of cheap fields; `load_stack` reads its channels as float32 [H, W, C] in [0, 1] (unreadable files raise
+ImageLoadError, so the training pipeline replaces the example) and `to_rgb` makes uint8 RGB views of a stack.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxvit.data.decode import load_array
+from jaxvit.data.labelled import class_counts, resolve_labels
+from jaxvit.data.sources import ImageLoadError
+from jaxvit.errors import ConfigError, DataError, MissingDataError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHANNELS = ("OrigDNA", "OrigER", "OrigRNA", "OrigAGP", "OrigMito")
+INTENSITY_MODES = ("image", "plate")
+CHANNEL_MODES = ("average", "per_channel", "first3")
+META_COLUMNS = ("Metadata_Plate", "Metadata_Well", "Metadata_Site")
+MASK_CHANNEL = "CellMask"
+UNLABELLED = "unlabelled"
+PERCENTILES = (0.1, 99.9)  # intensities are clipped at these and scaled to [0, 1]
+PLATE_SAMPLE = 16  # sites per plate whose pixels set the plate's percentiles
+_PLATE_PIXELS = 2**18  # at most about this many pixels per site and channel enter the plate percentiles
+
+# The data.* keys open_split reads, with their defaults.
+CONFIG_DEFAULTS: dict[str, Any] = {
+    "load_data": "load_data.csv",  # the table, relative to data.data_dir (or absolute)
+    "channels": DEFAULT_CHANNELS,  # channel names X of the FileName_X / PathName_X columns, in stack order
+    "label_column": "Metadata_Treatment",
+    "split_column": "Metadata_Split",
+    "intensity": "image",  # image: percentiles per site and channel | plate: per plate and channel
+    "channel_mode": "average",  # average | per_channel | first3 (see to_rgb)
+}
+
+
+def default_data_keys() -> dict[str, Any]:
+    """The data.* keys this source reads (besides data.data_dir) and their defaults."""
+    return dict(CONFIG_DEFAULTS)
+
+
+def open_split(data_cfg: Any, split: str, classes: Sequence[str] | None = None) -> JumpSource:
+    """The sites of `split` in <data.data_dir>/<data.load_data>; `classes` fixes the label order."""
+    get = lambda key: getattr(data_cfg, key, CONFIG_DEFAULTS[key])  # noqa: E731
+    data_dir = getattr(data_cfg, "data_dir", "")
+    if not data_dir:
+        raise ConfigError("data.data_dir is empty: set it to the folder of the JUMP load-data table")
+    return JumpSource(Path(data_dir) / get("load_data"), split, get("channels"), get("label_column"),
+                      get("split_column"), classes, get("intensity"), get("channel_mode"))
+
+
+def read_table(path: str | os.PathLike) -> dict[str, list[str]]:
+    """The columns of a CSV or parquet table as lists of stripped strings ("" where a value is missing)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingDataError(f"load-data table {str(path)!r} not found: set data.data_dir and data.load_data "
+                               "to a CSV (or parquet) with one row per imaging site")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow); "
+                            "or save the table as CSV") from e
+        data = pq.read_table(path).to_pydict()
+        return {k.strip(): ["" if v is None else str(v).strip() for v in col] for k, col in data.items()}
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        if not header:
+            raise DataError(f"{path} is empty: expected a header row and one row per imaging site")
+        columns: dict[str, list[str]] = {h: [] for h in header}
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(f"{path}: line {reader.line_num} has {len(row)} fields, the header "
+                                f"{len(header)}; fix that row")
+            for h, v in zip(header, row):
+                columns[h].append(v.strip())
+    return columns
+
+
+def _channel_names(value: str | Sequence[str]) -> tuple[str, ...]:
+    names = tuple(c.strip() for c in (value.split(",") if isinstance(value, str) else value))
+    if not names or not all(names):
+        raise ConfigError(f"data.channels={value!r}: name one or more channels, e.g. {DEFAULT_CHANNELS}")
+    return names
+
+
+def _check_mode(key: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ConfigError(f"data.{key}={value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _plate_samples(plates: list[str], wanted: set[str]) -> dict[str, list[int]]:
+    """Up to PLATE_SAMPLE table rows of each wanted plate, spread evenly over its rows."""
+    rows: dict[str, list[int]] = {}
+    for i, p in enumerate(plates):
+        if p in wanted:
+            rows.setdefault(p, []).append(i)
+    return {p: [r[k] for k in np.unique(np.linspace(0, len(r) - 1, PLATE_SAMPLE).round().astype(int))]
+            for p, r in rows.items()}
+
+
+class JumpSource:
+    """Random-access source over the sites of one split of a load-data table (grain RandomAccessDataSource).
+
+    Examples are {"files": channel paths, "plate", "well", "site", "label", "path" (the first channel's file)
+    [, "mask": the cell mask's file]}. Plate percentiles are computed on first use from up to PLATE_SAMPLE sites
+    spread over the plate's rows (any split) and kept here; pickling keeps those already computed. Sites are
+    stored compactly for grain workers (each directory once, file names in one byte array); `paths` is built on
+    first use and not pickled.
+    """
+
+    files = True  # `paths` are files (the first channel's) that the pre-flight check opens
+
+    def __init__(self, table: str | os.PathLike, split: str, channels: str | Sequence[str] = DEFAULT_CHANNELS,
+                 label_column: str = "Metadata_Treatment", split_column: str = "Metadata_Split",
+                 classes: Sequence[str] | None = None, intensity: str = "image", channel_mode: str = "average"):
+        self.split, self.location = split, str(table)
+        self.channels = _channel_names(channels)
+        self.intensity = _check_mode("intensity", intensity, INTENSITY_MODES)
+        self.channel_mode = _check_mode("channel_mode", channel_mode, CHANNEL_MODES)
+        if channel_mode == "first3" and len(self.channels) < 3:
+            raise ConfigError(f"data.channel_mode='first3' needs at least 3 channels; data.channels has "
+                              f"{self.channels}")
+        cols = read_table(table)
+        self._check_columns(cols)
+        rows = self._split_rows(cols, split_column)
+        self.plates, self.wells, self.sites = (np.array([cols[c][i] for i in rows]) for c in META_COLUMNS)
+        self.labels, self.classes = resolve_labels(self._label_values(cols, label_column, rows), classes,
+                                                   self.location)
+        # Table rows kept: this split's, then those whose pixels set the plate percentiles.
+        samples = _plate_samples(cols["Metadata_Plate"], set(self.plates.tolist()))
+        stored = list(dict.fromkeys(rows + [r for rs in samples.values() for r in rs]))
+        position = {row: k for k, row in enumerate(stored)}
+        self._plate_sample = {p: [position[r] for r in rs] for p, rs in samples.items()}
+        self._plate_stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.has_mask = {f"FileName_{MASK_CHANNEL}", f"PathName_{MASK_CHANNEL}"} <= cols.keys()
+        root = Path(table).parent
+        self._store(cols, stored, self.channels + ((MASK_CHANNEL,) if self.has_mask else ()), root)
+        probe = [self._file(k, 0) for k in range(min(8, len(rows)))]
+        if not any(os.path.isfile(p) for p in probe):
+            raise MissingDataError(f"{self.location}: image files not found, e.g. {probe[0]!r}; PathName_* columns "
+                                   f"are directories, absolute or relative to the table's folder {str(root)!r}: "
+                                   "fix them or move the table")
+
+    def _check_columns(self, cols: dict[str, list[str]]) -> None:
+        missing = [c for c in META_COLUMNS if c not in cols]
+        if missing:
+            raise DataError(f"{self.location}: columns {missing} not found; columns present: {list(cols)[:40]}")
+        found = [c[9:] for c in cols if c.startswith("FileName_") and f"PathName_{c[9:]}" in cols]
+        absent = [c for c in self.channels if c not in found]
+        if absent:
+            raise DataError(f"{self.location}: channels {absent} have no FileName_X / PathName_X columns; channels "
+                            f"in the table: {found}; set data.channels to some of them")
+
+    def _split_rows(self, cols: dict[str, list[str]], column: str) -> list[int]:
+        if column not in cols:
+            return list(range(len(cols[META_COLUMNS[0]])))
+        rows = [i for i, v in enumerate(cols[column]) if v == self.split]
+        if not rows:
+            raise DataError(f"{self.location}: no sites with {column} == {self.split!r}; values present: "
+                            f"{sorted(set(cols[column]))}")
+        return rows
+
+    def _label_values(self, cols: dict[str, list[str]], column: str, rows: list[int]) -> list[str]:
+        if column not in cols:
+            return [UNLABELLED] * len(rows)
+        values = [cols[column][i] for i in rows]
+        empty = [k for k, v in enumerate(values) if not v]
+        if empty:
+            k = empty[0]
+            raise DataError(f"{self.location}: {len(empty)} sites of split {self.split!r} have no {column} (e.g. "
+                            f"plate {self.plates[k]}, well {self.wells[k]}, site {self.sites[k]}); fill it in or "
+                            "drop those rows")
+        return values
+
+    def _store(self, cols: dict[str, list[str]], rows: list[int], kinds: Sequence[str], root: Path) -> None:
+        """Sets _dirs (unique directories), _dir_idx (int32 [rows, kinds]) and _names (utf-8 bytes [rows, kinds])."""
+        dirs: dict[str, int] = {}
+        idx = np.empty((len(rows), len(kinds)), np.int32)
+        names = []
+        for r, i in enumerate(rows):
+            for k, c in enumerate(kinds):
+                name, folder = cols[f"FileName_{c}"][i], cols[f"PathName_{c}"][i]
+                if not name:
+                    raise DataError(f"{self.location}: data row {i + 1} (plate {cols['Metadata_Plate'][i]}, well "
+                                    f"{cols['Metadata_Well'][i]}) has no FileName_{c}; fill it in or drop the row")
+                if "://" in folder:
+                    raise DataError(f"{self.location}: PathName_{c} is a URL ({folder!r}); download the images "
+                                    "and set the PathName_* columns to local directories")
+                idx[r, k] = dirs.setdefault(str(root / folder), len(dirs))  # an absolute folder replaces root
+                names.append(name.encode())
+        self._dirs, self._dir_idx = list(dirs), idx
+        self._names = np.array(names, dtype=bytes).reshape(len(rows), len(kinds))
+
+    def _file(self, k: int, c: int) -> str:
+        return os.path.join(self._dirs[self._dir_idx[k, c]], self._names[k, c].decode())
+
+    def _files(self, k: int) -> tuple[str, ...]:
+        return tuple(self._file(k, c) for c in range(len(self.channels)))
+
+    @functools.cached_property
+    def paths(self) -> list[str]:
+        return [self._file(i, 0) for i in range(len(self))]
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "paths"}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        files = self._files(i)
+        example = {"files": files, "plate": str(self.plates[i]), "well": str(self.wells[i]),
+                   "site": str(self.sites[i]), "label": int(self.labels[i]), "path": files[0]}
+        if self.has_mask:
+            example["mask"] = self._file(i, len(self.channels))
+        return example
+
+    def class_counts(self) -> np.ndarray:
+        return class_counts(self.labels, self.classes)
+
+    def __repr__(self) -> str:
+        return (f"JumpSource({self.location!r}, split={self.split!r}, n={len(self)}, channels={self.channels}, "
+                f"classes={self.classes})")
+
+    def plate_stats(self, plate: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel (low, high) percentiles of `plate`, float32 [C] each (computed once, then cached)."""
+        if plate not in self._plate_stats:
+            if plate not in self._plate_sample:
+                raise DataError(f"plate {plate!r} is not in {self.location}")
+            pixels, errors = [], []
+            for k in self._plate_sample[plate]:
+                try:
+                    x = read_channels(self._files(k))
+                except ImageLoadError as e:
+                    errors.append(e)
+                    continue
+                step = max(1, int(np.sqrt(x.shape[0] * x.shape[1] / _PLATE_PIXELS)))
+                pixels.append(x[::step, ::step].reshape(-1, x.shape[2]))
+            if not pixels:
+                raise errors[0]
+            if errors:
+                log.warning("plate %s: %d of %d sampled sites unreadable (e.g. %s); percentiles from the rest",
+                            plate, len(errors), len(errors) + len(pixels), errors[0])
+            lo, hi = np.percentile(np.concatenate(pixels), PERCENTILES, axis=0).astype(np.float32)
+            self._plate_stats[plate] = (lo, hi)
+        return self._plate_stats[plate]
+
+    def load_stack(self, example: dict, intensity: str | None = None) -> np.ndarray:
+        """The example's channels as float32 [H, W, C] in [0, 1], clipped at the PERCENTILES of the site
+        (intensity="image") or of its plate ("plate"); None: this source's data.intensity."""
+        mode = _check_mode("intensity", intensity or self.intensity, INTENSITY_MODES)
+        x = read_channels(example["files"])
+        lo, hi = (np.percentile(x, PERCENTILES, axis=(0, 1)).astype(np.float32) if mode == "image"
+                  else self.plate_stats(example["plate"]))
+        span = np.where(hi > lo, hi - lo, np.inf)  # a constant channel becomes 0
+        return np.clip((x - lo) / span, 0.0, 1.0).astype(np.float32)
+
+    def load_mask(self, example: dict) -> np.ndarray:
+        """The example's cell label image as int32 [H, W] (0 = background)."""
+        if "mask" not in example:
+            raise DataError(f"{self.location} has no FileName_{MASK_CHANNEL} / PathName_{MASK_CHANNEL} columns")
+        m = load_array(example["mask"])
+        if m.shape[2] != 1 or m.dtype.kind not in "ui":
+            raise ImageLoadError(example["mask"], f"a cell mask must be one integer channel, got {m.shape[2]} "
+                                 f"channel(s) of {m.dtype}")
+        return m[:, :, 0].astype(np.int32)
+
+
+def read_channels(files: Sequence[str]) -> np.ndarray:
+    """One single-channel image per file, stacked as float32 [H, W, C] in the files' own values."""
+    planes: list[np.ndarray] = []
+    for f in files:
+        a = load_array(f)
+        if a.shape[2] != 1:
+            raise ImageLoadError(f, f"{a.shape[2]} channels; a load-data table names one single-channel image "
+                                 "per channel")
+        if planes and a.shape[:2] != planes[0].shape:
+            (h, w), (h0, w0) = a.shape[:2], planes[0].shape
+            raise ImageLoadError(f, f"size {w}x{h} (WxH) differs from {w0}x{h0} of {files[0]!r}")
+        planes.append(a[:, :, 0].astype(np.float32))
+    return np.stack(planes, axis=-1)
+
+
+def _uint8(x: np.ndarray) -> np.ndarray:
+    return np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _gray3(x: np.ndarray) -> np.ndarray:
+    return np.repeat(_uint8(x)[:, :, None], 3, axis=2)
+
+
+def to_rgb(stack: np.ndarray, mode: str = "average", rng: np.random.Generator | None = None,
+           n_views: int = 1) -> list[np.ndarray]:
+    """`n_views` uint8 (H, W, 3) images from a float [H, W, C] stack in [0, 1].
+
+    average      the channels' mean as grey (the same array for every view)
+    per_channel  each view one channel drawn with `rng`, as grey: the channels are views of the same cells
+    first3       channels 0, 1, 2 as R, G, B (the same array for every view)
+    """
+    c = stack.shape[-1]
+    _check_mode("channel_mode", mode, CHANNEL_MODES)
+    if mode == "average":
+        return [_gray3(stack.mean(axis=-1))] * n_views
+    if mode == "per_channel":
+        if rng is None:
+            raise ValueError("to_rgb(mode='per_channel') needs rng, a numpy Generator")
+        return [_gray3(stack[:, :, k]) for k in rng.integers(0, c, n_views)]
+    if c < 3:
+        raise ConfigError(f"data.channel_mode='first3' needs at least 3 channels; the stack has {c}: add "
+                          "channels to data.channels or use 'average' / 'per_channel'")
+    return [_uint8(stack[:, :, :3])] * n_views
