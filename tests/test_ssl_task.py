@@ -161,3 +161,52 @@ def test_a_short_run_trains_evaluates_and_draws_attention(gz2_dir, tmp_path):
     losses = [float(r["train_loss"]) for r in rows[1:]]
     assert losses[-1] < losses[0], losses
     assert (tmp_path / "attention_val.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_killed_ssl_run_resumes_to_the_same_teacher(gz2_dir, tmp_path):
+    """kill -9 after step 3 of 10, resume: the same history and bit-identical student and teacher."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    overrides = [f"--config.model.overrides.{k}={v}" for k, v in TINY_VIT.items()]
+    cli = lambda w: [sys.executable, "-m", "jaxvit.main", "--config=configs/gz2_ssl.py:demo", f"--workdir={w}",
+                     f"--config.data.data_dir={gz2_dir}", "--config.data.demo=", "--config.data.image_size=32",
+                     "--config.data.num_workers=0", "--config.train.batch_size=8", "--config.eval.batch_size=8",
+                     "--config.train.epochs=2", "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=50",
+                     "--config.ssl.crops.global_size=32", "--config.ssl.crops.local_size=16",
+                     "--config.ssl.crops.n_local=2", "--config.ssl.dino.n_prototypes=64",
+                     "--config.ssl.ibot.n_prototypes=64", *overrides]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    subprocess.run(cli(tmp_path / "ref"), cwd=ROOT, env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(cli(tmp_path / "run"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    periodic = tmp_path / "run" / "checkpoints" / "periodic"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (periodic / "3").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "checkpoints" / "final").exists(), "the run finished before it was killed"
+    subprocess.run(cli(tmp_path / "run"), cwd=ROOT, env=env, check=True, capture_output=True)
+    rows = lambda d: [{k: v for k, v in r.items() if k != "images_per_s"}
+                      for r in csv.DictReader((tmp_path / d / "training_history.csv").open())]
+    assert rows("run") == rows("ref")
+    from jaxvit import checkpoint
+    states = [checkpoint._restore_numpy(tmp_path / d / "checkpoints" / "periodic" / "10" / "state") for d in ("ref", "run")]
+    for part in ("trainable", "mutable"):
+        a, b = (flat(s[part]) for s in states)
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{part}/{k}")
+
+
+def test_a_batch_without_masked_crops_has_zero_ibot_loss(gz2_dir):
+    _, task, step, state, data, _ = _setup(gz2_dir)
+    batch = next(data)
+    batch["masks"] = np.zeros_like(batch["masks"])
+    state, metrics = step(state, batch)
+    assert float(metrics["ibot"]) == 0.0 and np.isfinite(float(metrics["loss"])) and int(metrics["nonfinite"]) == 0

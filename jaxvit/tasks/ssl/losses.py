@@ -36,10 +36,11 @@ def sinkhorn_knopp(teacher_logits, temp, n_iters: int = 3, axis_name=None, valid
     lmax = lmax if axis_name is None else jax.lax.pmax(lmax, axis_name)
     q = jnp.exp((l - jnp.where(jnp.isfinite(lmax), lmax, 0.0)) / temp)  # shifted before / temp: exact-er
     b, k = _psum(valid.sum().astype(F32), axis_name), l.shape[1]
-    q = q / _psum(q.sum(), axis_name)
+    tiny = jnp.finfo(F32).tiny  # zero sums only where nothing is valid (no masked token): zeros, not NaN
+    q = q / jnp.maximum(_psum(q.sum(), axis_name), tiny)
     for _ in range(n_iters):
-        q = q / _psum(q.sum(0, keepdims=True), axis_name) / k
-        q = q / jnp.maximum(q.sum(1, keepdims=True), jnp.finfo(F32).tiny) / b  # padding rows: 0 / tiny
+        q = q / jnp.maximum(_psum(q.sum(0, keepdims=True), axis_name), tiny) / k
+        q = q / jnp.maximum(q.sum(1, keepdims=True), tiny) / jnp.maximum(b, 1)  # padding rows: 0 / tiny
     return q * b
 
 
