@@ -64,6 +64,10 @@ def demo(c):
     s.crops.global_size, s.crops.local_size, s.crops.n_local = 64, 32, 4
     for head in (s.dino, s.ibot):
         head.n_prototypes, head.hidden_dim, head.bottleneck_dim = 1024, 256, 64
+    # From random init in a few hundred steps the official heads stay on DINO's initial plateau (outputs nearly
+    # the same for every image, targets uniform); BatchNorm in the heads and weight-normalised prototypes
+    # (DINO v1 / v2 options) give the targets image-dependent structure from the first step.
+    s.head_use_bn, s.head_weight_norm = True, True
     s.teacher.warmup_temp_epochs = 3
     s.knn.k = 10
     c.train.epochs = 30

@@ -138,10 +138,13 @@ def peft_adapter(cfg: ViTConfig, backbone_params: dict, adapters: dict, dropout:
 
 def ssl_head_state_dict(head: dict) -> dict[str, np.ndarray]:
     """A jaxvit DINO/iBOT head as the official DINOHead's state dict (mlp.{0,2,4}, last_layer[.weight_g/_v])."""
-    sd = {}
+    sd, step = {}, 3 if "bn_0" in head else 2  # Sequential(Linear, [BatchNorm1d,] GELU, ..., Linear)
     for i in range(len([k for k in head if k.startswith("mlp_")])):
-        sd[f"mlp.{2 * i}.weight"] = np.asarray(head[f"mlp_{i}"]["kernel"], np.float32).T
-        sd[f"mlp.{2 * i}.bias"] = np.asarray(head[f"mlp_{i}"]["bias"], np.float32)
+        sd[f"mlp.{step * i}.weight"] = np.asarray(head[f"mlp_{i}"]["kernel"], np.float32).T
+        sd[f"mlp.{step * i}.bias"] = np.asarray(head[f"mlp_{i}"]["bias"], np.float32)
+        if f"bn_{i}" in head:  # batch statistics only: no running mean / var to export
+            sd[f"mlp.{step * i + 1}.weight"] = np.asarray(head[f"bn_{i}"]["scale"], np.float32)
+            sd[f"mlp.{step * i + 1}.bias"] = np.asarray(head[f"bn_{i}"]["bias"], np.float32)
     kernel = np.asarray(head["kernel"], np.float32).T
     if "weight_g" in head:
         sd["last_layer.weight_g"] = np.asarray(head["weight_g"], np.float32)[:, None]

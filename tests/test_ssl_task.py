@@ -44,25 +44,29 @@ def flat(tree):
     return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
-@pytest.mark.parametrize("weight_norm", [True, False])
-def test_dino_head_matches_the_official_head(weight_norm):
+@pytest.mark.parametrize("weight_norm, use_bn", [(True, False), (False, False), (True, True)])
+def test_dino_head_matches_the_official_head(weight_norm, use_bn):
     from dinov2.layers.dino_head import DINOHead as Official
     torch.manual_seed(0)
-    official = Official(24, 50, nlayers=3, hidden_dim=40, bottleneck_dim=16)
+    official = Official(24, 50, use_bn=use_bn, nlayers=3, hidden_dim=40, bottleneck_dim=16).train()
     with torch.no_grad():
         for p in official.parameters():
-            p.add_(torch.randn_like(p) * 0.1)  # biases and weight_g away from their initial 0 / 1
+            p.add_(torch.randn_like(p) * 0.1)  # biases, BatchNorm affine and weight_g away from their initial 0 / 1
     if not weight_norm:  # DINOv3's plain prototypes: the same head without weight_norm
         torch.nn.utils.remove_weight_norm(official.last_layer)
     sd = {k: v.detach().numpy() for k, v in official.state_dict().items()}
-    params = {f"mlp_{i}": {"kernel": sd[f"mlp.{2 * i}.weight"].T, "bias": sd[f"mlp.{2 * i}.bias"]} for i in range(3)}
+    linear = [0, 3, 6] if use_bn else [0, 2, 4]  # Sequential(Linear, [BatchNorm1d,] GELU, ...)
+    params = {f"mlp_{i}": {"kernel": sd[f"mlp.{j}.weight"].T, "bias": sd[f"mlp.{j}.bias"]} for i, j in enumerate(linear)}
+    if use_bn:
+        params.update({f"bn_{i}": {"scale": sd[f"mlp.{j + 1}.weight"], "bias": sd[f"mlp.{j + 1}.bias"]}
+                       for i, j in enumerate(linear[:2])})
     if weight_norm:
         params.update(kernel=sd["last_layer.weight_v"].T, weight_g=sd["last_layer.weight_g"][:, 0])
     else:
         params["kernel"] = sd["last_layer.weight"].T
     x = np.random.default_rng(0).standard_normal((5, 24)).astype(np.float32)
-    got = DINOHead(HeadConfig(50, 40, 16, 3, weight_norm)).apply({"params": params}, x)
-    want = official(torch.from_numpy(x)).detach().numpy()
+    got = DINOHead(HeadConfig(50, 40, 16, 3, weight_norm, use_bn)).apply({"params": params}, x)
+    want = official(torch.from_numpy(x)).detach().numpy()  # training mode: BatchNorm uses the batch statistics
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -210,3 +214,23 @@ def test_a_batch_without_masked_crops_has_zero_ibot_loss(gz2_dir):
     batch["masks"] = np.zeros_like(batch["masks"])
     state, metrics = step(state, batch)
     assert float(metrics["ibot"]) == 0.0 and np.isfinite(float(metrics["loss"])) and int(metrics["nonfinite"]) == 0
+
+
+def test_export_of_the_teacher_reloads_in_pytorch(gz2_dir, tmp_path):
+    """A short run's teacher: transformers directory and official teacher_checkpoint.pth, both equal to the Flax
+    teacher; the checkpoint's DINO head loads into the official DINOHead and gives the same prototype scores."""
+    from dinov2.layers.dino_head import DINOHead as Official
+    from jaxvit import export, run_io
+    c = tiny_ssl_config(gz2_dir, epochs=1)
+    c.ssl.head_weight_norm = True
+    Trainer(c, tmp_path / "run").run()
+    run = run_io.load_run(tmp_path / "run", "final")
+    out = export.export_run(run, tmp_path / "export")
+    diffs = export.check_export(run, out)
+    assert max(diffs.values()) < 1e-5, diffs
+    sd = torch.load(out / "teacher_checkpoint.pth")["teacher"]
+    head = Official(32, 64, nlayers=3, hidden_dim=32, bottleneck_dim=16)
+    head.load_state_dict({k[len("dino_head."):]: v for k, v in sd.items() if k.startswith("dino_head.")})
+    x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
+    want = run.model.apply({"params": run.variables["teacher"]}, x, head="dino")
+    np.testing.assert_allclose(head(torch.from_numpy(x)).detach().numpy(), want, rtol=1e-5, atol=1e-6)

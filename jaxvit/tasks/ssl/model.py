@@ -26,6 +26,18 @@ class HeadConfig:
     bottleneck_dim: int = 256
     nlayers: int = 3
     weight_norm: bool = False  # True: DINOv2's weight-normalised prototypes; False: DINOv3's plain Linear
+    use_bn: bool = False  # BatchNorm after each hidden Linear (the official `use_bn`, DINO v1's use_bn_in_head)
+
+
+class BatchStandardize(nn.Module):
+    """BatchNorm in training mode without running statistics: (x - batch mean) / batch std * scale + bias."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        axes = tuple(range(x.ndim - 1))
+        x = (x - x.mean(axes)) * jax.lax.rsqrt(x.var(axes) + 1e-5)
+        return x * self.param("scale", nn.initializers.ones, x.shape[-1:]) + self.param(
+            "bias", nn.initializers.zeros, x.shape[-1:])
 
 
 class DINOHead(nn.Module):
@@ -40,6 +52,8 @@ class DINOHead(nn.Module):
         for i, width in enumerate(widths):
             x = nn.Dense(width, kernel_init=_INIT, name=f"mlp_{i}")(x)
             if i < len(widths) - 1:
+                if c.use_bn:  # batch statistics always (student and teacher heads run in training mode)
+                    x = BatchStandardize(name=f"bn_{i}")(x)
                 x = gelu(x)
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
         v = self.param("kernel", _INIT, (c.bottleneck_dim, c.n_prototypes))  # [in, out] (torch's weight.T)

@@ -55,6 +55,7 @@ def default_config() -> mlc.ConfigDict:
     c.epoch_length = 1250  # steps per epoch of the schedules (official OFFICIAL_EPOCH_LENGTH); 0 = one data pass
     c.patch_size = 0  # > 0: the student's patch size; a pretrained patch embedding is resized to it (16 -> 8)
     c.head_weight_norm = False  # prototypes weight-normalised (DINOv2) or plain (DINOv3)
+    c.head_use_bn = False  # BatchNorm (batch statistics) after the heads' hidden layers (official use_bn, off)
     c.centering = "sinkhorn_knopp"  # sinkhorn_knopp | softmax (centre with momentum ssl.center_momentum)
     c.center_momentum = 0.9
     c.student_temp = 0.1
@@ -175,7 +176,8 @@ class SSL(Task):
                                                     get_config(m.arch).patch_size)
 
     def _heads(self) -> tuple[HeadConfig, HeadConfig]:
-        make = lambda h: HeadConfig(h.n_prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers, self.s.head_weight_norm)
+        make = lambda h: HeadConfig(h.n_prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers, self.s.head_weight_norm,
+                                    self.s.head_use_bn)
         return make(self.s.dino), make(self.s.ibot)
 
     def build(self, rng: jax.Array) -> tuple[SSLModel, dict]:
