@@ -58,6 +58,7 @@ def demo(c):
     s.crops.global_size, s.crops.local_size, s.crops.n_local = 64, 32, 4
     for head in (s.dino, s.ibot):
         head.n_prototypes, head.hidden_dim, head.bottleneck_dim = 1024, 256, 64
+    s.head_use_bn = True  # from random init: see configs/jump_ssl.py:demo
     s.teacher.warmup_temp_epochs = 2
     s.knn.k = 10
     c.train.epochs = 10
