@@ -234,3 +234,29 @@ def test_export_of_the_teacher_reloads_in_pytorch(gz2_dir, tmp_path):
     x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
     want = run.model.apply({"params": run.variables["teacher"]}, x, head="dino")
     np.testing.assert_allclose(head(torch.from_numpy(x)).detach().numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_continued_pretraining_starts_from_the_checkpoint_with_a_resized_patch_embedding(gz2_dir, tmp_path, caplog):
+    """Student and teacher start from a transformers checkpoint (patch 8) resized to patch 4; heads are fresh."""
+    import logging
+    from conftest import tiny_hf_dinov2
+    from jaxvit.models import load_pretrained
+    from jaxvit.models.resize import resize_patch_kernel
+    pretrained = tiny_hf_dinov2(tmp_path / "hf")
+    c = tiny_ssl_config(gz2_dir)
+    c.model.overrides = type(c.model.overrides)()
+    c.model.pretrained, c.ssl.patch_size = str(pretrained), 4
+    with caplog.at_level(logging.INFO, logger="jaxvit"):
+        model, variables = tasks.create(c).build(jax.random.key(0))
+    assert "patch size 8 -> 4" in caplog.text and "initialised fresh: dino_head, ibot_head" in caplog.text
+    assert model.backbone.patch_size == 4
+    _, base = load_pretrained(pretrained)
+    want = flat(base)
+    want["embeddings/patch_embeddings/kernel"] = np.asarray(resize_patch_kernel(
+        want["embeddings/patch_embeddings/kernel"], 4))
+    for tree in (variables["params"]["backbone"], variables["teacher"]["backbone"]):
+        got = flat(tree)
+        assert got.keys() == want.keys()
+        for k in want:
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-6, err_msg=k)
+    assert variables["params"]["dino_head"].keys() == variables["teacher"]["dino_head"].keys()
