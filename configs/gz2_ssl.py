@@ -13,7 +13,7 @@ for fine-tuning with `python -m jaxvit.export --workdir=runs/gz2_ssl --output=ru
 pretrains a tiny ViT on the synthetic galaxies (no download) for a few minutes on a CPU.
 """
 from jaxvit.config import apply_variant, base_config
-from jaxvit.tasks.ssl.task import dino_optimizer
+from jaxvit.tasks.ssl.task import dino_optimizer, small_demo
 
 
 def get_config(arg: str = ""):
@@ -44,27 +44,9 @@ def get_config(arg: str = ""):
 
 
 def demo(c):
-    """Synthetic galaxies, a tiny ViT from random init, small crops and heads."""
+    """Synthetic galaxies, a tiny ViT from random init (`small_demo`)."""
     c.data.data_dir = "runs/demo_data"
     c.data.demo = "gz2"
-    c.data.image_size = 64
-    c.data.num_workers = 2
-    c.model.pretrained = ""
-    c.model.dtype = "float32"
-    c.model.drop_path = 0.0
-    c.model.overrides.update(dict(patch_size=8, hidden_size=128, depth=4, num_heads=4, mlp_hidden=384, pos_grid=8))
-    s = c.ssl
-    s.epoch_length = 0  # one pass over the data
-    s.crops.global_size, s.crops.local_size, s.crops.n_local = 64, 32, 4
-    for head in (s.dino, s.ibot):
-        head.n_prototypes, head.hidden_dim, head.bottleneck_dim = 1024, 256, 64
-    s.head_use_bn = True  # from random init: see configs/jump_ssl.py:demo
-    s.teacher.warmup_temp_epochs = 2
-    s.knn.k = 10
-    c.train.epochs = 10
-    c.train.batch_size = 64
-    c.optim.lr = 5e-4
-    c.optim.lr_scaling = "none"
-    c.optim.warmup_ratio = 0.1
-    c.optim.lr_min_ratio = 0.0
-    c.eval.batch_size = 128
+    small_demo(c, epochs=10, batch_size=64)
+    c.model.overrides.pos_grid = 8
+    c.ssl.teacher.warmup_temp_epochs = 2

@@ -17,7 +17,7 @@ renders a synthetic 3-plate Cell Painting set (4 treatments, 7 channels, no down
 patch 8 on the CPU in a few minutes; the k-NN accuracy on the treatments is logged before and after.
 """
 from jaxvit.config import apply_variant, base_config
-from jaxvit.tasks.ssl.task import dino_optimizer
+from jaxvit.tasks.ssl.task import dino_optimizer, small_demo
 
 
 def get_config(arg: str = ""):
@@ -50,32 +50,11 @@ def get_config(arg: str = ""):
 
 
 def demo(c):
-    """Synthetic Cell Painting (96 px sites), a tiny ViT from random init at patch 8, small crops and heads."""
+    """Synthetic Cell Painting (96 px sites), a tiny ViT from random init at patch 8 (`small_demo`)."""
     c.data.data_dir = "runs/demo_cells"
     c.data.demo = "cells"
-    c.data.image_size = 64
-    c.data.num_workers = 2
-    c.model.pretrained = ""
-    c.model.dtype = "float32"
-    c.model.drop_path = 0.0
-    c.model.overrides.update(dict(hidden_size=128, depth=4, num_heads=4, mlp_hidden=384, num_registers=0))
-    s = c.ssl
-    s.epoch_length = 0  # one pass over the data
-    s.crops.global_size, s.crops.local_size, s.crops.n_local = 64, 32, 4
-    for head in (s.dino, s.ibot):
-        head.n_prototypes, head.hidden_dim, head.bottleneck_dim = 1024, 256, 64
-    # From random init in a few hundred steps the official heads stay on DINO's initial plateau (outputs nearly
-    # the same for every image, targets uniform); BatchNorm in the heads and weight-normalised prototypes
-    # (DINO v1 / v2 options) give the targets image-dependent structure from the first step.
-    s.head_use_bn, s.head_weight_norm = True, True
-    s.teacher.warmup_temp_epochs = 3
-    s.knn.k = 10
-    c.train.epochs = 30
-    c.train.batch_size = 32
-    c.optim.lr = 5e-4
-    c.optim.lr_scaling = "none"
-    c.optim.warmup_ratio = 0.1
-    c.optim.lr_min_ratio = 0.0
-    c.eval.at_start = True
+    small_demo(c, epochs=30, batch_size=32)
+    c.model.overrides.num_registers = 0
+    c.ssl.patch_size = 0
+    c.ssl.teacher.warmup_temp_epochs = 3
     c.eval.every_steps = 55  # every 5 epochs of 11 steps
-    c.eval.batch_size = 128

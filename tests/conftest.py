@@ -82,3 +82,24 @@ def lora_run(gz2_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("lora_run")
     Trainer(c, workdir).run()
     return workdir, c
+
+
+def run_killed_and_resumed(cli, tmp_path: Path, kill_after: int = 3) -> None:
+    """Runs `cli(workdir)` to the end in tmp_path/ref; in tmp_path/run, kills it with SIGKILL once its resume
+    point `kill_after` exists, checks it had not finished, and runs it again to the end (resuming)."""
+    import os
+    import signal
+    import subprocess
+    import time
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    subprocess.run(cli(tmp_path / "ref"), cwd=ROOT, env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(cli(tmp_path / "run"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    periodic = tmp_path / "run" / "checkpoints" / "periodic"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (periodic / str(kill_after)).exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "run" / "checkpoints" / "final").exists(), "the run finished before it was killed"
+    subprocess.run(cli(tmp_path / "run"), cwd=ROOT, env=env, check=True, capture_output=True)

@@ -170,12 +170,8 @@ def test_a_short_run_trains_evaluates_and_draws_attention(gz2_dir, tmp_path):
 @pytest.mark.slow
 def test_killed_ssl_run_resumes_to_the_same_teacher(gz2_dir, tmp_path):
     """kill -9 after step 3 of 10, resume: the same history and bit-identical student and teacher."""
-    import os
-    import signal
-    import subprocess
     import sys
-    import time
-    from conftest import ROOT
+    from conftest import run_killed_and_resumed
     overrides = [f"--config.model.overrides.{k}={v}" for k, v in TINY_VIT.items()]
     cli = lambda w: [sys.executable, "-m", "jaxvit.main", "--config=configs/gz2_ssl.py:demo", f"--workdir={w}",
                      f"--config.data.data_dir={gz2_dir}", "--config.data.demo=", "--config.data.image_size=32",
@@ -184,18 +180,7 @@ def test_killed_ssl_run_resumes_to_the_same_teacher(gz2_dir, tmp_path):
                      "--config.ssl.crops.global_size=32", "--config.ssl.crops.local_size=16",
                      "--config.ssl.crops.n_local=2", "--config.ssl.dino.n_prototypes=64",
                      "--config.ssl.ibot.n_prototypes=64", *overrides]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    subprocess.run(cli(tmp_path / "ref"), cwd=ROOT, env=env, check=True, capture_output=True)
-    proc = subprocess.Popen(cli(tmp_path / "run"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    periodic = tmp_path / "run" / "checkpoints" / "periodic"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (periodic / "3").exists():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "run" / "checkpoints" / "final").exists(), "the run finished before it was killed"
-    subprocess.run(cli(tmp_path / "run"), cwd=ROOT, env=env, check=True, capture_output=True)
+    run_killed_and_resumed(cli, tmp_path)
     rows = lambda d: [{k: v for k, v in r.items() if k != "images_per_s"}
                       for r in csv.DictReader((tmp_path / d / "training_history.csv").open())]
     assert rows("run") == rows("ref")

@@ -2,10 +2,8 @@
 resume, a second task through the same loop, and user mistakes that end in one line."""
 import csv
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -16,7 +14,7 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from conftest import ROOT, TINY_VIT, tiny_config
+from conftest import ROOT, TINY_VIT, run_killed_and_resumed, tiny_config
 from jaxvit import checkpoint, lora, optim, run_io, sharding, tasks
 from jaxvit.config import base_config
 from jaxvit.models import get_config, load_pretrained
@@ -274,19 +272,8 @@ def _cli(workdir, data_dir, *extra):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(gz2_dir, tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    subprocess.run(_cli(tmp_path / "ref", gz2_dir), cwd=ROOT, env=env, check=True, capture_output=True)
     # Killed with SIGKILL after its third step's checkpoint, in the middle of epoch 1 (5 steps per epoch).
-    proc = subprocess.Popen(_cli(tmp_path / "run", gz2_dir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    periodic = tmp_path / "run" / "checkpoints" / "periodic"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (periodic / "3").exists():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "run" / "checkpoints" / "final").exists(), "the run finished before it was killed"
-    subprocess.run(_cli(tmp_path / "run", gz2_dir), cwd=ROOT, env=env, check=True, capture_output=True)
+    run_killed_and_resumed(lambda w: _cli(w, gz2_dir), tmp_path)
     keys = ("epoch", "step", "train_loss", "val_loss", "val_accuracy")
     assert [[r[k] for k in keys] for r in history(tmp_path / "run")] == [[r[k] for k in keys]
                                                                          for r in history(tmp_path / "ref")]
