@@ -174,6 +174,14 @@ class SSL(Task):
                     src.plate_stats(plate)
             counts = ", ".join(f"{c} {int(n)}" for c, n in zip(src.classes, src.class_counts()))
             log.info("%s: %d images (%s) from %s", split, len(src), counts, src.location)
+        val, bank = self.cfg.eval.val_split, self.s.knn.train_split
+        if val and len(self.source(val).classes) < 2:
+            log.warning("the k-NN monitor has one class (%s) in %s: its accuracy means nothing; set data.classes "
+                        "or data.label_column to labelled data", self.source(val).classes[0], val)
+        if val and val != bank and set(self.source(val).paths) & set(self.source(bank).paths):
+            log.warning("the k-NN bank (ssl.knn.train_split=%r) and eval.val_split=%r share images (no split "
+                        "column in the table?): every shared image finds itself, so the k-NN accuracy is inflated",
+                        bank, val)
         paths = [p for s in splits if getattr(self.source(s), "files", False) and not self.jump
                  for p in self.source(s).paths]
         if paths:
