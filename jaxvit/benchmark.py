@@ -7,6 +7,7 @@ peer (transformers + PEFT, random weights), or the grain input pipeline alone.
     python -m jaxvit.benchmark --data [--data_dir=DIR]          # grain pipeline images/s
     python -m jaxvit.benchmark --heap                           # page faults with/without keep_cpu_heap
     python -m jaxvit.benchmark --override=hidden_size=64,depth=2,num_heads=2,mlp_hidden=256 ...
+    python -m jaxvit.benchmark --mode=ssl --arch=dinov3_vits16 --ssl_patch=8 --batch=48 --dtype=bfloat16
 
 Prints one JSON line per measured implementation ("impl": "jax" / "torch" / "grain" / "heap") and, with --peer,
 a {"impl": "ratio", "speedup_vs_torch": jax img/s / torch img/s} line, for each arch x mode of the
@@ -38,6 +39,20 @@ QK^T and attention-weighted sum, MLP or SwiGLU, head), at the benchmarked resolu
 tokens; norms, softmax, activations and LoRA adapters are not counted. This reproduces the published
 forward GFLOPs per 224 px image: S/14 12.2, B/14 46.3, L/14 162, g/14 599, L/16 123 (no registers).
 Training = 3x forward (full: input and weight gradients), 2x forward (LoRA: input gradients only).
+
+`--mode=ssl`: the full DINO + iBOT + KoLeo step of the `ssl` task (`jaxvit.tasks.ssl`), built through the task
+with the official optimizer (`dino_optimizer`) on synthetic multi-crop batches: per example 2 global crops
+(`--global_size`, with iBOT masks from the task's `MaskBatch`) and `--n_local` local crops (`--local_size`);
+`--prototypes` K for both heads (`--head_hidden`, `--head_bottleneck` their MLP widths), `--ssl_patch` the
+student's patch size (0: the arch's). `--res` is not used by it; an "image" is one example (2 + n_local crops).
+FLOPs per example (same matmul-only convention; `ssl_flops`): student 3x forward (forward + backward) of the
+backbone on the 2 global crops (masking does not change the cost) and the n_local local crops, each at its
+resolution (`forward_flops`), of the DINO head (MLP + prototypes, `head_flops`) on the 2 + n_local [CLS] tokens
+and of the iBOT head on the masked patch tokens; teacher 1x forward of the backbone on the 2 global crops, its
+DINO head on their 2 [CLS] and its iBOT head on the masked tokens. Masked tokens: the static bound of the
+step's gather (`MaskBatch.max_masked(batch)`, capped as in `SSL.loss`) / batch, i.e. what the step computes,
+not how many patches happen to be masked. Not counted: the EMA update, Sinkhorn-Knopp, the losses, Gram.
+There is no torch peer for ssl: `--peer` with `--mode=ssl` is an argparse error.
 """
 from __future__ import annotations
 
@@ -59,8 +74,13 @@ import numpy as np
 
 NUM_CLASSES = 5
 FLOPS_FACTOR = {"infer": 1, "lora": 2, "full": 3}
+MODES = (*FLOPS_FACTOR, "ssl")
 FLOPS_CONVENTION = ("2*MACs of matmuls (patch embed, qkv/proj, attention QK^T and AV, MLP/SwiGLU, head); "
                     "train = 3x forward (full), 2x forward (lora: no weight gradients, adapters ignored)")
+SSL_FLOPS_CONVENTION = ("2*MACs of matmuls per example: 3x student forward (backbone on 2 global + n_local "
+                        "crops, DINO head on their CLS, iBOT head on the masked-token bound / batch) + 1x teacher "
+                        "(backbone on 2 global crops, DINO head on 2 CLS, iBOT head on the masked tokens); "
+                        "EMA, Sinkhorn and losses not counted")
 # Dense peak TFLOP/s by device_kind substring (first match wins). float32 is the TF32 tensor-core peak:
 # XLA runs default-precision float32 matmuls in TF32 on these GPUs (the torch peer is set to match).
 PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
@@ -83,6 +103,22 @@ def forward_flops(cfg, res: int, num_classes: int = 0) -> float:
     attn = 2 * 2 * n * n * d  # QK^T and weights @ V, summed over heads
     mlp = (3 if cfg.mlp == "swiglu" else 2) * 2 * n * d * m
     return embed + cfg.depth * (proj + attn + mlp) + 2 * d * num_classes
+
+
+def head_flops(head, width: int) -> float:
+    """Forward FLOPs of a DINOHead (`HeadConfig`) on one token of `width` features: 2 * in * out per Linear
+    (its MLP, then the prototypes); biases, GELU and the L2 normalisation are not counted."""
+    dims = [width] + [head.hidden_dim] * (max(head.nlayers, 1) - 1) + [head.bottleneck_dim, head.n_prototypes]
+    return sum(2 * a * b for a, b in zip(dims, dims[1:]))
+
+
+def ssl_flops(vit, dino, ibot, global_size: int, local_size: int, n_local: int, masked: float) -> float:
+    """Training FLOPs of one SSL example (module docstring): `masked` iBOT tokens per example."""
+    d = vit.hidden_size
+    backbone = 2 * forward_flops(vit, global_size)
+    student = backbone + n_local * forward_flops(vit, local_size) + (2 + n_local) * head_flops(dino, d)
+    teacher = backbone + 2 * head_flops(dino, d)
+    return 3 * (student + masked * head_flops(ibot, d)) + teacher + masked * head_flops(ibot, d)
 
 
 def measure_matmul_peak(dtype: str, n: int | None = None, reps: int = 5) -> float:
@@ -116,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--override", default="", help="ViTConfig fields, e.g. hidden_size=64,depth=2")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--res", type=int, default=224)
-    ap.add_argument("--mode", default="lora", help="lora | full | infer, comma-separated")
+    ap.add_argument("--mode", default="lora", help="lora | full | infer | ssl, comma-separated")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) call")
@@ -133,10 +169,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data_workers", type=int, default=2, help="--data: grain worker processes")
     ap.add_argument("--heap", action="store_true", help="page faults per CPU step with and without "
                                                         "xla_options.keep_cpu_heap (fresh processes)")
+    ssl = ap.add_argument_group("--mode=ssl (config.ssl)")
+    ssl.add_argument("--global_size", type=int, default=224, help="global crop size (2 per example)")
+    ssl.add_argument("--local_size", type=int, default=96, help="local crop size")
+    ssl.add_argument("--n_local", type=int, default=8, help="local crops per example")
+    ssl.add_argument("--prototypes", type=int, default=65536, help="prototypes of the DINO and iBOT heads")
+    ssl.add_argument("--head_hidden", type=int, default=2048, help="hidden width of both heads' MLPs")
+    ssl.add_argument("--head_bottleneck", type=int, default=256, help="bottleneck width of both heads")
+    ssl.add_argument("--ssl_patch", type=int, default=0, help="student patch size (0: the arch's)")
     args = ap.parse_args(argv)
-    bad = set(args.mode.split(",")) - set(FLOPS_FACTOR)
+    modes = args.mode.split(",")
+    bad = set(modes) - set(MODES)
     if bad:
-        ap.error(f"--mode: unknown {sorted(bad)}; choose from {sorted(FLOPS_FACTOR)}")
+        ap.error(f"--mode: unknown {sorted(bad)}; choose from {sorted(MODES)}")
+    if args.peer and "ssl" in modes:
+        ap.error("--peer: there is no torch peer for --mode=ssl")
     if args.rounds is None:
         args.rounds = 2 if args.peer else 1
     return args
@@ -233,6 +280,63 @@ class JaxBench:
     def info(self) -> dict[str, Any]:
         return dict(device=self.device.device_kind, version=f"jax {self.jax.__version__}",
                     params=int(self.n_params), trainable_params=int(self.trainable))
+
+
+class SSLBench(JaxBench):
+    """The `ssl` task's train step (DINO + iBOT + KoLeo, EMA teacher) on a synthetic multi-crop batch, built
+    like `jaxvit.train` does; `flops_per_example` by `ssl_flops`."""
+
+    def __init__(self, args: argparse.Namespace):
+        import jax
+        import ml_collections as mlc
+
+        from jaxvit import optim, sharding, tasks, xla_options
+        from jaxvit.config import base_config
+        from jaxvit.models import parse_overrides
+        from jaxvit.tasks.ssl.task import dino_optimizer
+        from jaxvit.train import init_state, make_step, partition
+
+        cfg = base_config("ssl")
+        cfg.model.arch, cfg.model.dtype = args.arch, args.dtype
+        cfg.model.overrides = mlc.ConfigDict(parse_overrides(args.override))
+        cfg.train.batch_size, cfg.mesh.data = args.batch, 1  # the first device
+        dino_optimizer(cfg)
+        s = cfg.ssl
+        s.patch_size = args.ssl_patch
+        s.crops.global_size, s.crops.local_size, s.crops.n_local = args.global_size, args.local_size, args.n_local
+        for head in (s.dino, s.ibot):
+            head.n_prototypes, head.hidden_dim, head.bottleneck_dim = (args.prototypes, args.head_hidden,
+                                                                       args.head_bottleneck)
+        self.cfg, self.jax = cfg, jax
+        self.device = jax.devices()[0]
+        task = tasks.create(cfg)
+        total, spe = 1 + args.warmup + args.rounds * args.steps, task.steps_per_epoch(0, args.batch)
+        task.set_run_length(total, spe)
+        model, variables = task.build(jax.random.key(0))
+        self.vit_cfg = vit = model.backbone
+        rule = optim.trainable_rule("all", cfg, task.head)
+        trainable = partition(variables, rule)[0]
+        tx, schedule, _ = optim.make_optimizer(cfg, trainable, total, vit.depth, lr_gates=task.lr_gates(spe))
+        self.state, _ = init_state(cfg, variables, rule, tx, sharding.make_mesh(cfg.mesh))
+        self.n_params = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
+        self.trainable = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
+
+        rng = np.random.default_rng(0)
+        b, g, l = args.batch, args.global_size, args.local_size
+        batch = {"global": rng.standard_normal((b, 2, g, g, 3), np.float32),
+                 "local": rng.standard_normal((b, args.n_local, l, l, 3), np.float32)}
+        masks = task.mask_batch()
+        batch = jax.device_put(masks(batch, np.random.default_rng(0)), self.device)
+        n_patch = (g // vit.patch_size) ** 2  # the static size of the iBOT gather, as SSL.loss bounds it
+        self.masked = min(masks.max_masked(b), 2 * b * int(n_patch * s.ibot.mask_ratio[1]))
+        ibot = model.ibot_cfg if model.separate_ibot_head else model.dino_cfg
+        self.flops_per_example = ssl_flops(vit, model.dino_cfg, ibot, g, l, args.n_local, self.masked / b)
+        step = xla_options.jit(make_step(task, model, cfg, tx, schedule), donate_argnums=0)
+
+        def train_step():
+            self.state, metrics = step(self.state, batch)
+            return metrics
+        self._step = train_step
 
 
 # ------------------------------------------------------------------------------------------- torch peer
@@ -388,20 +492,34 @@ class PeerProcess:
 
 # ------------------------------------------------------------------------------------------- records
 
-def _record(bench, args: argparse.Namespace, fwd_flops: float, compile_s: float, best_s: float,
-            measured_peak: float) -> dict:
+def _record(bench, args: argparse.Namespace, flops: float, compile_s: float, best_s: float,
+            measured_peak: float, **extra) -> dict:
+    """One JSON record; `flops`: the FLOPs of one image's (example's) step."""
     info = bench.info()
     step_s = best_s / args.steps
-    tflops = fwd_flops * FLOPS_FACTOR[args.mode] * args.batch / step_s / 1e12
+    tflops = flops * args.batch / step_s / 1e12
     peak = args.peak_tflops or peak_tflops(info["device"], args.dtype)
     mem_key, mem = bench.memory()
     return dict(impl=bench.impl, arch=args.arch + (f"[{args.override}]" if args.override else ""),
                 mode=args.mode, dtype=args.dtype, batch=args.batch, res=args.res,
-                img_per_s=round(args.batch / step_s, 2), step_ms=_sig(step_s * 1e3),
+                img_per_s=_sig(args.batch / step_s), step_ms=_sig(step_s * 1e3),
                 compile_s=round(compile_s, 2), **{mem_key: mem}, tflops=_sig(tflops),
                 mfu=_sig(tflops / peak) if peak else None, matmul_peak_tflops=_sig(measured_peak),
-                mfu_measured=_sig(tflops / measured_peak), gflops_per_img_fwd=_sig(fwd_flops / 1e9),
-                flops_convention=FLOPS_CONVENTION, steps=args.steps, rounds=args.rounds, **info, date=_now())
+                mfu_measured=_sig(tflops / measured_peak), **extra, steps=args.steps, rounds=args.rounds, **info,
+                date=_now())
+
+
+def bench_ssl(args: argparse.Namespace, measured_peak: float) -> list[dict]:
+    """The ssl task's train step (no peer)."""
+    sb = SSLBench(args)
+    compile_s = sb.first_call()
+    sb.run(args.warmup)
+    best = min(sb.run(args.steps) for _ in range(args.rounds))
+    rec = _record(sb, args, sb.flops_per_example, compile_s, best, measured_peak,
+                  crops={"global": args.global_size, "local": args.local_size, "n_local": args.n_local},
+                  prototypes=args.prototypes, patch_size=sb.vit_cfg.patch_size, masked_tokens=sb.masked,
+                  gflops_per_img_step=_sig(sb.flops_per_example / 1e9), flops_convention=SSL_FLOPS_CONVENTION)
+    return [dict(rec, res=args.global_size)]  # --res is not used by ssl
 
 
 def bench_model(args: argparse.Namespace, measured_peak: float) -> list[dict]:
@@ -425,7 +543,8 @@ def bench_model(args: argparse.Namespace, measured_peak: float) -> list[dict]:
             best[b.impl] = min(best[b.impl], b.run(args.steps))
     if args.peer:
         peer.finish()
-    records = [_record(b, args, flops, compile_s[b.impl], best[b.impl], measured_peak) for b in benches]
+    records = [_record(b, args, flops * FLOPS_FACTOR[args.mode], compile_s[b.impl], best[b.impl], measured_peak,
+                       gflops_per_img_fwd=_sig(flops / 1e9), flops_convention=FLOPS_CONVENTION) for b in benches]
     if args.peer:
         records.append(dict(impl="ratio", arch=records[0]["arch"], mode=args.mode, dtype=args.dtype,
                             batch=args.batch, res=args.res,
@@ -501,7 +620,8 @@ def bench_models(args: argparse.Namespace) -> list[dict]:
     records = []
     for arch in args.arch.split(","):
         for mode in args.mode.split(","):
-            for r in bench_model(argparse.Namespace(**dict(vars(args), arch=arch, mode=mode)), measured_peak):
+            bench = bench_ssl if mode == "ssl" else bench_model
+            for r in bench(argparse.Namespace(**dict(vars(args), arch=arch, mode=mode)), measured_peak):
                 print(json.dumps(r), flush=True)
                 records.append(r)
     return records

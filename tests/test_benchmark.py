@@ -81,3 +81,45 @@ def test_cli_data_pipeline_on_a_given_folder(gz2_dir, capsys):
 def test_cli_rejects_unknown_mode():
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--mode=lora,train"])
+
+
+SSL_TINY = ["--mode=ssl", "--override=hidden_size=32,depth=2,num_heads=2,mlp_hidden=128", "--ssl_patch=8",
+            "--global_size=32", "--local_size=16", "--n_local=2", "--prototypes=64", "--head_hidden=48",
+            "--head_bottleneck=16", "--batch=4", "--steps=2", "--warmup=0"]
+
+
+@pytest.mark.parametrize("nlayers, weight_norm", [(3, False), (2, True), (1, False)])
+def test_head_flops_are_twice_the_head_kernels(nlayers, weight_norm):
+    import jax
+    import jax.numpy as jnp
+    from flax import traverse_util
+
+    from jaxvit.tasks.ssl.model import DINOHead, HeadConfig
+    head = HeadConfig(64, 48, 16, nlayers, weight_norm)
+    params = DINOHead(head).init(jax.random.key(0), jnp.zeros((1, 32)))["params"]
+    kernels = [v.size for k, v in traverse_util.flatten_dict(params).items() if k[-1] == "kernel"]
+    assert benchmark.head_flops(head, 32) == 2 * sum(kernels)  # one token: 2 * in * out per Linear
+
+
+def test_cli_ssl_step(capsys):
+    (r,) = benchmark.main(SSL_TINY)
+    assert _lines(capsys) == [r]
+    assert KEYS <= r.keys() and r["impl"] == "jax" and r["mode"] == "ssl" and r["batch"] == 4
+    assert r["crops"] == {"global": 32, "local": 16, "n_local": 2} and r["prototypes"] == 64
+    assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["tflops"] > 0 and r["compile_s"] > 0
+    assert r["patch_size"] == 8 and r["params"] == r["trainable_params"] > 0  # the student (heads included)
+    # By hand. Backbone forward at 32 px (16 patches + CLS = 17 tokens) and 16 px (4 + 1 = 5), width 32, MLP 128:
+    # patch embedding 2*patches*(8*8*3)*32, per block q/k/v/o 8*n*32^2, QK^T and AV 4*n^2*32, MLP 4*n*32*128.
+    fwd = lambda patches, n: 2 * patches * 192 * 32 + 2 * (8 * n * 32 ** 2 + 4 * n * n * 32 + 4 * n * 32 * 128)
+    head = 2 * (32 * 48 + 48 * 48 + 48 * 16 + 16 * 64)  # one token through a DINO / iBOT head
+    masked = int(16 * 0.2) + int(16 * 0.3) + int(16 * 0.4) + int(16 * 0.5)  # 4 of 8 global crops masked
+    assert r["masked_tokens"] == masked
+    student = 2 * fwd(16, 17) + 2 * fwd(4, 5) + 4 * head + masked / 4 * head
+    teacher = 2 * fwd(16, 17) + 2 * head + masked / 4 * head
+    assert r["gflops_per_img_step"] * 1e9 == pytest.approx(3 * student + teacher, rel=1e-3)
+    assert r["tflops"] == pytest.approx(r["gflops_per_img_step"] * 1e-3 * r["img_per_s"], rel=1e-2)
+
+
+def test_cli_ssl_has_no_peer():
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(SSL_TINY + ["--peer"])

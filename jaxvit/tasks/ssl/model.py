@@ -42,25 +42,26 @@ class BatchStandardize(nn.Module):
 
 class DINOHead(nn.Module):
     cfg: HeadConfig
+    dtype: str = "float32"  # matmul compute dtype (the backbone's); the L2 norm and the logits are float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """[..., D] features -> [..., K] prototype logits, in float32 (heads are small next to the backbone)."""
-        c = self.cfg
-        x = x.astype(jnp.float32)
+        """[..., D] features -> [..., K] prototype logits (float32)."""
+        c, dtype = self.cfg, jnp.dtype(self.dtype)
         widths = [c.hidden_dim] * (max(c.nlayers, 1) - 1) + [c.bottleneck_dim]
         for i, width in enumerate(widths):
-            x = nn.Dense(width, kernel_init=_INIT, name=f"mlp_{i}")(x)
+            x = nn.Dense(width, kernel_init=_INIT, dtype=dtype, name=f"mlp_{i}")(x)
             if i < len(widths) - 1:
                 if c.use_bn:  # batch statistics always (student and teacher heads run in training mode)
-                    x = BatchStandardize(name=f"bn_{i}")(x)
+                    x = BatchStandardize(name=f"bn_{i}")(x.astype(jnp.float32)).astype(dtype)
                 x = gelu(x)
+        x = x.astype(jnp.float32)
         x = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
         v = self.param("kernel", _INIT, (c.bottleneck_dim, c.n_prototypes))  # [in, out] (torch's weight.T)
         if c.weight_norm:  # w = g * v / ||v||, the norm per prototype (torch weight_norm, dim=0 of [out, in])
             g = self.param("weight_g", nn.initializers.ones, (c.n_prototypes,))
             v = v * (g / jnp.linalg.norm(v, axis=0))
-        return jnp.dot(x, v, precision=jax.lax.Precision.HIGHEST)
+        return jnp.dot(x.astype(dtype), v.astype(dtype), preferred_element_type=jnp.float32)
 
 
 class SSLModel(nn.Module):
@@ -77,9 +78,9 @@ class SSLModel(nn.Module):
     def __call__(self, x: jax.Array, *, head: str = "", train: bool = False, mask: jax.Array | None = None,
                  return_attention: bool = False):
         if head == "dino" or (head == "ibot" and not self.separate_ibot_head):
-            return DINOHead(self.dino_cfg, name="dino_head")(x)
+            return DINOHead(self.dino_cfg, self.backbone.dtype, name="dino_head")(x)
         if head == "ibot":
-            return DINOHead(self.ibot_cfg, name="ibot_head")(x)
+            return DINOHead(self.ibot_cfg, self.backbone.dtype, name="ibot_head")(x)
         return ViT(self.backbone, name="backbone")(x, train=train, mask=mask, return_attention=return_attention)
 
     def init_all(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
