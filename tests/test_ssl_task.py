@@ -96,11 +96,13 @@ def test_lr_scaling_and_per_module_clipping(gz2_dir):
     np.testing.assert_allclose(out["params"]["dino_head"]["w"], 0.1)  # below the limit: untouched
 
 
-def _setup(gz2_dir, **ssl):
+def _setup(gz2_dir, configure=None, **ssl):
     c = tiny_ssl_config(gz2_dir)
     c.optim.weight_decay, c.optim.weight_decay_end = 0.04, 0.4
     for k, v in ssl.items():
         c.ssl[k] = v
+    if configure is not None:
+        configure(c)
     task = tasks.create(c)
     model, variables = task.build(jax.random.key(0))
     src = task.source("train")
@@ -245,3 +247,11 @@ def test_continued_pretraining_starts_from_the_checkpoint_with_a_resized_patch_e
         for k in want:
             np.testing.assert_allclose(got[k], want[k], rtol=1e-6, err_msg=k)
     assert variables["params"]["dino_head"].keys() == variables["teacher"]["dino_head"].keys()
+
+
+def test_gram_anchoring_adds_its_term(gz2_dir):
+    def gram_on(c):
+        c.ssl.gram.weight = 0.5  # against the EMA teacher's patch features
+    _, _, step, state, data, _ = _setup(gz2_dir, configure=gram_on)
+    _, metrics = step(state, next(data))
+    assert np.isfinite(float(metrics["gram"])) and float(metrics["gram"]) >= 0.0 and np.isfinite(float(metrics["loss"]))
