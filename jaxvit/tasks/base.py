@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvit import inference, lora, report
-from jaxvit.data import demo_sets, preflight
+from jaxvit.data import demo_sets, pipeline, preflight
 from jaxvit.errors import DataError
 from jaxvit.models import get_config, load_pretrained
 from jaxvit.models.heads import Classifier
@@ -72,7 +72,7 @@ class Task:
     def steps_per_epoch(self, n_examples: int, batch_size: int) -> int:
         """Steps of one "epoch" (train.epochs, evaluation points, epoch-based schedules): one pass over the data;
         SSL counts official epochs of a fixed length instead."""
-        return n_examples // batch_size
+        return pipeline.steps_per_epoch(n_examples, batch_size)
 
     def set_run_length(self, total_steps: int, steps_per_epoch: int) -> None:
         """Told by the loop before building the step (tasks with step-dependent schedules keep them)."""

@@ -197,11 +197,8 @@ class SSL(Task):
     # -- model
     @property
     def patch_size(self) -> int:
-        if self.s.patch_size:
-            return self.s.patch_size
-        m = self.cfg.model
-        return m.overrides.get("patch_size", 0) or (self._vit.patch_size if hasattr(self, "_vit") else
-                                                    get_config(m.arch).patch_size)
+        """The student's patch size, fixed by `build` (checkpoint or preset, overrides, ssl.patch_size)."""
+        return self._vit.patch_size
 
     def _heads(self) -> tuple[HeadConfig, HeadConfig]:
         make = lambda h: HeadConfig(h.n_prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers, self.s.head_weight_norm,
