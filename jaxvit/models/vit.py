@@ -263,7 +263,8 @@ class ViT(nn.Module):
 
     Outputs: last_hidden_state (all tokens after the final norm, order [CLS, registers, patches]),
     pooler_output (CLS), patch_tokens, register_tokens; with `return_layers` the raw outputs of those
-    blocks under `intermediate`; with `return_attention` each block's attention probabilities
+    blocks under `intermediate` and their patch tokens as [B, h, w, D] grids under `feature_maps` (through the
+    final norm when `norm_layers`, as DPT / Depth Anything and DINOCell read them); with `return_attention` each block's attention probabilities
     [B, heads, T, T] under `attentions`. `mask` [B, num_patches] (bool) swaps patches for the mask token.
     """
 
@@ -271,7 +272,8 @@ class ViT(nn.Module):
 
     @nn.compact
     def __call__(self, images: Array, *, train: bool = False, mask: Array | None = None,
-                 return_layers: tuple[int, ...] = (), return_attention: bool = False) -> dict[str, Any]:
+                 return_layers: tuple[int, ...] = (), norm_layers: bool = True, return_attention: bool = False
+                 ) -> dict[str, Any]:
         cfg = self.cfg
         _, hh, ww, c = images.shape
         p = cfg.patch_size
@@ -289,11 +291,14 @@ class ViT(nn.Module):
             rope = rope_tables(grid, cfg.head_dim, cfg.rope_theta, rescale)
         x, intermediate, attentions = Encoder(cfg, train, return_attention, name="encoder")(
             x, rope, tuple(return_layers))
-        x = nn.LayerNorm(cfg.ln_eps, dtype=jnp.dtype(cfg.dtype), name="layernorm")(x)
+        norm = nn.LayerNorm(cfg.ln_eps, dtype=jnp.dtype(cfg.dtype), name="layernorm")
+        x = norm(x)
         out = dict(last_hidden_state=x, pooler_output=x[:, 0], register_tokens=x[:, 1:cfg.num_prefix],
                    patch_tokens=x[:, cfg.num_prefix:])
         if return_layers:
             out["intermediate"] = intermediate
+            out["feature_maps"] = [(norm(h) if norm_layers else h)[:, cfg.num_prefix:].reshape(
+                h.shape[0], *grid, h.shape[-1]) for h in intermediate]
         if return_attention:
             out["attentions"] = attentions
         return out
