@@ -247,7 +247,7 @@ class JaxBench:
         else:
             batch = dict(image=images, label=jnp.asarray(rng.integers(0, NUM_CLASSES, args.batch), jnp.int32),
                          bad=jnp.zeros((args.batch,), jnp.int32))
-            rule = optim.trainable_rule("all", cfg, task.head)
+            rule = optim.trainable_rule("all", cfg, task.head, task.frozen)
             trainable = optim.split(variables, rule)[0]
             total = 1 + args.warmup + args.rounds * args.steps
             tx, schedule, _ = optim.make_optimizer(cfg, trainable, total, self.vit_cfg.depth)
@@ -314,7 +314,7 @@ class SSLBench(JaxBench):
         task.set_run_length(total, spe)
         model, variables = task.build(jax.random.key(0))
         self.vit_cfg = vit = model.backbone
-        rule = optim.trainable_rule("all", cfg, task.head)
+        rule = optim.trainable_rule("all", cfg, task.head, task.frozen)
         trainable = partition(variables, rule)[0]
         tx, schedule, _ = optim.make_optimizer(cfg, trainable, total, vit.depth, lr_gates=task.lr_gates(spe))
         self.state, _ = init_state(cfg, variables, rule, tx, sharding.make_mesh(cfg.mesh))

@@ -53,6 +53,7 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     # The last phase runs to the end of training: train.epochs / train.steps, or the sum of all phases' lengths
     # when every phase has epochs or steps.
     c.train.phases = ()
+    c.train.freeze_backbone = False  # shorthand for one phase training the head alone (a linear-probe-like run)
     c.train.stage1_epochs = 0  # shorthand for phases head -> all: the head alone for this many epochs first
     c.train.stage1_patience = 0  # ... or until the best metric has not improved for this many evaluations
     c.train.label_smoothing = 0.0
@@ -245,6 +246,9 @@ def problems(cfg: mlc.ConfigDict) -> list[str]:
         out.append("eval.val_split is empty, so no best checkpoint exists: set eval.test_checkpoint='final'")
     if cfg.checkpoint.best_metric and not cfg.checkpoint.best_metric.startswith("val/"):
         out.append(f"checkpoint.best_metric={cfg.checkpoint.best_metric!r}: use 'val/<metric>'")
+    others = [k for k in ("phases", "stage1_epochs", "stage1_patience") if cfg.train[k]]
+    if cfg.train.freeze_backbone and others:
+        out.append(f"train.freeze_backbone trains the head alone; it cannot be combined with train.{others[0]}")
     for i, phase in enumerate(cfg.train.phases):
         phase = dict(phase)
         unknown = sorted(set(phase) - set(_PHASE_KEYS))

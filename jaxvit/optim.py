@@ -20,10 +20,14 @@ def path_str(path: tuple[str, ...]) -> str:
     return "/".join(path)
 
 
-def trainable_rule(spec: str | Sequence[str], cfg, head: str) -> Callable[[str], bool]:
+def trainable_rule(spec: str | Sequence[str], cfg, head: str, frozen: str = "") -> Callable[[str], bool]:
     """Which variables a phase trains. "head": the task's head (`head`, a regex); "all": the head plus what
     the config fine-tunes (LoRA adapters when lora.enabled, else every block from
-    train.freeze_first_n_layers on; freezing N blocks freezes the embeddings too); or a tuple of regexes."""
+    train.freeze_first_n_layers on; freezing N blocks freezes the embeddings too); or a tuple of regexes.
+    Variables matching `frozen` (the task's never-trained parts, e.g. a depth model) are never trained."""
+    if frozen:
+        inner = trainable_rule(spec, cfg, head)
+        return lambda p: inner(p) and not re.search(frozen, p)
     if isinstance(spec, str) and spec == "head":
         return lambda p: bool(re.search(head, p))
     if isinstance(spec, str) and spec == "all":

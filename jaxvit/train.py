@@ -61,11 +61,14 @@ class Phase:
 
 
 def phases(cfg) -> list[Phase]:
-    """train.phases, or the two-stage shorthand (train.stage1_epochs / stage1_patience), or one phase."""
+    """train.phases, or the shorthands train.freeze_backbone (the head alone) and the two-stage train.stage1_epochs /
+    stage1_patience, or one phase."""
     t = cfg.train
     if t.phases:
         return [Phase(**{k: tuple(v) if isinstance(v, list) else v for k, v in dict(p).items()})
                 for p in t.phases]
+    if t.freeze_backbone:
+        return [Phase("head", "head")]
     if t.stage1_epochs or t.stage1_patience:
         return [Phase("head", "head", epochs=t.stage1_epochs, patience=t.stage1_patience), Phase("all")]
     return [Phase("all")]
@@ -219,7 +222,7 @@ class Trainer:
     def _phase_setup(self, index: int, variables: dict, start: int) -> tuple[dict, Callable, dict]:
         """(state, compiled step, lr multipliers) for phase `index` starting at step `start`."""
         phase = self.phases[index]
-        rule = optim.trainable_rule(phase.trainable, self.cfg, self.task.head)
+        rule = optim.trainable_rule(phase.trainable, self.cfg, self.task.head, self.task.frozen)
         trainable = partition(variables, rule)[0]
         length = phase.length(self.steps_per_epoch) if index < len(self.phases) - 1 else 0
         tx, schedule, mults = optim.make_optimizer(self.cfg, trainable, length or self.total_steps - start,

@@ -35,7 +35,7 @@ def _config(data_dir, **biomass_keys):
 def test_biomass_trains_with_aux_heads_and_writes_a_submission(pasture_dir, tmp_path):
     c = _config(pasture_dir, height_weight=0.2, ndvi_weight=0.2, species_weight=0.1, uncertainty=True,
                 mass_balance_weight=0.1, qc_weight=1e-3, huber_dead_delta=5.0, clahe_prob=0.5, motion_blur_prob=0.5,
-                perspective_jitter=0.05, border_mask=0.1)
+                perspective_jitter=0.05, border_mask=0.1, species_prior=True, aos_weight=0.3, state_scaling=True)
     from jaxvit import tasks
     transform, src = tasks.create(c).train_transform(), tasks.create(c).source("train")
     a, b = (transform(src[0], np.random.default_rng(7)) for _ in range(2))
@@ -52,7 +52,16 @@ def test_biomass_trains_with_aux_heads_and_writes_a_submission(pasture_dir, tmp_
     again = run.task.evaluate(run.model, inference.place(run.variables, mesh), "val", mesh)
     assert again["weighted_r2"] == pytest.approx(float(best["val_weighted_r2"]), abs=1e-5)
     stats = json.loads((tmp_path / "run" / "biomass_stats.json").read_text())
-    assert len(stats["scale"]) == 5 and stats["species"]
+    assert len(stats["scale"]) == 5 and stats["species"] and stats["states"]
+    # The metadata priors trained with the head: their parameters moved from their initial values, except the
+    # AOS coefficient of Dead, whose column is derived (Total - GDM) and so gets no gradient.
+    extra = run.variables["params"]["head_extra"]
+    assert set(extra) == {"aos_coef", "species_gate", "state_log_density"}
+    coef = np.asarray(extra["aos_coef"])
+    assert coef[biomass.DEAD] == 0 and np.all(np.delete(coef, biomass.DEAD) != 0)
+    assert float(extra["species_gate"]) != -4.0
+    assert np.asarray(extra["state_log_density"]).shape == (len(stats["states"]),)
+    assert np.all(np.asarray(extra["state_log_density"]) != 0)
     # Submission: five rows per test image, sample_id = <image id>__<target>; Dead is Total - GDM exactly.
     sub = list(csv.DictReader((tmp_path / "run" / "eval_test" / "test_submission.csv").open()))
     assert len(sub) == 5 * 16 and sub[0]["sample_id"].endswith("__Dry_Green_g")
@@ -91,6 +100,27 @@ def test_biomass_trains_with_aux_heads_and_writes_a_submission(pasture_dir, tmp_
     np.testing.assert_allclose([float(r["target"]) for r in rows], ((outs[0] + outs[1]) / 2).reshape(-1), rtol=1e-5)
     assert ens["weighted_r2"] == pytest.approx(biomass.weighted_r2(np.stack(list(ids.values())),
                                                                    (outs[0] + outs[1]) / 2), abs=1e-6)
+
+
+def test_metadata_priors_are_the_documented_formula():
+    """mass = ((1 - g) * (head + aos * c) + g * softmax(species) @ table) * softmax(state) @ exp(a)."""
+    import jax
+    from jaxvit.tasks.biomass_model import MetadataPriors
+    layout = (("mass", 0, 5), ("species", 5, 8), ("aos", 8, 9), ("state", 9, 11))
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(3, 5))
+    priors = MetadataPriors(layout, tuple(map(tuple, table)), aos=True)
+    out = rng.normal(size=(4, 11)).astype(np.float32)
+    params = {"aos_coef": rng.normal(size=5), "species_gate": np.float32(0.3), "state_log_density": rng.normal(size=2)}
+    got = np.asarray(priors.apply({"params": params}, out))
+    softmax = lambda z: np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    g = 1 / (1 + np.exp(-0.3))
+    mass = (1 - g) * (out[:, :5] + out[:, 8:9] * params["aos_coef"]) + g * softmax(out[:, 5:8]) @ table
+    mass *= (softmax(out[:, 9:11]) @ np.exp(params["state_log_density"]))[:, None]
+    np.testing.assert_allclose(got[:, :5], mass, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[:, 5:], out[:, 5:])
+    init = priors.init(jax.random.key(0), out)["params"]
+    assert float(init["species_gate"]) == -4.0 and not np.any(init["aos_coef"]) and not np.any(init["state_log_density"])
 
 
 def test_biomass_learns_the_demo_signal(pasture_dir, tmp_path):

@@ -16,11 +16,11 @@ from PIL import Image
 
 from conftest import ROOT, TINY_VIT, run_killed_and_resumed, tiny_config
 from jaxvit import checkpoint, lora, optim, run_io, sharding, tasks
-from jaxvit.config import base_config
+from jaxvit.config import base_config, problems
 from jaxvit.models import get_config, load_pretrained
 from jaxvit.models.heads import Classifier
 from jaxvit.tasks.classification import Classification
-from jaxvit.train import Trainer, init_state, make_step
+from jaxvit.train import Trainer, init_state, make_step, phases
 
 
 def flat(tree):
@@ -127,6 +127,17 @@ def test_trainable_rules():
     assert not every("params/backbone/encoder/layer_1/mlp/fc1/kernel")
     regexes = optim.trainable_rule((r"layer_1/", r"^params/head/"), c, r"^params/head/")
     assert regexes("params/backbone/encoder/layer_1/mlp/fc1/kernel") and not regexes("params/backbone/layernorm/scale")
+    c.lora.enabled = False
+    kept = optim.trainable_rule("all", c, r"^params/head/", frozen=r"^params/depth/")
+    assert kept("params/head/out/bias") and not kept("params/depth/neck/fusion_0/kernel")
+
+
+def test_freeze_backbone_is_one_head_phase_and_excludes_the_other_shorthands(gz2_dir):
+    c = tiny_config(gz2_dir, epochs=3)
+    c.train.freeze_backbone = True
+    assert [(p.name, p.trainable) for p in phases(c)] == [("head", "head")]
+    c.train.stage1_epochs = 1
+    assert any("freeze_backbone" in p for p in problems(c))
 
 
 def test_two_stage_full_fine_tuning_leaves_the_backbone_alone_in_stage_one(gz2_dir, tmp_path):

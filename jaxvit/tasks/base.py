@@ -37,6 +37,7 @@ class Task:
     best_mode = "min"  # "min" | "max"
     history_metrics: tuple[str, ...] = ("loss",)  # evaluate() results written to training_history.csv
     head = r"^params/head/"  # regex of the variables a head-only phase trains
+    frozen = ""  # regex of variables no phase trains (e.g. a feature model), stored in model.frozen_dtype
 
     def __init__(self, cfg, workdir: str | Path | None = None):
         self.cfg, self.workdir = cfg, workdir
@@ -137,9 +138,11 @@ class Task:
             w.writerows([p, *(repr(float(v)) for v in row)] for p, row in zip(paths, outputs))
 
 
-def build_head_model(cfg, num_outputs: int, rng: jax.Array) -> tuple[Classifier, dict]:
+def build_head_model(cfg, num_outputs: int, rng: jax.Array, make_model: Callable[..., Any] = Classifier
+                     ) -> tuple[Any, dict]:
     """Backbone + pooled head ({"params": {"backbone", "head"}[, "lora"]}), pretrained weights loaded, LoRA
-    adapters added when lora.enabled. Used by the classification and regression tasks."""
+    adapters added when lora.enabled. Used by the classification, regression and biomass tasks; `make_model`
+    takes the Classifier's fields (a model with the same `backbone/` and `head/` paths)."""
     runtime = dict(dtype=cfg.model.dtype, remat=cfg.model.remat, drop_path=cfg.model.drop_path,
                    lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, **cfg.model.overrides.to_dict())
     if cfg.model.pretrained:
@@ -148,7 +151,7 @@ def build_head_model(cfg, num_outputs: int, rng: jax.Array) -> tuple[Classifier,
     else:
         vit_cfg, backbone_params = get_config(cfg.model.arch, **runtime), None
     m = cfg.model
-    model = Classifier(vit_cfg, num_outputs, m.pool, tuple(m.head_hidden), m.head_dropout, m.head_norm, m.head_act,
+    model = make_model(vit_cfg, num_outputs, m.pool, tuple(m.head_hidden), m.head_dropout, m.head_norm, m.head_act,
                        tuple(m.head_hidden_dropout))
     size = cfg.data.image_size
     init_rng, lora_rng = jax.random.split(rng)

@@ -17,6 +17,7 @@ jitter and border mask (biomass.*, `jaxvit.data.photo_aug`), never crops (the ma
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -34,16 +35,19 @@ from jaxvit.data.sources import load_image
 from jaxvit.data.transforms import TransformConfig, color_jitter, normalize, random_flips_rot90
 from jaxvit.errors import ConfigError, DataError
 from jaxvit.tasks.base import Task, apply_train, build_head_model, check_files, finish_score
+from jaxvit.tasks.biomass_model import BiomassModel
 
 LOSSES = ("smooth_l1", "planthydra")
+CATEGORIES = {"species": "Species", "state": "State"}  # classification outputs: key -> CSV metadata column
 
 
 class PastureSource:
-    """`<split>.csv` (long format) -> examples {"path", "targets" [5] (NaN-free), "height", "ndvi", "species"}."""
+    """`<split>.csv` (long format) -> examples {"path", "targets" [5] (NaN-free), "height", "ndvi", "species",
+    "state"}; species and state are indices into `names` (the train split's, saved with the run), -1 if unseen."""
 
     files = True
 
-    def __init__(self, csv_path: Path, split: str, species: list[str] | None = None,
+    def __init__(self, csv_path: Path, split: str, names: dict[str, list[str]] | None = None,
                  keep: Callable[[list[str], list[dict]], np.ndarray] | None = None):
         if not csv_path.is_file():
             raise DataError(f"{str(csv_path)!r} not found: the biomass task reads <data_dir>/<split>.csv in the "
@@ -61,10 +65,11 @@ class PastureSource:
         meta = [r["metadata"] for r in records.values()]
         self.height = np.asarray([m.get("Height_Ave_cm", np.nan) for m in meta], np.float32)
         self.ndvi = np.asarray([m.get("Pre_GSHH_NDVI", np.nan) for m in meta], np.float32)
-        names = [str(m.get("Species", "")) for m in meta]
-        self.species_names = species if species is not None else sorted(set(names))
-        index = {s: i for i, s in enumerate(self.species_names)}
-        self.species = np.asarray([index.get(s, -1) for s in names], np.int32)  # -1: not seen in training
+        values = {key: [str(m.get(column, "")) for m in meta] for key, column in CATEGORIES.items()}
+        self.names = names or {key: sorted(set(v)) for key, v in values.items()}
+        codes = {key: {s: i for i, s in enumerate(self.names[key])} for key in CATEGORIES}
+        self.species, self.state = (np.asarray([codes[key].get(s, -1) for s in values[key]], np.int32)
+                                    for key in CATEGORIES)
         absent = [p for p in self.paths if not Path(p).is_file()]
         if absent:
             raise DataError(f"{csv_path}: {len(absent)} image files do not exist, e.g. {absent[:3]}; image_path is "
@@ -75,7 +80,7 @@ class PastureSource:
 
     def __getitem__(self, i: int) -> dict:
         return {"path": self.paths[i], "targets": self.targets[i], "height": self.height[i], "ndvi": self.ndvi[i],
-                "species": self.species[i]}
+                "species": self.species[i], "state": self.state[i]}
 
 
 class PastureExample:
@@ -125,6 +130,7 @@ class Biomass(Task):
     supports_cv = True
     best_metric = "val/weighted_r2"
     best_mode = "max"
+    head = r"^params/head(_extra)?/"  # the head and the metadata priors' parameters
     history_metrics = ("loss", "weighted_r2", "r2_green", "r2_dead", "r2_clover", "r2_gdm", "r2_total")
 
     @staticmethod
@@ -142,6 +148,10 @@ class Biomass(Task):
         c.height_weight = 0.0  # > 0: auxiliary Height_Ave_cm head (--use-height-head --height-weight)
         c.ndvi_weight = 0.0  # > 0: auxiliary Pre_GSHH_NDVI head (--use-ndvi-head --ndvi-weight)
         c.species_weight = 0.0  # > 0: auxiliary species classification head (--use-species-head)
+        c.species_prior = False  # blend the masses with the predicted species' train means (--use-species-prior)
+        c.aos_weight = 0.0  # > 0: hallucinated AOS NDVI output feeding the masses (--use-aos-hallucination)
+        c.state_scaling = False  # per-State learned density factor, State predicted (--use-state-scaling)
+        c.state_weight = 0.1  # state_scaling: weight of the State classification loss
         c.halves = False  # left and right halves as two views; masses = the halves' sum (the seed's L/R views)
         c.cross_view_weight = 0.0  # halves: weight of the halves' disagreement (--use-cross-view-consistency)
         c.pad_to_square = False  # pad the photo to a square before resizing (--use-pad-to-square)
@@ -158,6 +168,8 @@ class Biomass(Task):
             raise ConfigError(f"biomass.loss={b.loss!r}: use one of {', '.join(LOSSES)}")
         if b.cross_view_weight > 0 and not b.halves:
             raise ConfigError("biomass.cross_view_weight > 0 needs biomass.halves=True (two views to compare)")
+        if b.species_prior and b.species_weight <= 0:
+            raise ConfigError("biomass.species_prior needs the species head: set biomass.species_weight > 0")
         if b.huber_dead_delta < 0:
             raise ConfigError(f"biomass.huber_dead_delta={b.huber_dead_delta}: must be >= 0 (0 = off)")
         saved = Path(workdir) / "biomass_stats.json" if workdir else None
@@ -165,22 +177,27 @@ class Biomass(Task):
 
     @property
     def stats(self) -> dict:
-        """Train-split per-target std, aux means/stds, species names, plausible maxima (saved with the run)."""
+        """Train-split per-target std, aux means/stds, species and state names, each species' mean masses,
+        plausible maxima (saved with the run)."""
         if self._stats is None:
-            src = self.source(self.cfg.data.train_split, species=None)
+            src = self.source(self.cfg.data.train_split, names=None)
             finite = lambda a: a[np.isfinite(a)] if np.isfinite(a).any() else np.zeros(1)
             self._stats = {
                 "scale": np.maximum(src.targets.std(0), 1e-3).tolist(),
                 "max_mass": biomass.plausible_max(src.targets).tolist(),
                 "height": [float(finite(src.height).mean()), float(max(finite(src.height).std(), 1e-3))],
                 "ndvi": [float(finite(src.ndvi).mean()), float(max(finite(src.ndvi).std(), 1e-3))],
-                "species": src.species_names}
+                "species": src.names["species"], "states": src.names["state"],
+                "species_mass": [src.targets[src.species == i].mean(0).tolist()
+                                 for i in range(len(src.names["species"]))]}
         return self._stats
 
     # -- data
-    def source(self, split: str, species: list[str] | None | bool = True) -> PastureSource:
-        """`<split>.csv`; with cv.fold >= 0, the train split without that fold (train) or the fold alone (val)."""
-        names = self.stats["species"] if species is True else species
+    def source(self, split: str, names: dict | None | bool = True) -> PastureSource:
+        """`<split>.csv`; with cv.fold >= 0, the train split without that fold (train) or the fold alone (val).
+        Categories are coded with the train split's names (names=None: the split's own)."""
+        if names is True:
+            names = {"species": self.stats["species"], "state": self.stats.get("states", [])}
         fold, train = self.cfg.cv.fold, self.cfg.data.train_split
         if fold < 0 or split not in (train, self.cfg.eval.val_split):
             return PastureSource(Path(self.cfg.data.data_dir) / f"{split}.csv", split, names)
@@ -209,19 +226,29 @@ class Biomass(Task):
 
     # -- model and loss
     def _layout(self) -> dict[str, slice]:
-        """Output columns of the head: masses, [log-variances], [height], [ndvi], [species logits]."""
+        """Output columns of the head: masses, [log-variances], [height], [ndvi], [species logits], [AOS NDVI],
+        [state logits]."""
         b, sizes = self.cfg.biomass, [("mass", 5)]
         sizes += [("log_var", 5)] if b.uncertainty else []
         sizes += [("height", 1)] if b.height_weight > 0 else []
         sizes += [("ndvi", 1)] if b.ndvi_weight > 0 else []
         sizes += [("species", len(self.stats["species"]))] if b.species_weight > 0 else []
+        sizes += [("aos", 1)] if b.aos_weight > 0 else []
+        sizes += [("state", len(self.stats["states"]))] if b.state_scaling else []
         out, start = {}, 0
         for name, n in sizes:
             out[name], start = slice(start, start + n), start + n
         return out
 
     def build(self, rng: jax.Array):
-        return build_head_model(self.cfg, max(s.stop for s in self._layout().values()), rng)
+        b, layout = self.cfg.biomass, self._layout()
+        table = ()
+        if b.species_prior:
+            table = tuple(tuple(float(v) for v in np.asarray(row) / np.asarray(self.stats["scale"]))
+                          for row in self.stats["species_mass"])
+        spans = tuple((name, s.start, s.stop) for name, s in layout.items())
+        make = functools.partial(BiomassModel, layout=spans, species_table=table, aos=b.aos_weight > 0)
+        return build_head_model(self.cfg, spans[-1][2], rng, make)
 
     def _masses(self, out: jax.Array) -> jax.Array:
         """Head output [B, K] -> the five masses in grams, derived columns filled in from the identities."""
@@ -265,18 +292,19 @@ class Biomass(Task):
             total += biomass.gaussian_nll(pred / scale, out[:, layout["log_var"]], true / scale) / 5
         if b.qc_weight > 0:
             total += b.qc_weight * biomass.qc_plausibility(pred / scale, jnp.asarray(self.stats["max_mass"]) / scale)
-        for key in ("height", "ndvi"):
-            if key in layout:
+        for column, key, weight in (("height", "height", b.height_weight), ("ndvi", "ndvi", b.ndvi_weight),
+                                    ("aos", "ndvi", b.aos_weight)):
+            if column in layout:
                 mean, std = self.stats[key]
                 target = (batch[key] - mean) / std
                 known = jnp.isfinite(target)
-                err = optax.huber_loss(out[:, layout[key]][:, 0] - jnp.where(known, target, 0.0))
-                total += getattr(b, f"{key}_weight") * jnp.where(known, err, 0.0)
-        if "species" in layout:
-            known = batch["species"] >= 0
-            ce = optax.softmax_cross_entropy_with_integer_labels(out[:, layout["species"]],
-                                                                 jnp.maximum(batch["species"], 0))
-            total += b.species_weight * jnp.where(known, ce, 0.0)
+                err = optax.huber_loss(out[:, layout[column]][:, 0] - jnp.where(known, target, 0.0))
+                total += weight * jnp.where(known, err, 0.0)
+        for key, weight in (("species", b.species_weight), ("state", b.state_weight)):
+            if key in layout:
+                known = batch[key] >= 0
+                ce = optax.softmax_cross_entropy_with_integer_labels(out[:, layout[key]], jnp.maximum(batch[key], 0))
+                total += weight * jnp.where(known, ce, 0.0)
         return total, {"abs_error_total_g": jnp.abs(pred[:, biomass.TOTAL] - true[:, biomass.TOTAL])}, updates
 
     # -- evaluation and prediction
