@@ -7,6 +7,8 @@
            (jaxvit.data.synthetic_pasture)
   cells    synthetic multi-channel Cell Painting sites (4 treatments, 3 plates, instance masks) in the JUMP
            load-data layout (jaxvit.data.synthetic_cells; data.source="jump")
+  sar      synthetic paired Sentinel-1 / Sentinel-2 L2A tiles (64 px GeoTIFFs) with a pairs.csv
+           (jaxvit.data.synthetic_sar; the TerraMind stage-3 task)
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import numpy as np
 
 from jaxvit.errors import UserError
 
-DEMO_SETS = ("", "gz2", "digits", "pasture", "cells")
+DEMO_SETS = ("", "gz2", "digits", "pasture", "cells", "sar")
 
 
 def write(name: str, data_dir: str | os.PathLike, seed: int = 0) -> None:
@@ -34,6 +36,9 @@ def write(name: str, data_dir: str | os.PathLike, seed: int = 0) -> None:
     elif name == "cells":
         from jaxvit.data.synthetic_cells import write_dataset as write_cells
         write_cells(data_dir, seed=seed)
+    elif name == "sar":
+        from jaxvit.data.synthetic_sar import write_dataset as write_sar
+        write_sar(data_dir, seed=seed)
 
 
 def write_digits(data_dir: str | os.PathLike, seed: int = 0, fractions: tuple[float, float] = (0.6, 0.2)) -> None:
