@@ -1,7 +1,8 @@
-"""DINO-family ViT backbones, presets and PyTorch weight conversion."""
+"""DINO-family ViT backbones, Depth Anything on DINOv2, presets and PyTorch weight conversion."""
+from jaxvit.models.depth_anything import DepthAnything, DepthAnythingConfig, depth
 from jaxvit.models.variants import HUB_IDS, PRESETS, get_config, parse_overrides
 from jaxvit.models.vit import ViT, ViTConfig
 from jaxvit.models.weights import WeightLoadError, load_pretrained, save_pretrained
 
-__all__ = ["HUB_IDS", "PRESETS", "ViT", "ViTConfig", "WeightLoadError", "get_config", "load_pretrained", "parse_overrides",
-           "save_pretrained"]
+__all__ = ["DepthAnything", "DepthAnythingConfig", "HUB_IDS", "PRESETS", "ViT", "ViTConfig", "WeightLoadError", "depth",
+           "get_config", "load_pretrained", "parse_overrides", "save_pretrained"]

@@ -6,6 +6,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from flax import traverse_util
 
 from jaxvit.errors import UserError
 from jaxvit.models import keymap
+from jaxvit.models.depth_anything import DepthAnything, DepthAnythingConfig
 from jaxvit.models.variants import HUB_IDS, get_config
 from jaxvit.models.vit import ViT, ViTConfig
 
@@ -233,8 +235,21 @@ def param_shapes(cfg: ViTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
 def import_params(cfg: ViTConfig, sd: dict[str, np.ndarray], fmt: str, *, strict: bool = True,
                   where: str = "checkpoint") -> dict:
     """Nested float32 params from a torch state dict; every missing, extra or mis-shaped key is reported."""
-    expected = param_shapes(cfg)
-    entries = keymap.entries(cfg, fmt)
+    def init() -> dict:
+        return ViT(cfg).init(jax.random.key(0), jnp.zeros((1, cfg.patch_size, cfg.patch_size, cfg.num_channels)))
+
+    ignored = (lambda k: bool(_IGNORED_OFFICIAL.search(k))) if fmt == "official" else None
+    return import_entries(keymap.entries(cfg, fmt), sd, param_shapes(cfg), init, strict=strict, where=where,
+                          ignored=ignored)
+
+
+def import_entries(entries: list[keymap.Entry], sd: dict[str, np.ndarray],
+                   expected: dict[tuple[str, ...], tuple[int, ...]], init: Callable[[], dict], *,
+                   strict: bool = True, where: str = "checkpoint",
+                   ignored: Callable[[str], bool] | None = None) -> dict:
+    """Nested params from `sd` through `entries`, checked against the `expected` leaf shapes; missing,
+    unexpected (not `ignored`) and mis-shaped keys are reported together. strict=False takes missing leaves
+    from `init()` (variables with a "params" collection)."""
     flat, missing, bad_shape = {}, [], []
     for e in entries:
         if e.key not in sd:
@@ -246,7 +261,7 @@ def import_params(cfg: ViTConfig, sd: dict[str, np.ndarray], fmt: str, *, strict
                                  f"model expects {expected[path]}")
             flat[path] = value
     used = {e.key for e in entries}
-    unexpected = sorted(k for k in sd if k not in used and not (fmt == "official" and _IGNORED_OFFICIAL.search(k)))
+    unexpected = sorted(k for k in sd if k not in used and not (ignored and ignored(k)))
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
@@ -261,26 +276,37 @@ def import_params(cfg: ViTConfig, sd: dict[str, np.ndarray], fmt: str, *, strict
     if problems:
         log.warning("%s: %s", where, "; ".join(problems))
     if missing:  # strict=False: fill from a fresh init
-        init = ViT(cfg).init(jax.random.key(0), jnp.zeros((1, cfg.patch_size, cfg.patch_size, cfg.num_channels)))
-        for path, v in traverse_util.flatten_dict(init["params"]).items():
+        for path, v in traverse_util.flatten_dict(init()["params"]).items():
             flat.setdefault(path, np.asarray(v))
     return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
 
 
 def export_state_dict(cfg: ViTConfig, params: dict, fmt: str) -> dict[str, np.ndarray]:
+    return export_entries(keymap.entries(cfg, fmt), params)
+
+
+def export_entries(entries: list[keymap.Entry], params: dict) -> dict[str, np.ndarray]:
+    """The torch state dict (float32 numpy) of nested `params` through `entries`."""
     flat = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params).items()}
-    return {e.key: np.ascontiguousarray(e.to_torch([flat[p] for p in e.paths])) for e in keymap.entries(cfg, fmt)}
+    return {e.key: np.ascontiguousarray(e.to_torch([flat[p] for p in e.paths])) for e in entries}
 
 
 def load_pretrained(source: str | os.PathLike, arch: str | ViTConfig | None = None, *, strict: bool = True,
-                    which: str = "teacher", **overrides) -> tuple[ViT, dict]:
+                    which: str = "teacher", **overrides) -> tuple[ViT | DepthAnything, dict]:
     """(module, params) from a transformers directory, a cached hub id, or an original .pth/.safetensors.
 
     `arch` (a preset name or ViTConfig) overrides the architecture read from config.json or inferred from
     shapes; `overrides` set ViTConfig fields that do not change weights (dtype, remat, drop_path, ...).
-    `which` picks the teacher or student of an original training checkpoint.
+    `which` picks the teacher or student of an original training checkpoint. A transformers Depth Anything
+    checkpoint (model_type depth_anything) gives a `DepthAnything` module instead (`jaxvit.models.depth_weights`).
     """
     sd, fmt, hf_cfg, path = read_checkpoint(source)
+    from jaxvit.models import depth_weights
+    if hf_cfg is not None and depth_weights.is_depth_anything(hf_cfg):
+        if arch is not None:
+            raise WeightLoadError(f"{path}: a Depth Anything checkpoint takes its architecture from config.json; "
+                                  "leave arch unset")
+        return depth_weights.from_state_dict(sd, hf_cfg, strict=strict, where=str(path), **overrides)
     if fmt == "official":
         sd = _official_backbone(sd, which)
     if arch is not None:
@@ -296,10 +322,17 @@ def load_pretrained(source: str | os.PathLike, arch: str | ViTConfig | None = No
     return ViT(cfg), params
 
 
-def save_pretrained(model: ViT | ViTConfig, params: dict, out_dir: str | os.PathLike, format: str = "hf") -> Path:
-    """Write params for PyTorch: "hf" -> config.json + model.safetensors (transformers.AutoModel loads it);
-    "official" -> model.pth with the original repository's keys (needs torch)."""
+def save_pretrained(model: ViT | ViTConfig | DepthAnything | DepthAnythingConfig, params: dict,
+                    out_dir: str | os.PathLike, format: str = "hf") -> Path:
+    """Write params for PyTorch: "hf" -> config.json + model.safetensors (transformers.AutoModel loads it;
+    a Depth Anything model: DepthAnythingForDepthEstimation); "official" -> model.pth with the original
+    repository's keys (needs torch; ViT only)."""
     from safetensors.numpy import save_file
+    if isinstance(model, (DepthAnything, DepthAnythingConfig)):
+        if format != "hf":
+            raise WeightLoadError(f"format={format!r}: Depth Anything exports to the transformers layout ('hf') only")
+        from jaxvit.models import depth_weights
+        return depth_weights.save(model, params, out_dir)
     cfg = model.cfg if isinstance(model, ViT) else model
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
