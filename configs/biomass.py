@@ -7,7 +7,7 @@ biomass_experiment_priority_guide.md's defaults on DINOv3 ViT-B/16.
 Defaults as the seed's "Baseline": two stages (heads at 2e-4 until the validation weighted R^2 has not improved for
 10 evaluations or 30 epochs, then everything with the backbone at 1e-5 = lr x 0.05), SmoothL1 with the metric's
 target weights, Dead derived (Total - GDM), Clover trained, flips / quarter turns / colour jitter / CLAHE / motion
-blur, global batch 16.
+blur, Depth Anything V2 Small depth features and depth attention, global batch 16.
 The seed expects CV weighted R^2 0.60-0.65 for this baseline. Variants: `:planthydra` (log1p + cosine +
 compositional loss), `:aux` (+ height and NDVI heads), `:best` (the seed's phase-6 combination, as far as jaxvit
 implements it), `:demo` (a synthetic pasture set rendered into runs/biomass_demo_data, a small ViT from scratch).
@@ -31,6 +31,7 @@ def get_config(arg: str = ""):
     c.data.aug.hflip, c.data.aug.vflip, c.data.aug.rot90 = True, True, True
     c.data.aug.color_jitter = (0.2, 0.2, 0.2, 0.02)
     c.biomass.clahe_prob, c.biomass.motion_blur_prob = 0.3, 0.2  # the seed's strong augmentation
+    c.biomass.depth_model = "depth-anything/Depth-Anything-V2-Small-hf"  # depth features + attention (seed: ON)
     c.eval.batch_size = 32
     return apply_variant(c, arg, "biomass.py", planthydra=planthydra, aux=aux, best=best, demo=demo)
 
@@ -59,6 +60,7 @@ def demo(c):
     c.data.image_size = 64
     c.data.num_workers = 2
     c.model.arch, c.model.pretrained = "dinov3_vits16", ""
+    c.biomass.depth_model = ""  # no Depth Anything weights offline; the synthetic photos have no relief anyway
     c.model.overrides.update(dict(patch_size=8, hidden_size=96, depth=4, num_heads=3, mlp_hidden=288))
     c.model.pool = "cls_mean"
     c.model.head_dropout = 0.0

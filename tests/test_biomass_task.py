@@ -123,6 +123,42 @@ def test_metadata_priors_are_the_documented_formula():
     assert float(init["species_gate"]) == -4.0 and not np.any(init["aos_coef"]) and not np.any(init["state_log_density"])
 
 
+def test_depth_features_are_the_documented_statistics_and_pooling():
+    import jax
+    from jaxvit.tasks.biomass_model import DepthFeatures
+    rng = np.random.default_rng(3)
+    depth, tokens = rng.uniform(1, 5, size=(2, 8, 8)).astype(np.float32), rng.normal(size=(2, 4, 6)).astype(np.float32)
+    features = DepthFeatures()
+    got = np.asarray(features.apply({"params": {"beta": np.float32(2.0)}}, depth, tokens, (2, 2)))
+    d = (depth - depth.min((1, 2), keepdims=True)) / (np.ptp(depth, (1, 2), keepdims=True) + 1e-6)
+    flat = d.reshape(2, -1)
+    stats = np.stack([flat.mean(-1), flat.std(-1), *np.quantile(flat, [0.1, 0.5, 0.9], axis=-1)], -1)
+    tiles = d.reshape(2, 2, 4, 2, 4).mean((2, 4)).reshape(2, 4)  # the mean depth of each 4 x 4 tile
+    weights = np.exp(2 * tiles) / np.exp(2 * tiles).sum(-1, keepdims=True)
+    np.testing.assert_allclose(got, np.concatenate([stats, np.einsum("bt,btd->bd", weights, tokens)], -1),
+                               rtol=1e-5, atol=1e-5)
+    assert float(features.init(jax.random.key(0), depth, tokens, (2, 2))["params"]["beta"]) == 0.0
+
+
+@pytest.mark.slow
+def test_biomass_with_depth_features_trains_the_attention_and_leaves_depth_anything_frozen(pasture_dir, tmp_path):
+    from flax import traverse_util
+    from test_depth_anything import depth_anything
+
+    from jaxvit.models import load_pretrained
+    depth_anything().save_pretrained(tmp_path / "da")
+    c = _config(pasture_dir, depth_model=str(tmp_path / "da"))
+    c.train.epochs = 2
+    Trainer(c, tmp_path / "run").run()
+    rows = list(csv.DictReader((tmp_path / "run" / "training_history.csv").open()))
+    assert np.isfinite([float(r["val_weighted_r2"]) for r in rows]).all()
+    params = run_io.load_run(tmp_path / "run", "final").variables["params"]
+    assert float(params["head_depth"]["beta"]) != 0.0
+    trained = traverse_util.flatten_dict(params["depth"])
+    for k, v in traverse_util.flatten_dict(load_pretrained(tmp_path / "da")[1]).items():
+        np.testing.assert_array_equal(np.asarray(trained[k]), np.asarray(v))
+
+
 def test_biomass_learns_the_demo_signal(pasture_dir, tmp_path):
     c = _config(pasture_dir, loss="planthydra")
     c.train.epochs, c.train.batch_size, c.optim.lr = 12, 16, 2e-3

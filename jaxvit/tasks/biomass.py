@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,8 +36,11 @@ from jaxvit.data.sources import load_image
 from jaxvit.data.transforms import TransformConfig, color_jitter, normalize, random_flips_rot90
 from jaxvit.errors import ConfigError, DataError
 from jaxvit.tasks.base import Task, apply_train, build_head_model, check_files, finish_score
+from jaxvit.models import load_pretrained
+from jaxvit.models.depth_anything import DepthAnything
 from jaxvit.tasks.biomass_model import BiomassModel
 
+log = logging.getLogger("jaxvit")
 LOSSES = ("smooth_l1", "planthydra")
 CATEGORIES = {"species": "Species", "state": "State"}  # classification outputs: key -> CSV metadata column
 
@@ -130,7 +134,8 @@ class Biomass(Task):
     supports_cv = True
     best_metric = "val/weighted_r2"
     best_mode = "max"
-    head = r"^params/head(_extra)?/"  # the head and the metadata priors' parameters
+    head = r"^params/head(_extra|_depth)?/"  # the head, the metadata priors and the depth attention
+    frozen = r"^params/depth/"  # the Depth Anything model
     history_metrics = ("loss", "weighted_r2", "r2_green", "r2_dead", "r2_clover", "r2_gdm", "r2_total")
 
     @staticmethod
@@ -152,6 +157,9 @@ class Biomass(Task):
         c.aos_weight = 0.0  # > 0: hallucinated AOS NDVI output feeding the masses (--use-aos-hallucination)
         c.state_scaling = False  # per-State learned density factor, State predicted (--use-state-scaling)
         c.state_weight = 0.1  # state_scaling: weight of the State classification loss
+        c.depth_model = ""  # Depth Anything V2 (transformers dir or hub id in the local cache); "" = no depth
+        c.depth_features = True  # depth_model: the depth map's mean, std, quantiles as features (--use-depth)
+        c.depth_attention = True  # depth_model: patch tokens pooled with depth weights (--depth-attention)
         c.halves = False  # left and right halves as two views; masses = the halves' sum (the seed's L/R views)
         c.cross_view_weight = 0.0  # halves: weight of the halves' disagreement (--use-cross-view-consistency)
         c.pad_to_square = False  # pad the photo to a square before resizing (--use-pad-to-square)
@@ -168,6 +176,9 @@ class Biomass(Task):
             raise ConfigError(f"biomass.loss={b.loss!r}: use one of {', '.join(LOSSES)}")
         if b.cross_view_weight > 0 and not b.halves:
             raise ConfigError("biomass.cross_view_weight > 0 needs biomass.halves=True (two views to compare)")
+        if b.depth_model and not (b.depth_features or b.depth_attention):
+            raise ConfigError("biomass.depth_model is set but depth_features and depth_attention are both off: "
+                              "turn one on, or set depth_model='' (no depth)")
         if b.species_prior and b.species_weight <= 0:
             raise ConfigError("biomass.species_prior needs the species head: set biomass.species_weight > 0")
         if b.huber_dead_delta < 0:
@@ -247,8 +258,18 @@ class Biomass(Task):
             table = tuple(tuple(float(v) for v in np.asarray(row) / np.asarray(self.stats["scale"]))
                           for row in self.stats["species_mass"])
         spans = tuple((name, s.start, s.stop) for name, s in layout.items())
-        make = functools.partial(BiomassModel, layout=spans, species_table=table, aos=b.aos_weight > 0)
-        return build_head_model(self.cfg, spans[-1][2], rng, make)
+        depth = load_pretrained(b.depth_model, dtype=self.cfg.model.dtype) if b.depth_model else None
+        if depth is not None and not isinstance(depth[0], DepthAnything):
+            raise ConfigError(f"biomass.depth_model={b.depth_model!r} is not a Depth Anything checkpoint")
+        make = functools.partial(BiomassModel, layout=spans, species_table=table, aos=b.aos_weight > 0,
+                                 depth=depth[0].cfg if depth else None, depth_statistics=b.depth_features,
+                                 depth_attention=b.depth_attention, data_mean=tuple(self.cfg.data.mean),
+                                 data_std=tuple(self.cfg.data.std))
+        model, variables = build_head_model(self.cfg, spans[-1][2], rng, make)
+        if depth is not None:
+            variables["params"]["depth"] = depth[1]
+            log.info("depth features from %s (frozen)", b.depth_model)
+        return model, variables
 
     def _masses(self, out: jax.Array) -> jax.Array:
         """Head output [B, K] -> the five masses in grams, derived columns filled in from the identities."""
