@@ -154,6 +154,8 @@ def test_decoder_network_parity(tiny):
             want = torch_model.decoder(nchw(sample), torch.tensor(t), nchw(codes))
         got = denoise(jnp.asarray(sample), jnp.float32(t), jnp.asarray(codes))
         assert rel_err(got, nhwc(want)) < 1e-4, t
+    with pytest.raises(ValueError, match="multiples of 4"):  # UNet patch 2, one halving: 4 px steps
+        denoise(jnp.zeros((1, 30, 30, cfg.channels)), jnp.float32(0), jnp.asarray(codes[:1]))
 
 
 @pytest.mark.parametrize("prediction_type", ["sample", "epsilon", "v_prediction"])

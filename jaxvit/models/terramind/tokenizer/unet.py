@@ -136,9 +136,10 @@ class PatchedUNet(nn.Module):
         cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
         b, hh, ww, c = sample.shape
         p = cfg.dec_patch_size
-        if hh % p or ww % p or c != cfg.channels:
+        step = p * 2 ** (len(cfg.dec_channel_mult) - 1)  # the UNet halves the patch grid once per extra level
+        if hh % step or ww % step or c != cfg.channels:
             raise ValueError(f"decoder sample {tuple(sample.shape)} must be [B, H, W, {cfg.channels}] with H and W "
-                             f"multiples of {p}")
+                             f"multiples of {step}")
         nh, nw = hh // p, ww // p
         x = sample.reshape(b, nh, p, nw, p, c).transpose(0, 1, 3, 5, 2, 4).reshape(b, nh, nw, c * p * p)
         x = jnp.concatenate([x, nearest_resize(codes.astype(x.dtype), (nh, nw))], axis=-1).astype(dtype)
