@@ -3,7 +3,7 @@ torch modules on random weights: encoder, FSQ ids, one decoder pass, DDIM steps,
 fixed noise; checkpoint import/export; the soft-code gradient path.
 
 terratorch is installed with --no-deps (its package __init__ pulls the geospatial stack and torchvision): the
-tokenizer files are imported as they are, below stub parent packages (see `load_upstream`).
+tokenizer files are imported as they are, below stub parent packages (tests/terratorch_stub.py, `load_upstream`).
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import importlib
 import importlib.util
 import sys
 import types
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +26,7 @@ from jaxvit.models.terramind.tokenizer import (Tokenizer, decode_ids, decode_pro
                                                import_params, load_tokenizer, save_tokenizer, tokenizer_config)
 from jaxvit.models.terramind.tokenizer import ddim, fsq  # noqa: E402
 from jaxvit.models.weights import WeightLoadError  # noqa: E402
+from terratorch_stub import stub_packages  # noqa: E402
 
 TM = "terratorch.models.backbones.terramind"
 TINY = dict(channels=3, image_size=32, patch_size=8, enc_dim=32, enc_depth=2, enc_heads=2, dec_channels=32,
@@ -37,17 +37,11 @@ TINY = dict(channels=3, image_size=32, patch_size=8, enc_dim=32, enc_depth=2, en
 def load_upstream():
     """terratorch's tokenizer package, imported from its installed files without running the package
     __init__s above it. Its `terramind/utils.py` imports torchvision for a helper the tokenizer does not call
-    here (denormalize with undo_std=False): torchvision is stubbed only while that file loads."""
+    here (denormalize with undo_std=False): torchvision is stubbed only while that file loads. The parent
+    packages are stubbed by tests/terratorch_stub.py."""
     if f"{TM}.tokenizer.vqvae" in sys.modules:
         return sys.modules[f"{TM}.tokenizer.vqvae"]
-    root = Path(importlib.util.find_spec("terratorch").submodule_search_locations[0])
-    parts = TM.split(".")
-    for i in range(1, len(parts) + 1):
-        name = ".".join(parts[:i])
-        if name not in sys.modules:
-            module = types.ModuleType(name)
-            module.__path__ = [str(root.joinpath(*parts[1:i]))]
-            sys.modules[name] = module
+    stub_packages(TM)
     fake = {n: types.ModuleType(n) for n in ("torchvision", "torchvision.transforms",
                                              "torchvision.transforms.functional")}
     saved = {n: sys.modules.get(n) for n in fake}

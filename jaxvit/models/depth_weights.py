@@ -143,11 +143,8 @@ def from_state_dict(sd: dict[str, np.ndarray], hf: dict, *, strict: bool = True,
 
 def save(model: DepthAnything | DepthAnythingConfig, params: dict, out_dir: str | os.PathLike) -> Path:
     """config.json + model.safetensors that `DepthAnythingForDepthEstimation.from_pretrained` loads."""
-    from safetensors.numpy import save_file
     cfg = model.cfg if isinstance(model, DepthAnything) else model
-    hf = config_to_hf(cfg) | {"torch_dtype": "float32"}
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(weights.export_entries(entries(cfg), params), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    weights.write_state_dict(weights.export_entries(entries(cfg), params), out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(config_to_hf(cfg) | {"torch_dtype": "float32"}, indent=2))
     return out

@@ -246,36 +246,45 @@ def import_params(cfg: ViTConfig, sd: dict[str, np.ndarray], fmt: str, *, strict
 def import_entries(entries: list[keymap.Entry], sd: dict[str, np.ndarray],
                    expected: dict[tuple[str, ...], tuple[int, ...]], init: Callable[[], dict], *,
                    strict: bool = True, where: str = "checkpoint",
-                   ignored: Callable[[str], bool] | None = None) -> dict:
+                   ignored: Callable[[str], bool] | None = None, buffers: dict[str, np.ndarray] | None = None,
+                   hint: str = "check the arch") -> dict:
     """Nested params from `sd` through `entries`, checked against the `expected` leaf shapes; missing,
-    unexpected (not `ignored`) and mis-shaped keys are reported together. strict=False takes missing leaves
-    from `init()` (variables with a "params" collection)."""
-    flat, missing, bad_shape = {}, [], []
+    unexpected (not `ignored`) and mis-shaped keys, tied keys (two entries, one leaf) that differ, and fixed
+    `buffers` (derived tensors the model recomputes) that differ from the model's are reported together.
+    strict=False takes missing leaves from `init()` (variables with a "params" collection)."""
+    flat, sources, missing, bad = {}, {}, [], []
     for e in entries:
         if e.key not in sd:
             missing.append(e.key)
             continue
         for path, value in zip(e.paths, e.to_flax(np.asarray(sd[e.key], np.float32))):
             if value.shape != expected[path]:
-                bad_shape.append(f"{e.key} {tuple(sd[e.key].shape)} -> {'/'.join(path)} {value.shape}, "
-                                 f"model expects {expected[path]}")
-            flat[path] = value
-    used = {e.key for e in entries}
+                bad.append(f"{e.key} {tuple(sd[e.key].shape)} -> {'/'.join(path)} {value.shape}, "
+                           f"model expects {expected[path]}")
+            elif path in flat and not np.array_equal(flat[path], value):
+                bad.append(f"{e.key} differs from {sources[path]}, which the model ties it to")
+            flat[path], sources[path] = value, e.key
+    for key, ref in (buffers or {}).items():
+        if key not in sd:
+            missing.append(key)
+        elif tuple(sd[key].shape) != ref.shape or not np.allclose(sd[key], ref, atol=1e-4):
+            bad.append(f"{key} {tuple(sd[key].shape)} is not the model's fixed buffer {ref.shape}")
+    used = {e.key for e in entries} | set(buffers or ())
     unexpected = sorted(k for k in sd if k not in used and not (ignored and ignored(k)))
     problems = []
     if missing:
         problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
     if unexpected:
         problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-    if bad_shape:
-        problems.append("shape mismatches:\n  " + "\n  ".join(bad_shape))
-    if bad_shape or (problems and strict):
+    if bad:
+        problems.append("mismatches:\n  " + "\n  ".join(bad))
+    if bad or (problems and strict):
         raise WeightLoadError(f"{where} does not match the model: " + "\n".join(problems)
-                              + "\n(check the arch, or pass strict=False to initialise missing keys and "
+                              + f"\n({hint}, or pass strict=False to initialise missing keys and "
                                 "ignore unexpected ones)")
     if problems:
         log.warning("%s: %s", where, "; ".join(problems))
-    if missing:  # strict=False: fill from a fresh init
+    if any(p not in flat for p in expected):  # strict=False: fill from a fresh init
         for path, v in traverse_util.flatten_dict(init()["params"]).items():
             flat.setdefault(path, np.asarray(v))
     return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
@@ -289,6 +298,22 @@ def export_entries(entries: list[keymap.Entry], params: dict) -> dict[str, np.nd
     """The torch state dict (float32 numpy) of nested `params` through `entries`."""
     flat = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params).items()}
     return {e.key: np.ascontiguousarray(e.to_torch([flat[p] for p in e.paths])) for e in entries}
+
+
+def write_state_dict(sd: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
+    """A state dict as .safetensors, or as a torch pickle (.pt / .pth, needs torch)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".safetensors":
+        from safetensors.numpy import save_file
+        save_file(sd, str(out), metadata={"format": "pt"})
+        return out
+    try:
+        import torch
+    except ImportError as e:
+        raise WeightLoadError(f"{out}: writing a torch pickle needs torch; use a .safetensors path") from e
+    torch.save({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, out)
+    return out
 
 
 def load_pretrained(source: str | os.PathLike, arch: str | ViTConfig | None = None, *, strict: bool = True,
@@ -327,7 +352,6 @@ def save_pretrained(model: ViT | ViTConfig | DepthAnything | DepthAnythingConfig
     """Write params for PyTorch: "hf" -> config.json + model.safetensors (transformers.AutoModel loads it;
     a Depth Anything model: DepthAnythingForDepthEstimation); "official" -> model.pth with the original
     repository's keys (needs torch; ViT only)."""
-    from safetensors.numpy import save_file
     if isinstance(model, (DepthAnything, DepthAnythingConfig)):
         if format != "hf":
             raise WeightLoadError(f"format={format!r}: Depth Anything exports to the transformers layout ('hf') only")
@@ -335,16 +359,10 @@ def save_pretrained(model: ViT | ViTConfig | DepthAnything | DepthAnythingConfig
         return depth_weights.save(model, params, out_dir)
     cfg = model.cfg if isinstance(model, ViT) else model
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sd = export_state_dict(cfg, params, format)
     if format == "hf":
-        hf = config_to_hf(cfg) | {"torch_dtype": "float32"}
-        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-        (out / "config.json").write_text(json.dumps(hf, indent=2))
-        return out
-    try:
-        import torch
-    except ImportError as e:
-        raise WeightLoadError("format='official' writes a torch pickle and needs torch") from e
-    torch.save({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, out / "model.pth")
+        write_state_dict(sd, out / "model.safetensors")
+        (out / "config.json").write_text(json.dumps(config_to_hf(cfg) | {"torch_dtype": "float32"}, indent=2))
+    else:
+        write_state_dict(sd, out / "model.pth")
     return out

@@ -12,15 +12,13 @@ import os
 import re
 from pathlib import Path
 
-import jax
 import numpy as np
-from flax import traverse_util
 
 from jaxvit.models.keymap import Entry, _copy, _linear
 from jaxvit.models.terramind.config import IMAGE, KNOWN, SEQUENCE, TOKENS, ModalitySpec, TerraMindConfig
 from jaxvit.models.terramind.embeddings import sincos_1d, sincos_2d
 from jaxvit.models.terramind.model import TerraMind, init_params, param_shapes
-from jaxvit.models.weights import WeightLoadError, read_checkpoint
+from jaxvit.models.weights import WeightLoadError, export_entries, import_entries, read_checkpoint, write_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -79,45 +77,13 @@ def import_params(cfg: TerraMindConfig, sd: dict[str, np.ndarray], *, strict: bo
                   where: str = "checkpoint") -> dict:
     """Nested float32 params from a TerraMind state dict. Missing, unexpected and mis-shaped keys, buffers that
     differ from the model's and tied copies that differ from each other are all reported by name."""
-    expected, flat, sources = param_shapes(cfg), {}, {}
-    missing, bad = [], []
-    for e in entries(cfg):
-        if e.key not in sd:
-            missing.append(e.key)
-            continue
-        for path, value in zip(e.paths, e.to_flax(np.asarray(sd[e.key], np.float32))):
-            if value.shape != expected[path]:
-                bad.append(f"{e.key} {tuple(sd[e.key].shape)}: model expects {expected[path]} at {'/'.join(path)}")
-            elif path in flat and not np.array_equal(flat[path], value):
-                bad.append(f"{e.key} differs from {sources[path]}, which the model ties it to")
-            flat[path], sources[path] = value, e.key
-    for key, ref in buffers(cfg).items():
-        if key not in sd:
-            missing.append(key)
-        elif tuple(sd[key].shape) != ref.shape or not np.allclose(sd[key], ref, atol=1e-4):
-            bad.append(f"{key} {tuple(sd[key].shape)} is not the model's fixed buffer {ref.shape} (sin-cos / zeros)")
-    known = {e.key for e in entries(cfg)} | set(buffers(cfg))
-    unexpected = sorted(k for k in sd if k not in known)
-    problems = ([f"missing keys ({len(missing)}): {', '.join(missing)}"] if missing else []) + (
-        [f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}"] if unexpected else [])
-    if bad or (problems and strict):
-        raise WeightLoadError(f"{where} does not match the TerraMind config: " + "\n".join(
-            problems + (["mismatches:\n  " + "\n  ".join(bad)] if bad else []))
-            + "\n(check the size and modalities, or pass strict=False to initialise missing keys and ignore "
-              "unexpected ones)")
-    if problems:
-        log.warning("%s: %s", where, "; ".join(problems))
-    if any(p not in flat for p in expected):  # strict=False: fill from a fresh init
-        for path, v in traverse_util.flatten_dict(init_params(cfg)).items():
-            flat.setdefault(path, np.asarray(v))
-    return traverse_util.unflatten_dict({k: jax.numpy.asarray(v) for k, v in flat.items()})
+    return import_entries(entries(cfg), sd, param_shapes(cfg), lambda: {"params": init_params(cfg)},
+                          strict=strict, where=where, buffers=buffers(cfg), hint="check the size and modalities")
 
 
 def export_state_dict(cfg: TerraMindConfig, params: dict) -> dict[str, np.ndarray]:
     """The terratorch state dict (parameters, tied copies and buffers) of `params`, float32."""
-    flat = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params).items()}
-    sd = {e.key: np.ascontiguousarray(e.to_torch([flat[p] for p in e.paths])) for e in entries(cfg)}
-    return sd | buffers(cfg)
+    return export_entries(entries(cfg), params) | buffers(cfg)
 
 
 def _modalities(sd: dict, side: str, patch: int) -> tuple[ModalitySpec, ...]:
@@ -186,19 +152,3 @@ def load_terramind(path: str | os.PathLike, cfg: TerraMindConfig | None = None, 
 def save_terramind(cfg: TerraMindConfig, params: dict, path: str | os.PathLike) -> Path:
     """Write the terratorch state dict, which `TerraMind.load_state_dict` reads (strict)."""
     return write_state_dict(export_state_dict(cfg, params), path)
-
-
-def write_state_dict(sd: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
-    """A state dict as .safetensors, or as a torch pickle (.pt / .pth, needs torch)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == ".safetensors":
-        from safetensors.numpy import save_file
-        save_file(sd, str(out), metadata={"format": "pt"})
-        return out
-    try:
-        import torch
-    except ImportError as e:
-        raise WeightLoadError(f"{out}: writing a torch pickle needs torch; use a .safetensors path") from e
-    torch.save({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, out)
-    return out

@@ -6,11 +6,9 @@ mis-shaped key; export writes the same keys, so `DiVAE.load_state_dict(strict=Tr
 """
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -18,9 +16,8 @@ from jaxvit.models.keymap import Entry, _conv, _copy, _fused, _linear, _norm, _p
 from jaxvit.models.terramind.tokenizer.config import TokenizerConfig, tokenizer_config
 from jaxvit.models.terramind.tokenizer.model import Tokenizer, init_params, param_shapes
 from jaxvit.models.terramind.tokenizer.unet import flax_name, unet_plan
-from jaxvit.models.weights import WeightLoadError, read_checkpoint
-
-log = logging.getLogger(__name__)
+from jaxvit.models.weights import (WeightLoadError, export_entries, import_entries, read_checkpoint,
+                                   write_state_dict)
 
 # terratorch's tokenizer_register.py: Hugging Face repository and file of each released tokenizer.
 HUB_FILES = {
@@ -97,37 +94,13 @@ def import_params(cfg: TokenizerConfig, sd: dict[str, np.ndarray], *, strict: bo
     """Nested float32 params from a DiVAE state dict. Missing, unexpected or mis-shaped keys raise (strict) or,
     with strict=False, are logged and the missing ones taken from a fresh init; shape mismatches always raise."""
     expected = {k: v.shape for k, v in traverse_util.flatten_dict(param_shapes(cfg)).items()}
-    flat, missing, bad = {}, [], []
-    table = entries(cfg)
-    for e in table:
-        if e.key not in sd:
-            missing.append(e.key)
-            continue
-        for path, value in zip(e.paths, e.to_flax(np.asarray(sd[e.key], np.float32))):
-            if value.shape != expected[path]:
-                bad.append(f"{e.key} {tuple(sd[e.key].shape)} -> {'/'.join(path)} {value.shape}, "
-                           f"model expects {expected[path]}")
-            flat[path] = value
-    unexpected = sorted(set(sd) - {e.key for e in table})
-    report = [f"{label} ({len(keys)}): {', '.join(keys)}" for label, keys in
-              (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", bad)) if keys]
-    if bad or (report and strict):
-        raise WeightLoadError(f"{where} does not match the tokenizer config (channels={cfg.channels}, "
-                              f"enc_dim={cfg.enc_dim}, dec_channels={cfg.dec_channels}):\n" + "\n".join(report)
-                              + "\n(pick the matching tokenizer name, or strict=False to initialise missing keys "
-                                "and ignore unexpected ones)")
-    if report:
-        log.warning("%s: %s", where, "; ".join(report))
-    if missing:
-        fresh = traverse_util.flatten_dict(init_params(cfg))
-        for path, v in fresh.items():
-            flat.setdefault(path, np.asarray(v))
-    return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
+    return import_entries(entries(cfg), sd, expected, lambda: {"params": init_params(cfg)}, strict=strict,
+                          where=where, hint=f"pick the matching tokenizer name (this config: channels={cfg.channels}, "
+                                            f"enc_dim={cfg.enc_dim}, dec_channels={cfg.dec_channels})")
 
 
 def export_state_dict(cfg: TokenizerConfig, params: dict) -> dict[str, np.ndarray]:
-    flat = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(params).items()}
-    return {e.key: np.ascontiguousarray(e.to_torch([flat[p] for p in e.paths])) for e in entries(cfg)}
+    return export_entries(entries(cfg), params)
 
 
 def _resolve(source: str | os.PathLike) -> Path:
@@ -164,16 +137,4 @@ def load_tokenizer(source: str | os.PathLike, name: str | TokenizerConfig | None
 
 def save_tokenizer(cfg: TokenizerConfig, params: dict, path: str | os.PathLike) -> Path:
     """Write params with terratorch's keys: a torch pickle (.pt/.pth, needs torch) or .safetensors."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sd = export_state_dict(cfg, params)
-    if out.suffix == ".safetensors":
-        from safetensors.numpy import save_file
-        save_file(sd, str(out), metadata={"format": "pt"})
-        return out
-    try:
-        import torch
-    except ImportError as e:
-        raise WeightLoadError(f"{out}: writing a torch pickle needs torch; use a .safetensors path") from e
-    torch.save({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, out)
-    return out
+    return write_state_dict(export_state_dict(cfg, params), path)
