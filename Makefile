@@ -10,6 +10,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps dinov2==0.0.1.dev2
+	$(PY) -m pip install -q --no-deps terratorch==1.2.13
 	touch $(STAMP)
 
 demo: $(STAMP)
