@@ -61,6 +61,8 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     c.train.cutmix_alpha = 0.0  # CutMix Beta(alpha, alpha); 0 = off (with both on, one is picked per batch)
     c.train.ema_decay = 0.0  # EMA of trainable params, used for evaluation when > 0
     c.train.skip_nonfinite = False  # True: skip a step with a non-finite loss/grad; False: stop the run
+    c.train.debug_nans = False  # stop at the first non-finite value, naming the operation and parameters (slow)
+    c.train.min_steps = 0  # patience never ends the last phase before this step
     c.train.log_every_steps = 20
 
     c.optim = mlc.ConfigDict()
@@ -181,7 +183,7 @@ _POSITIVE = ("train.batch_size", "eval.batch_size", "train.grad_accum", "train.l
 _NON_NEGATIVE = ("seed", "train.epochs", "train.steps", "train.freeze_first_n_layers", "train.stage1_epochs",
                  "train.stage1_patience", "train.mixup_alpha", "train.cutmix_alpha", "optim.weight_decay",
                  "optim.warmup_steps", "optim.grad_clip", "model.drop_path", "data.num_workers", "data.prefetch",
-                 "eval.every_steps", "checkpoint.every_steps")
+                 "eval.every_steps", "checkpoint.every_steps", "train.min_steps", "data.train_limit")
 _UNIT = ("train.label_smoothing", "train.ema_decay", "optim.warmup_ratio", "optim.lr_min_ratio", "lora.dropout",
          "model.head_dropout", "data.aug.erasing_prob", "data.aug.color_jitter_prob")  # in [0, 1)
 _PHASE_KEYS = ("name", "trainable", "epochs", "steps", "patience", "lr", "lr_mults")

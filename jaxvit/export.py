@@ -12,6 +12,8 @@ base model plus a PEFT adapter.
     D/peft_adapter/          (LoRA runs) adapter_config.json + adapter_model.safetensors:
                              peft.PeftModel.from_pretrained(AutoModel.from_pretrained(D/base_model), D/peft_adapter)
 
+SSL runs write D/model and D/teacher_checkpoint.pth (the teacher); TerraMind stage-3 runs D/terramind.pt (LoRA merged).
+
 The export then reloads itself with torch/transformers/PEFT and prints the largest difference from the Flax
 model on a batch (`load_torch_classifier` rebuilds backbone + head in PyTorch).
 """
@@ -172,6 +174,36 @@ def export_ssl(run: run_io.Run, out: Path) -> Path:
     return out
 
 
+def terramind_params(run: run_io.Run) -> dict:
+    """A stage-3 run's TerraMind weights with its LoRA adapters merged."""
+    params = run.variables["params"]["terramind"]
+    if "lora" in run.variables:
+        params = lora.merge(params, run.variables["lora"]["terramind"], run.model.terramind.cfg.lora_alpha)
+    return params
+
+
+def export_terramind(run: run_io.Run, out: Path) -> Path:
+    """A TerraMind stage-3 run: D/terramind.pt, TerraMind with the adapters merged in terratorch's state-dict layout
+    (`TerraMind.load_state_dict`, or `jaxvit.models.terramind.load_terramind`)."""
+    from jaxvit.models.terramind import save_terramind
+    save_terramind(run.model.terramind.cfg, terramind_params(run), out / "terramind.pt")
+    log.info("exported TerraMind of %s (%s) to %s", run.workdir, run.checkpoint, out)
+    return out
+
+
+def check_terramind_export(run: run_io.Run, d: Path, seed: int = 0) -> dict[str, float]:
+    """Target-token logits of D/terramind.pt (read back by jaxvit's loader) against the run's model with adapters."""
+    from jaxvit.models.terramind import load_terramind
+    task, size = run.task, run.cfg.data.image_size
+    channels = run.model.terramind.cfg.spec(task.input, "encoder").size
+    s1 = jnp.asarray(np.random.default_rng(seed).standard_normal((2, size, size, channels)), jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        want = task._terramind(run.model, run.variables, {task.input: s1}, task.s.target, jax.random.key(0), False)
+        model, params = load_terramind(d / "terramind.pt", run.model.terramind.cfg)
+        got = model.apply({"params": params}, {task.input: s1}, task.s.target)["logits"]
+    return {"terramind_rel_diff": float(jnp.abs(got - want).max() / jnp.abs(want).max())}
+
+
 def export_run(run: run_io.Run, output: str | Path) -> Path:
     """Write the export files of `run` (see the module docstring) to `output`."""
     from safetensors.numpy import save_file
@@ -179,6 +211,8 @@ def export_run(run: run_io.Run, output: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if run.cfg.task == "ssl":
         return export_ssl(run, out)
+    if run.cfg.task == "sar_grounding":
+        return export_terramind(run, out)
     vit_cfg = run.model.backbone
     save_pretrained(vit_cfg, run.backbone_params(), out / "model")
     write_head(out, run)
@@ -245,6 +279,8 @@ def check_export(run: run_io.Run, export_dir: str | Path, n: int = 4, seed: int 
     x = np.random.default_rng(seed).standard_normal((n, size, size, 3)).astype(np.float32)
     if run.cfg.task == "ssl":
         return check_ssl_export(run, d, x)
+    if run.cfg.task == "sar_grounding":
+        return check_terramind_export(run, d, seed)
     with jax.default_matmul_precision("highest"):
         want = np.asarray(run.model.apply(run.variables, jnp.asarray(x)))
     pixels = torch.from_numpy(x).permute(0, 3, 1, 2)

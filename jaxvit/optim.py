@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from jaxvit.errors import ConfigError
 from jaxvit.models import rules
 
 def path_str(path: tuple[str, ...]) -> str:
@@ -74,6 +75,9 @@ def schedule(cfg, total_steps: int, lr: float | None = None) -> optax.Schedule:
     o, n = cfg.optim, max(total_steps, 1)
     peak = (o.lr if lr is None else lr) * lr_scale(cfg)
     warmup = o.warmup_steps or int(round(o.warmup_ratio * total_steps))
+    if o.schedule == "cosine" and warmup >= n:
+        raise ConfigError(f"optim.warmup_steps={warmup} leaves no steps of the {n}-step cosine schedule: lower it "
+                          "(or optim.warmup_ratio) or train longer")
     if o.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, n, end_value=peak * o.lr_min_ratio)
     if o.schedule == "onecycle":

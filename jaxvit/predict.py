@@ -1,5 +1,6 @@
 """Inference with a trained run of an image-level task (classification, regression): one image, a directory,
-or Python (`Predictor`); attention-map overlays.
+or Python (`Predictor`); attention-map overlays. Tasks with image outputs (`Task.predict_files`: TerraMind
+stage 3's generated optical tiles) write one set of files per input into the directory --output instead.
 
     python -m jaxvit.predict --workdir=W --image=galaxy.jpg --output=prediction.json
     python -m jaxvit.predict --workdir=W --image_dir=images/ --output=predictions.csv --batch_size=32 \
@@ -226,8 +227,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                          "default: the run's eval.tta")
     args = ap.parse_args(argv)
     run_io.setup_logging()
-    predictor = exit_on_user_error(Predictor.from_workdir, args.workdir, args.checkpoint, args.batch_size, args.tta)
     paths = [Path(args.image)] if args.image else list_images(Path(args.image_dir))
+    run = exit_on_user_error(run_io.load_run, args.workdir, args.checkpoint)
+    records = exit_on_user_error(run.task.predict_files, run.model, run.variables, paths, Path(args.output),
+                                 args.batch_size)
+    if records is not None:  # a task with image outputs wrote its files
+        print(f"{sum('error' not in r for r in records)} of {len(records)} inputs predicted -> {args.output}")
+        return records
+    if args.tta is not None:
+        run.cfg.eval.tta = tta_views.check(args.tta)
+    predictor = Predictor(run.model, run.variables, run.task, run.cfg.data, args.batch_size, run_io.describe(run))
     predictor.warmup()
     start = time.perf_counter()
     outputs = predictor.raw_outputs(paths)

@@ -28,7 +28,7 @@ from clu import parameter_overview
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxvit import config as config_lib
-from jaxvit import lora, optim, sharding, tasks, xla_options
+from jaxvit import debug_nans, lora, optim, sharding, tasks, xla_options
 from jaxvit.checkpoint import Checkpoints, eval_variables, find, read_variables
 from jaxvit.data import pipeline
 from jaxvit.errors import ConfigError
@@ -186,6 +186,8 @@ class Trainer:
         self._preflight()
         t = cfg.train
         self.train_src = self.task.source(cfg.data.train_split)
+        if cfg.data.train_limit:
+            self.train_src = pipeline.FirstN(self.train_src, cfg.data.train_limit)
         self.steps_per_epoch = self.task.steps_per_epoch(len(self.train_src), t.batch_size)
         self.phases = phases(cfg)
         lengths = [p.length(self.steps_per_epoch) for p in self.phases]
@@ -238,7 +240,8 @@ class Trainer:
         phase, last = self.phases[meta["phase"]], meta["phase"] == len(self.phases) - 1
         by_length = not last and phase.length(self.steps_per_epoch) and (
             step - meta["phase_start"] >= phase.length(self.steps_per_epoch))
-        return bool(by_length or (phase.patience and meta["since_best"] >= phase.patience))
+        patience_over = phase.patience and meta["since_best"] >= phase.patience and step >= self.cfg.train.min_steps
+        return bool(by_length or patience_over)
 
     # -- evaluation
     def evaluate(self, state: dict, split: str, out_dir: Path | None = None) -> dict:
@@ -282,7 +285,11 @@ class Trainer:
         step = int(state["step"])
         pending, t_log, n_log, t_eval, step_eval = [], time.time(), 0, time.time(), step
         while step < self.total_steps:
-            state, m = step_fn(state, self._global_batch(next(data)))
+            batch = self._global_batch(next(data))
+            if t.debug_nans:
+                state, m = debug_nans.checked_step(step_fn, state, batch, self.task, self.model, step)
+            else:
+                state, m = step_fn(state, batch)
             pending.append(m)
             step += 1
             n_log += 1

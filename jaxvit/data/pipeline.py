@@ -62,6 +62,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.num_workers = 2  # grain worker processes; 0 = in-process (threads)
     cfg.prefetch = 2  # batches prepared ahead (per worker)
     cfg.class_balanced = False
+    cfg.train_limit = 0  # > 0: train on the first N examples of the train split only (overfit checks)
     cfg.skip_bad_images = True
     cfg.preflight = "auto"  # full (decode every file) | sample (headers + a decoded sample) | auto | off
     cfg.preflight_sample = 1000  # files decoded by the sample check
@@ -398,3 +399,21 @@ def measure_throughput(source: Any, transform: Callable, cfg: Any, n_batches: in
     finally:
         it.close()
     return n_batches * global_batch / elapsed
+
+
+class FirstN:
+    """The first `n` examples of a source (other attributes are the source's)."""
+
+    def __init__(self, source: Any, n: int):
+        self.source, self.n = source, min(n, len(source))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.source[i]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.source, name)

@@ -158,18 +158,22 @@ class PairFormat:
         _choice("s1_scale", self.s1_scale, S1_SCALES)
         _choice("nodata", self.nodata, NODATA_MODES)
 
+    def read_s1(self, path: str) -> np.ndarray:
+        """An S1 tile [H, W, 2] in dB, normalised; nodata stays NaN (`load` handles it)."""
+        s1 = read_bands(path, len(STATS[self.s1_modality].bands))
+        if self.s1_scale == "linear":
+            with np.errstate(divide="ignore", invalid="ignore"):
+                s1 = np.where(s1 > 0, 10.0 * np.log10(s1), np.nan).astype(np.float32)
+        return normalize(s1, self.s1_modality)
+
     def load(self, example: dict) -> dict[str, np.ndarray]:
         """The pair's full tiles: {"s1": [H, W, 2], "s2": [H, W, C], "valid": [H, W]}, float32, normalised."""
         s1_path, s2_path = example["s1"], example["s2"]
-        s1 = read_bands(s1_path, len(STATS[self.s1_modality].bands))
+        s1 = self.read_s1(s1_path)
         s2 = read_bands(s2_path, len(STATS[self.s2_modality].bands))
         if s1.shape[:2] != s2.shape[:2]:
             raise ImageLoadError(s1_path, f"size {s1.shape[1]}x{s1.shape[0]} (WxH) differs from "
                                  f"{s2.shape[1]}x{s2.shape[0]} of its S2 tile {s2_path!r}; pairs must share a grid")
-        if self.s1_scale == "linear":
-            with np.errstate(divide="ignore", invalid="ignore"):
-                s1 = np.where(s1 > 0, 10.0 * np.log10(s1), np.nan).astype(np.float32)
-        s1 = normalize(s1, self.s1_modality)
         s2_nodata = np.all(s2 == 0, axis=-1)
         s2 = normalize(s2, self.s2_modality, self.s2_offset)
         bad1 = ~np.isfinite(s1).all(-1)

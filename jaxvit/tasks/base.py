@@ -126,6 +126,12 @@ class Task:
         """fn(variables, images) -> per-example outputs (probabilities, regression values, ...), with eval.tta."""
         raise NotImplementedError
 
+    def predict_files(self, model: Any, variables: dict, paths: list[Path], output: Path, batch_size: int
+                      ) -> list[dict] | None:
+        """Tasks whose outputs are images (dense or generative): write each input's output files into the
+        directory `output` and return one record per input. None (the default): `jaxvit.predict` uses predict_fn."""
+        return None
+
     def describe_prediction(self, output: np.ndarray) -> dict:
         """One example's output as a JSON-able record."""
         return {"output": np.asarray(output).tolist()}
