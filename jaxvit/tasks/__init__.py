@@ -15,6 +15,7 @@ TASKS = {  # config.task -> "module:class"
     "regression": "jaxvit.tasks.regression:Regression",
     "biomass": "jaxvit.tasks.biomass:Biomass",
     "ssl": "jaxvit.tasks.ssl.task:SSL",
+    "cell_distance": "jaxvit.tasks.cell_distance.task:CellDistance",
     "sar_grounding": "jaxvit.tasks.sar_grounding.task:SarGrounding",
 }
 

@@ -1,0 +1,282 @@
+"""Paired microscopy images and instance masks, their transforms, and the synthetic demo set.
+
+Layout: `<data.data_dir>/<split>/images/` and `<data.data_dir>/<split>/masks/` (or `*_<split>/`), a mask for every
+image under the same relative path and file name (any supported extension, e.g. `a/001.tif` and `a/001.png`).
+Images are grayscale or multi-channel (PNG, TIFF stacks or CHW / HWC TIFFs, .npy; `jaxvit.data.decode`), any bit
+depth; masks are one channel of integer cell ids (0 background; 8/16-bit PNG or TIFF, integral floats accepted).
+
+Each image's channels are clipped to their 0.1 / 99.9 percentiles and scaled to [0, 1] (per image, as the JUMP
+source's data.intensity="image"), optionally reduced to `cell_distance.channels`, then mapped to the backbone's
+input channels by `cell_distance.channel_mode`: `average` (their mean as grey, replicated: DINOCell's grayscale
+input), `first3` (channels 0-2 as RGB) or `all` (every channel, for a backbone with that many input channels);
+optional CLAHE (`cell_distance.clahe`), then normalised with data.mean / data.std.
+
+Training: the distance-map target is computed from the whole mask, then image and target get one geometry
+(`jaxvit.data.geometry`): a square window of data.image_size / s source pixels (s ~ U(cell_distance.scale_range))
+at a random position (images smaller than the window are padded: each channel with its median, the background;
+the target with 0), resized to data.image_size, random flips and quarter turns (data.aug.hflip / vflip / rot90);
+then brightness and inversion (`cell_distance.brightness`, `invert_prob`). The random stream is the pipeline's, a
+function of (seed, step). Evaluation keeps the image whole on a square canvas of side
+max(cell_distance.eval_size, data.image_size), padded at the bottom and right: NaN image (the prediction fills it
+with each channel's median, as training pads, and marks it -1 in the map), zero target and labels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxvit.data.decode import load_array, normalize_channels
+from jaxvit.data.geometry import Geometry, apply_geometry
+from jaxvit.data.photo_aug import clahe
+from jaxvit.data.sources import ImageLoadError, find_split_dir, list_images
+from jaxvit.errors import ConfigError, DataError, MissingDataError
+from jaxvit.tasks.cell_distance.targets import distance_map
+
+log = logging.getLogger("jaxvit")
+
+CHANNEL_MODES = ("average", "first3", "all")
+PERCENTILES = (0.1, 99.9)
+
+
+# ------------------------------------------------------------------------------------------- source
+
+class PairedSource:
+    """Random-access source of one split: examples {"path": image file, "mask": mask file}."""
+
+    files = True  # `paths` are files (read by the pre-flight check)
+
+    def __init__(self, data_dir: str | os.PathLike, split: str):
+        split_dir = find_split_dir(data_dir, split)
+        images_dir, masks_dir = split_dir / "images", split_dir / "masks"
+        for d in (images_dir, masks_dir):
+            if not d.is_dir():
+                raise MissingDataError(f"{str(d)!r} not found: the cell_distance task reads <data_dir>/<split>/images/ "
+                                       "and <data_dir>/<split>/masks/ (a mask with the same file name per image)")
+        self.split, self.location = split, str(split_dir)
+        images = list_images(images_dir)
+        if not images:
+            raise MissingDataError(f"no images in {str(images_dir)!r}")
+        masks: dict[Path, Path] = {}
+        for m in list_images(masks_dir):
+            key = m.relative_to(masks_dir).with_suffix("")
+            if key in masks:
+                raise DataError(f"{masks_dir}: two masks for {str(key)!r} ({masks[key].name}, {m.name}); keep one")
+            masks[key] = m
+        keys = [p.relative_to(images_dir).with_suffix("") for p in images]
+        if len(set(keys)) < len(keys):
+            raise DataError(f"{images_dir}: several images share a name without extension; rename them")
+        missing = [str(k) for k in keys if k not in masks]
+        if missing:
+            raise DataError(f"{len(missing)} of {len(keys)} images in {str(images_dir)!r} have no mask in "
+                            f"{str(masks_dir)!r} (same relative path and name, any extension), e.g. "
+                            f"{', '.join(missing[:5])}")
+        extra = len(masks) - len(keys)
+        if extra:
+            log.warning("%s: %d masks without an image are ignored", masks_dir, extra)
+        self.paths = [str(p) for p in images]
+        self.mask_paths = [str(masks[k]) for k in keys]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"path": self.paths[i], "mask": self.mask_paths[i]}
+
+    def __repr__(self) -> str:
+        return f"PairedSource({self.location!r}, split={self.split!r}, n={len(self)})"
+
+
+def load_mask(path: str) -> np.ndarray:
+    """A mask file as int32 [H, W] cell ids; ImageLoadError naming the problem for anything else."""
+    m = load_array(path)
+    if m.shape[2] != 1:
+        raise ImageLoadError(path, f"a mask must be one channel of integer cell ids (e.g. a 16-bit grayscale PNG or "
+                             f"TIFF), this one has {m.shape[2]} channels")
+    m = m[:, :, 0]
+    if m.dtype.kind == "b":
+        raise ImageLoadError(path, "a boolean mask has no cell ids: label each cell with its own integer (e.g. "
+                             "scipy.ndimage.label for cells that do not touch)")
+    if m.dtype.kind == "f":
+        if not np.all(np.isfinite(m)) or np.any(m != np.round(m)):
+            bad = m[~np.isfinite(m) | (m != np.round(m))].flat[0]
+            raise ImageLoadError(path, f"non-integer value {bad} in a mask: masks hold integer cell ids")
+    if m.size and m.min() < 0:
+        raise ImageLoadError(path, f"negative value {m.min()} in a mask: cell ids are > 0, background 0")
+    if m.size and m.max() > np.iinfo(np.int32).max:
+        raise ImageLoadError(path, f"cell id {m.max()} does not fit int32")
+    return m.astype(np.int32)
+
+
+def scale_percentiles(x: np.ndarray) -> np.ndarray:
+    """float32 [H, W, C] in [0, 1]: each channel clipped to its PERCENTILES and stretched (a flat channel -> 0)."""
+    x = np.nan_to_num(x.astype(np.float32))
+    lo, hi = np.percentile(x, PERCENTILES, axis=(0, 1)).astype(np.float32)
+    span = np.where(hi > lo, hi - lo, np.inf)
+    return np.clip((x - lo) / span, 0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------- transform
+
+@dataclasses.dataclass(frozen=True)
+class CellExample:
+    """example [, rng] -> {"image" [S, S, in_channels], "target" [S, S]} (train), or on the evaluation canvas
+    {"image", "target", "labels" int32} (eval; "image" alone for an example without a mask). Picklable."""
+
+    image_size: int
+    canvas: int
+    in_channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    channels: tuple[int, ...] = ()
+    channel_mode: str = "average"
+    clahe: bool = False
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True
+    scale_range: tuple[float, float] = (1.0, 1.0)
+    brightness: float = 0.0
+    invert_prob: float = 0.0
+
+    def __post_init__(self):
+        if self.channel_mode not in CHANNEL_MODES:
+            raise ConfigError(f"cell_distance.channel_mode={self.channel_mode!r}: use one of "
+                              f"{', '.join(CHANNEL_MODES)}")
+        if self.channel_mode == "first3" and self.in_channels != 3:
+            raise ConfigError(f"cell_distance.channel_mode='first3' needs a backbone with 3 input channels, not "
+                              f"{self.in_channels}")
+        if len(self.mean) not in (1, self.in_channels) or len(self.std) != len(self.mean):
+            raise ConfigError(f"data.mean / data.std have {len(self.mean)} / {len(self.std)} values; the backbone "
+                              f"takes {self.in_channels} channels: give 1 or {self.in_channels} of each")
+        lo, hi = self.scale_range
+        if not 0 < lo <= hi:
+            raise ConfigError(f"cell_distance.scale_range={tuple(self.scale_range)}: need 0 < low <= high")
+
+    def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        path = example.get("path", "<array>")
+        raw = np.asarray(example["image"]) if "image" in example else load_array(path)
+        stack = self._select(raw if raw.ndim == 3 else raw[:, :, None], path)
+        labels = None
+        if "mask" in example:
+            labels = load_mask(example["mask"])
+            if labels.shape != stack.shape[:2]:
+                (h, w), (hi, wi) = labels.shape, stack.shape[:2]
+                raise ImageLoadError(example["mask"], f"mask size {w}x{h} (WxH) differs from its image's {wi}x{hi} "
+                                     f"({path})")
+        if rng is None:
+            return self._eval(stack, labels, path)
+        if labels is None:
+            raise DataError(f"training example {path} has no mask")
+        return self._train(stack, distance_map(labels), rng)
+
+    def _select(self, raw: np.ndarray, path: str) -> np.ndarray:
+        if self.channels:
+            if max(self.channels) >= raw.shape[2]:
+                raise ImageLoadError(path, f"{raw.shape[2]} channels; cell_distance.channels={self.channels} asks "
+                                     f"for channel {max(self.channels)}")
+            raw = raw[:, :, list(self.channels)]
+        return scale_percentiles(raw)
+
+    def _to_model(self, stack: np.ndarray, path: str) -> np.ndarray:
+        """[H, W, C] in [0, 1] -> normalised [H, W, in_channels]."""
+        if self.channel_mode == "average":
+            x = stack.mean(axis=-1, keepdims=True)
+        elif self.channel_mode == "first3":
+            if stack.shape[2] < 3:
+                raise ImageLoadError(path, f"{stack.shape[2]} channel(s); cell_distance.channel_mode='first3' needs 3")
+            x = stack[:, :, :3]
+        else:
+            x = stack
+            if x.shape[2] != self.in_channels:
+                raise ImageLoadError(path, f"{x.shape[2]} channels but the backbone takes {self.in_channels} "
+                                     "(cell_distance.channel_mode='all'); pick channels with cell_distance.channels")
+        if self.clahe:
+            u8 = np.rint(x * 255).astype(np.uint8)
+            x = np.stack([clahe(np.repeat(u8[:, :, c:c + 1], 3, axis=2))[:, :, 0] for c in range(x.shape[2])], -1)
+            x = x.astype(np.float32) / 255
+        if x.shape[2] == 1 and self.in_channels > 1:
+            x = np.repeat(x, self.in_channels, axis=2)
+        return normalize_channels(x, self.mean, self.std)
+
+    def _train(self, stack: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        side = self.image_size / rng.uniform(*self.scale_range)  # source pixels of the window
+        need = int(np.ceil(side))
+        h, w = target.shape
+        if h < need or w < need:
+            pad = ((0, max(need - h, 0)), (0, max(need - w, 0)))
+            fill = np.median(stack, axis=(0, 1))  # the background's level: padding shows no cells
+            stack = np.concatenate([np.pad(stack[:, :, k], pad, constant_values=v)[:, :, None]
+                                    for k, v in enumerate(fill)], axis=2)
+            target = np.pad(target, pad)
+            h, w = target.shape
+        x0, y0 = (float(rng.integers(0, int(n - side) + 1)) for n in (w, h))
+        g = Geometry((x0, y0, x0 + side, y0 + side), self.image_size, hflip=self.hflip and bool(rng.random() < 0.5),
+                     vflip=self.vflip and bool(rng.random() < 0.5), rot90=int(rng.integers(4)) if self.rot90 else 0)
+        stack = apply_geometry(stack, g, "bilinear")
+        if self.brightness:
+            stack = np.clip(stack * rng.uniform(1 - self.brightness, 1 + self.brightness), 0, 1)
+        if self.invert_prob and rng.random() < self.invert_prob:
+            stack = 1 - stack
+        return {"image": self._to_model(stack, ""), "target": apply_geometry(target, g, "bilinear")}
+
+    def _eval(self, stack: np.ndarray, labels: np.ndarray | None, path: str) -> dict[str, np.ndarray]:
+        h, w = stack.shape[:2]
+        if max(h, w) > self.canvas:
+            raise ImageLoadError(path, f"{w}x{h} px is larger than the evaluation canvas of {self.canvas} px: set "
+                                 f"cell_distance.eval_size to at least {max(h, w)}")
+        pad = ((0, self.canvas - h), (0, self.canvas - w))
+        out = {"image": np.pad(self._to_model(stack, path), (*pad, (0, 0)), constant_values=np.nan)}
+        if labels is not None:
+            out["target"] = np.pad(distance_map(labels), pad)
+            out["labels"] = np.pad(labels, pad)
+        return out
+
+
+# ------------------------------------------------------------------------------------------- demo set
+
+DEMO_MARKER = ".cell_masks_demo.json"
+_DEMO_VERSION = 1
+
+
+def write_demo(out_dir: str | os.PathLike, seed: int = 0, counts: tuple[int, int, int] = (240, 48, 48),
+               size: int = 96) -> Path:
+    """Synthetic Cell Painting sites in the paired layout (skipped when complete with the same parameters):
+    `<split>/images/site_NNNN.tif` (the 5 fluorescent channels as one uint16 CYX TIFF) and
+    `<split>/masks/site_NNNN.png` (uint16 cell ids), rendered by `jaxvit.data.synthetic_cells` (touching cells of
+    4 treatments, 3 plates' gains and illumination, blur and noise)."""
+    import tifffile
+    from PIL import Image
+
+    from jaxvit.data import synthetic_cells as sc
+
+    root = Path(out_dir)
+    params = {"version": _DEMO_VERSION, "seed": seed, "counts": list(counts), "size": size}
+    marker = root / DEMO_MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == params:
+        return root
+    for split in ("train", "val", "test"):
+        if (root / split).exists() and not marker.exists() and any((root / split).iterdir()):
+            raise FileExistsError(f"{root / split} exists and was not written by the cell_distance demo; choose an "
+                                  "empty data.data_dir")
+    marker.unlink(missing_ok=True)
+    fluor = len(sc.CHANNELS) - 2
+    plates = [sc.plate_effects(np.random.default_rng([seed, 2, p]), size) for p in range(3)]
+    for s, (split, n) in enumerate(zip(("train", "val", "test"), counts)):
+        for kind in ("images", "masks"):
+            (root / split / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            rng = np.random.default_rng([seed, 7, s, i])
+            base, full = sc.PHENOTYPES["DMSO"], sc.PHENOTYPES[sc.TREATMENTS[i % len(sc.TREATMENTS)]]
+            potency = rng.uniform(*sc._POTENCY)
+            stains, labels = sc.render_site({k: base[k] + potency * (full[k] - base[k]) for k in base}, rng, size)
+            counts_ = sc.acquire(stains, plates[i % len(plates)], rng)[:fluor]
+            tifffile.imwrite(root / split / "images" / f"site_{i:04d}.tif", counts_, photometric="minisblack",
+                             metadata={"axes": "CYX"})
+            Image.fromarray(labels).save(root / split / "masks" / f"site_{i:04d}.png", compress_level=1)
+    marker.write_text(json.dumps(params, indent=1))
+    return root
