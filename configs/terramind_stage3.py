@@ -71,7 +71,10 @@ def demo(c):
     s.overrides.update(dict(dim=64, num_heads=2, encoder_depth=2, decoder_depth=2, image_size=64))
     s.tokenizer_overrides.update(dict(levels=(5, 5, 5), image_size=64, enc_dim=64, enc_depth=2, enc_heads=2,
                                       dec_channels=32, dec_channel_mult=(1, 2), dec_res_blocks=1,
-                                      dec_attention_resolutions=(2,), dec_groups=8))
+                                      dec_attention_resolutions=(2,), dec_groups=8, thresholding=False,
+                                      clip_sample=False))
+    s.tokenizer = "runs/stage3_demo_data/tokenizer_s2l2a.safetensors"  # fitted on the train tiles first
+    s.fit_tokenizer_steps = 400
     s.timesteps = 2
     s.perceptual_weight = 0.0  # no DINO weights offline (a random ViT would measure nothing)
     c.train.steps, c.train.min_steps = 300, 0

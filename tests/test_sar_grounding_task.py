@@ -117,6 +117,25 @@ def test_a_short_run_trains_evaluates_and_writes_generated_tiles(tiles, tmp_path
             assert np.load(r["npy"]).shape == (64, 64, 12) and (tmp_path / "generated" / Path(r["png"]).name).exists()
 
 
+@pytest.mark.slow
+def test_the_demo_tokenizer_fits_and_reloads(tiles, tmp_path):
+    """prepare() fits the stand-in tokenizer once (its x0 error falls) and writes it where build() loads it."""
+    c = _config(tiles)
+    c.sar_grounding.tokenizer, c.sar_grounding.fit_tokenizer_steps = str(tmp_path / "tok.safetensors"), 30
+    task = tasks.create(c)
+    from jaxvit.tasks.sar_grounding import fit_tokenizer
+    tok, params = task._tokenizer("", "S2L2A", 0)
+    batch = _batch(task, 4)
+    _, losses = fit_tokenizer.fit(tok, params, np.asarray(batch["s2"]), 30, batch_size=4)
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+    task.prepare()
+    model, variables = task.build(jax.random.key(0))
+    assert model.tokenizer.cfg.levels == (5, 5, 5)
+    first = traverse_util.flatten_dict(variables["params"]["tokenizer"])
+    assert any(np.abs(np.asarray(v) - np.asarray(traverse_util.flatten_dict(params)[k])).max() > 0
+               for k, v in first.items())  # the fitted weights, not the random start
+
+
 def test_first_n_limits_a_source():
     src = pipeline.FirstN(list(range(10)), 3)
     assert len(src) == 3 and [src[i] for i in range(3)] == [0, 1, 2]

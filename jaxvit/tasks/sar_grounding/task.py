@@ -11,7 +11,8 @@ differentiable):
   from the real optical tile itself) and a perceptual distance on frozen DINO features (LPIPS needs
   torchvision weights; `perceptual_backbone`, "" = off).
 Evaluation generates with the argmax tokens (hard decode) and reports SAR agreement (edge correlation of the
-generated tile with the S1 tile; `sar_agreement_real` is the real optical tile's), spectral L1, token accuracy,
+generated tile with the S1 tile; `sar_agreement_real` is the real optical tile's, `sar_agreement_tokens` that of
+the tile decoded from the real tile's tokens: the ceiling of a perfect token predictor), spectral L1, token accuracy,
 and with LoRA the change from the base model's generation (`change_l1`, `perceptual_change`).
 """
 from __future__ import annotations
@@ -75,13 +76,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.perceptual_backbone = ""  # DINO backbone (transformers dir / hub id in the cache) for perceptual terms
     c.texture_window = 7  # local-std window of the SAR texture term
     c.preview_tiles = 8  # generated tiles written as PNG (RGB composite) + .npy by each evaluation with out_dir
+    c.fit_tokenizer_steps = 0  # > 0 with a `tokenizer` path that does not exist: fit a small tokenizer of
+    #                            tokenizer_overrides on the train tiles first and save it there (the demo)
     return c
 
 
 class SarGrounding(Task):
     name = "sar_grounding"
     best_metric = "val/loss"
-    history_metrics = ("loss", "token_accuracy", "sar_agreement", "spectral_l1", "change_l1")
+    history_metrics = ("loss", "token_accuracy", "sar_agreement", "sar_agreement_tokens", "spectral_l1", "change_l1")
     head = r"^params/head/"  # no head: a phase "all" trains the adapters (lora.enabled) or TerraMind
     frozen = r"^params/(tokenizer|s1_tokenizer|dino)/"
     default_config = staticmethod(default_config)
@@ -120,6 +123,24 @@ class SarGrounding(Task):
                 raise ConfigError(f"{len(problems)} unreadable pairs in split {split!r}, e.g. {problems[0]}; fix "
                                   "them or set data.skip_bad_images=True")
 
+    def prepare(self) -> None:
+        """The demo set, then (fit_tokenizer_steps) a stand-in target tokenizer fitted on the train tiles."""
+        super().prepare()
+        s = self.s
+        if s.fit_tokenizer_steps <= 0 or not s.tokenizer or Path(s.tokenizer).exists():
+            return
+        from jaxvit.models.terramind.tokenizer import save_tokenizer
+        from jaxvit.tasks.sar_grounding import fit_tokenizer
+        tok, params = self._tokenizer("", s.target, 0)
+        src, transform = self.source(self.cfg.data.train_split), self.eval_transform()
+        tiles = np.stack([transform(src[i])["s2"] for i in range(len(src))])
+        params, _ = fit_tokenizer.fit(tok, params, tiles, s.fit_tokenizer_steps, seed=self.cfg.seed)
+        Path(s.tokenizer).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(s.tokenizer).with_suffix(".tmp" + Path(s.tokenizer).suffix)
+        save_tokenizer(tok.cfg, params, tmp)
+        tmp.replace(s.tokenizer)  # complete or absent, never half-written
+        log.info("demo tokenizer fitted on %d tiles -> %s", len(tiles), s.tokenizer)
+
     # -- model
     def build(self, rng: jax.Array) -> tuple[Stage3Model, dict]:
         s, m = self.s, self.cfg.model
@@ -155,7 +176,8 @@ class SarGrounding(Task):
 
     def _tokenizer(self, source: str, modality: str, seed: int) -> tuple[Tokenizer, dict]:
         if source:
-            return load_tokenizer(source, modality.lower(), dtype=self.cfg.model.dtype)
+            return load_tokenizer(source, modality.lower(), dtype=self.cfg.model.dtype,
+                                  **self.s.tokenizer_overrides.to_dict())
         cfg = tokenizer_config(modality.lower(), channels=len(sar_pairs.STATS[modality].mean), dtype=self.cfg.model.dtype,
                                **self.s.tokenizer_overrides.to_dict())
         log.info("%s tokenizer initialised at random (no checkpoint given)", modality)
@@ -260,9 +282,13 @@ class SarGrounding(Task):
             loss, out = self.objective(model, variables, batch, rng, train=False)
             gen = generate(variables, batch["s1"])
             s1, s2 = batch["s1"], batch["s2"]
+            noise = jax.random.normal(jax.random.key(self.cfg.seed), s2.shape)
+            true_ids = encode_ids(model.tokenizer, variables["params"]["tokenizer"], s2)
+            ceiling = decode_ids(model.tokenizer, variables["params"]["tokenizer"], true_ids, noise,
+                                 timesteps=self.s.timesteps)  # what a perfect token predictor would generate
             res = {"loss": loss, "token_accuracy": out["token_accuracy"], "generated": gen,
                    "sar_agreement": losses.sar_agreement(gen, s1), "sar_agreement_real": losses.sar_agreement(s2, s1),
-                   "spectral_l1": losses.spectral_l1(gen, s2)}
+                   "sar_agreement_tokens": losses.sar_agreement(ceiling, s1), "spectral_l1": losses.spectral_l1(gen, s2)}
             res.update({k: v for k, v in out.items() if k.endswith("_loss")})
             if "lora" in variables:
                 base = {k: v for k, v in variables.items() if k != "lora"}
