@@ -226,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                     help=f"test-time views, comma-separated, of {', '.join(tta_views.VIEWS)} ('' = none); "
                          "default: the run's eval.tta")
     args = ap.parse_args(argv)
+    tta = None if args.tta is None else exit_on_user_error(tta_views.check, args.tta)
     run_io.setup_logging()
     paths = [Path(args.image)] if args.image else list_images(Path(args.image_dir))
     run = exit_on_user_error(run_io.load_run, args.workdir, args.checkpoint)
@@ -234,8 +235,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if records is not None:  # a task with image outputs wrote its files
         print(f"{sum('error' not in r for r in records)} of {len(records)} inputs predicted -> {args.output}")
         return records
-    if args.tta is not None:
-        run.cfg.eval.tta = tta_views.check(args.tta)
+    if tta is not None:
+        run.cfg.eval.tta = tta
     predictor = Predictor(run.model, run.variables, run.task, run.cfg.data, args.batch_size, run_io.describe(run))
     predictor.warmup()
     start = time.perf_counter()

@@ -29,6 +29,7 @@ def tiles(tmp_path_factory):
 def _config(tiles, **stage3):
     c = load_config_file("configs/terramind_stage3.py:demo")
     c.data.data_dir, c.data.demo, c.data.num_workers = str(tiles), "", 0
+    c.sar_grounding.tokenizer, c.sar_grounding.fit_tokenizer_steps = "", 0  # random tokenizers (no fitting)
     c.data.image_size = 32
     c.sar_grounding.overrides.image_size = 32
     c.sar_grounding.tokenizer_overrides.image_size = 32
@@ -134,6 +135,23 @@ def test_the_demo_tokenizer_fits_and_reloads(tiles, tmp_path):
     first = traverse_util.flatten_dict(variables["params"]["tokenizer"])
     assert any(np.abs(np.asarray(v) - np.asarray(traverse_util.flatten_dict(params)[k])).max() > 0
                for k, v in first.items())  # the fitted weights, not the random start
+
+
+@pytest.mark.slow
+def test_overfit_variant_drives_the_loss_of_one_batch_towards_zero(tiles, tmp_path):
+    """`:overfit` on the demo's tiny random TerraMind: one batch of 8 tiles, the token term alone."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("stage3_config", "configs/terramind_stage3.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = _config(tiles)
+    module.overfit(c)
+    c.train.batch_size, c.train.steps, c.optim.lr, c.train.log_every_steps = 8, 150, 1e-2, 10
+    c.eval.every_steps, c.eval.at_start, c.eval.val_split, c.eval.test_split = 25, False, "", ""
+    c.eval.test_checkpoint = "final"
+    Trainer(c, tmp_path / "run").run()
+    rows = list(csv.DictReader((tmp_path / "run" / "training_history.csv").open()))
+    assert float(rows[-1]["train_token_accuracy"]) > 0.9 and float(rows[-1]["train_loss"]) < 0.5, rows[-1]
 
 
 def test_first_n_limits_a_source():
