@@ -14,7 +14,7 @@ global batch 8 (the seed's batch 1 x grad-accum 8: here batch_size=8, grad_accum
 with weight decay 1e-5, 500 warmup steps then cosine to 1e-6, clip 1.0, rank-8 / alpha-16 LoRA on
 `decoder/*/cross_attn/{q,kv,proj}` only, frozen weights stored in bf16. Evaluated every 500 steps (SAR agreement,
 change from the base model); patience can stop it, never before `train.min_steps` (15k).
-Variants: `:overfit` (one batch of 8 tiles repeated: the loss must go to ~0), `:debug_nans` (the first non-finite
+Variants: `:overfit` (one batch of 8 tiles repeated, token term alone: its loss should approach 0), `:debug_nans` (the first non-finite
 value stops the run naming the operation and the non-finite gradients' parameter paths), `:demo` (synthetic
 paired tiles, a tiny random TerraMind and tokenizers, on the CPU in minutes).
 """
