@@ -294,6 +294,7 @@ def cell_run(tmp_path_factory):
     return root / "run", root / "data", c
 
 
+@pytest.mark.slow  # a Trainer run (~20 s of compilation): the fast tier keeps the maths, data and decoder shapes
 def test_short_training_run_lowers_the_loss(cell_run):
     workdir, _, _ = cell_run
     with open(workdir / "training_history.csv") as f:

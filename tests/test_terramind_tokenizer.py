@@ -175,6 +175,7 @@ def test_ddim_schedule_and_step(prediction_type):
         assert rel_err(got, nhwc(want)) < 1e-5, t
 
 
+@pytest.mark.slow  # the fast tier keeps the one-pass decoder parity; this scans the whole DDIM loop
 def test_full_decode_parity_from_fixed_noise(tiny):
     cfg, torch_model, model, params = tiny
     ids = np.random.default_rng(3).integers(0, cfg.vocab_size, size=(2, 4, 4))
