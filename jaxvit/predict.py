@@ -83,7 +83,11 @@ class Predictor:
                      tta: Sequence[str] | None = None) -> Predictor:
         """The run's model; `tta` (test-time views) replaces the run's eval.tta."""
         tta = None if tta is None else tta_views.check(tta)
-        run = run_io.load_run(workdir, checkpoint)
+        return cls.from_run(run_io.load_run(workdir, checkpoint), batch_size, tta)
+
+    @classmethod
+    def from_run(cls, run: run_io.Run, batch_size: int = 32, tta: Sequence[str] | None = None) -> Predictor:
+        """A loaded run's model; `tta` (checked test-time views) replaces the run's eval.tta."""
         if tta is not None:
             run.cfg.eval.tta = tta
         return cls(run.model, run.variables, run.task, run.cfg.data, batch_size, run_io.describe(run))
@@ -235,9 +239,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if records is not None:  # a task with image outputs wrote its files
         print(f"{sum('error' not in r for r in records)} of {len(records)} inputs predicted -> {args.output}")
         return records
-    if tta is not None:
-        run.cfg.eval.tta = tta
-    predictor = Predictor(run.model, run.variables, run.task, run.cfg.data, args.batch_size, run_io.describe(run))
+    predictor = Predictor.from_run(run, args.batch_size, tta)
     predictor.warmup()
     start = time.perf_counter()
     outputs = predictor.raw_outputs(paths)

@@ -109,16 +109,15 @@ class BiomassModel(Classifier):
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        if self.depth is None:
-            head = super().__call__(images, train)
-        else:
-            out = ViT(self.backbone, name="backbone")(images, train=train)
+        out = ViT(self.backbone, name="backbone")(images, train=train)
+        features = [pool_features(out, self.pool)]
+        if self.depth is not None:
             x = depth_input(images, self.data_mean, self.data_std, self.depth.backbone.patch_size)
             d = jax.lax.stop_gradient(DepthAnything(self.depth, name="depth")(x))
             p = self.backbone.patch_size
-            extra = DepthFeatures(self.depth_statistics, self.depth_attention, name="head_depth")(
-                d, out["patch_tokens"], (images.shape[1] // p, images.shape[2] // p))
-            features = jnp.concatenate([pool_features(out, self.pool).astype(jnp.float32), extra], -1)
-            head = Head(self.num_outputs, tuple(self.head_hidden), self.head_dropout, self.head_norm, self.head_act,
-                        tuple(self.head_hidden_dropout), name="head")(features, train)
+            features.append(DepthFeatures(self.depth_statistics, self.depth_attention, name="head_depth")(
+                d, out["patch_tokens"], (images.shape[1] // p, images.shape[2] // p)))
+        head = Head(self.num_outputs, tuple(self.head_hidden), self.head_dropout, self.head_norm, self.head_act,
+                    tuple(self.head_hidden_dropout), name="head")(
+            jnp.concatenate([f.astype(jnp.float32) for f in features], -1), train)
         return MetadataPriors(self.layout, self.species_table, self.aos, name="head_extra")(head)

@@ -31,14 +31,14 @@ import optax
 
 from jaxvit import lora, report
 from jaxvit.data import sar_pairs
-from jaxvit.errors import ConfigError
+from jaxvit.errors import ConfigError, DataError
 from jaxvit.models import ViT, load_pretrained
 from jaxvit.models.terramind import TerraMind, init_params, load_terramind, terramind_config
 from jaxvit.models.terramind.config import ModalitySpec, resolve
 from jaxvit.models.terramind.tokenizer import Tokenizer, decode_ids, decode_probs, encode_ids, load_tokenizer
 from jaxvit.models.terramind.tokenizer import init_params as init_tokenizer
 from jaxvit.models.terramind.tokenizer import tokenizer_config
-from jaxvit.tasks.base import Task
+from jaxvit.tasks.base import Task, check_files
 from jaxvit.tasks.sar_grounding import losses
 
 log = logging.getLogger("jaxvit")
@@ -113,15 +113,13 @@ class SarGrounding(Task):
         return sar_pairs.pair_transform(self.cfg.data).eval
 
     def preflight(self, splits: tuple[str, ...], manifest: Path | None) -> None:
-        if manifest is None:
-            return
+        """Every pair decoded as evaluation reads it (`data.preflight`, cached in the manifest; keyed by S2 path)."""
+        pairs = {}
         for split in splits:
-            problems = sar_pairs.pair_transform(self.cfg.data).check(self.source(split))
-            for path, reason in problems[:10]:
-                log.warning("unreadable pair in %s: %s: %s", split, path, reason)
-            if problems and not self.cfg.data.skip_bad_images:
-                raise ConfigError(f"{len(problems)} unreadable pairs in split {split!r}, e.g. {problems[0]}; fix "
-                                  "them or set data.skip_bad_images=True")
+            src = self.source(split)
+            pairs.update({src[i]["path"]: src[i] for i in range(len(src))})
+        fmt = sar_pairs.pair_transform(self.cfg.data).fmt
+        check_files(self.cfg, list(pairs), lambda path: fmt.load(pairs[path]), manifest)
 
     def prepare(self) -> None:
         """The demo set, then (fit_tokenizer_steps) a stand-in target tokenizer fitted on the train tiles."""
@@ -274,40 +272,12 @@ class SarGrounding(Task):
         noise = jax.random.normal(jax.random.key(self.cfg.seed), (*s1.shape[:3], model.tokenizer.cfg.channels))
         return decode_ids(model.tokenizer, variables["params"]["tokenizer"], ids, noise, timesteps=self.s.timesteps)
 
-    def _eval_fn(self, model: Stage3Model):
-        generate = functools.partial(self._generate, model)
-
-        def fn(variables, batch):
-            rng = jax.random.key(self.cfg.seed)
-            loss, out = self.objective(model, variables, batch, rng, train=False)
-            gen = generate(variables, batch["s1"])
-            s1, s2 = batch["s1"], batch["s2"]
-            noise = jax.random.normal(jax.random.key(self.cfg.seed), s2.shape)
-            true_ids = encode_ids(model.tokenizer, variables["params"]["tokenizer"], s2)
-            ceiling = decode_ids(model.tokenizer, variables["params"]["tokenizer"], true_ids, noise,
-                                 timesteps=self.s.timesteps)  # what a perfect token predictor would generate
-            res = {"loss": loss, "token_accuracy": out["token_accuracy"], "generated": gen,
-                   "sar_agreement": losses.sar_agreement(gen, s1), "sar_agreement_real": losses.sar_agreement(s2, s1),
-                   "sar_agreement_tokens": losses.sar_agreement(ceiling, s1), "spectral_l1": losses.spectral_l1(gen, s2)}
-            res.update({k: v for k, v in out.items() if k.endswith("_loss")})
-            if "lora" in variables:
-                base = {k: v for k, v in variables.items() if k != "lora"}
-                base_gen = generate(base, batch["s1"])
-                res["change_l1"] = losses.spectral_l1(gen, base_gen)
-                if model.dino is not None:
-                    res["perceptual_change"] = losses.feature_distance(self._dino_tokens(model, variables, gen),
-                                                                       self._dino_tokens(model, variables, base_gen))
-            else:
-                res["change_l1"] = jnp.zeros_like(loss)
-            return res
-        return fn
-
     def evaluate(self, model: Stage3Model, variables: dict, split: str, mesh: Any, out_dir: Path | None = None,
                  extra: dict | None = None) -> dict:
         """Per-batch metrics reduced over the split (generated tiles are not gathered, except `preview_tiles`)."""
         from jaxvit import inference
         src = self.source(split)
-        fn = self._cached_eval_fn(model)
+        fn = _eval_fn(self, model)
         sums: dict[str, float] = {}
         count, preview = 0, []
         for out, index, mask in inference.batches(fn, variables, src, self.eval_transform(), self.cfg.data,
@@ -319,18 +289,12 @@ class SarGrounding(Task):
             if out_dir is not None and len(preview) < self.s.preview_tiles:
                 preview += [(src[int(i)]["id"], gen[j]) for j, i in enumerate(index) if mask[j]]
         if not count:
-            raise ConfigError(f"split {split!r} has no readable pair ({src.location})")
+            raise DataError(f"split {split!r} has no readable pair ({src.location})")
         result = {k: v / count for k, v in sums.items()} | {"examples": count} | (extra or {})
         if out_dir is not None:
             self.write_tiles(Path(out_dir) / f"{report.stem(split)}_generated", preview[:self.s.preview_tiles])
             report.write_results_json(Path(out_dir) / f"{report.stem(split)}_results.json", result)
         return result
-
-    def _cached_eval_fn(self, model: Stage3Model):
-        key = id(model)
-        if getattr(self, "_eval_key", None) != key:
-            self._eval_key, self._eval = key, self._eval_fn(model)
-        return self._eval
 
     def write_tiles(self, directory: Path, tiles: list[tuple[str, np.ndarray]]) -> None:
         """Each generated tile as <id>.npy (all bands, physical units: reflectance x 10000) and <id>.png (RGB)."""
@@ -362,3 +326,35 @@ class SarGrounding(Task):
             records.append({"path": str(path), "png": str(output / f"{Path(path).stem}.png"),
                             "npy": str(output / f"{Path(path).stem}.npy")})
         return records
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_fn(task: SarGrounding, model: Stage3Model):
+    """fn(variables, batch) -> per-example metrics and the generated tile; one function per (task, model), so every
+    validation reuses one compiled program."""
+    generate = functools.partial(task._generate, model)
+
+    def fn(variables, batch):
+        rng = jax.random.key(task.cfg.seed)
+        loss, out = task.objective(model, variables, batch, rng, train=False)
+        gen = generate(variables, batch["s1"])
+        s1, s2 = batch["s1"], batch["s2"]
+        noise = jax.random.normal(jax.random.key(task.cfg.seed), s2.shape)
+        true_ids = encode_ids(model.tokenizer, variables["params"]["tokenizer"], s2)
+        ceiling = decode_ids(model.tokenizer, variables["params"]["tokenizer"], true_ids, noise,
+                             timesteps=task.s.timesteps)  # what a perfect token predictor would generate
+        res = {"loss": loss, "token_accuracy": out["token_accuracy"], "generated": gen,
+               "sar_agreement": losses.sar_agreement(gen, s1), "sar_agreement_real": losses.sar_agreement(s2, s1),
+               "sar_agreement_tokens": losses.sar_agreement(ceiling, s1), "spectral_l1": losses.spectral_l1(gen, s2)}
+        res.update({k: v for k, v in out.items() if k.endswith("_loss")})
+        if "lora" in variables:
+            base = {k: v for k, v in variables.items() if k != "lora"}
+            base_gen = generate(base, batch["s1"])
+            res["change_l1"] = losses.spectral_l1(gen, base_gen)
+            if model.dino is not None:
+                res["perceptual_change"] = losses.feature_distance(task._dino_tokens(model, variables, gen),
+                                                                   task._dino_tokens(model, variables, base_gen))
+        else:
+            res["change_l1"] = jnp.zeros_like(loss)
+        return res
+    return fn
