@@ -9,7 +9,7 @@ terramind_stage3_config_guide.md, `stage3.lowvr.yaml`).
         --config.sar_grounding.perceptual_backbone=facebook/dinov2-small
     # the seed's overrides: --config.optim.lr=5e-5  --config.lora.rank=16  --config.train.steps=20000
 
-`tiles/pairs.csv` lists S1 / S2L2A GeoTIFF (or .npy) pairs (`jaxvit.data.sar_pairs`). Step-based: 30k steps of a
+`tiles/pairs.csv` lists S1 / S2L2A GeoTIFF (or .npy) pairs (`jaxvit.tasks.sar_grounding.pairs`). Step-based: 30k steps of a
 global batch 8 (the seed's batch 1 x grad-accum 8: here batch_size=8, grad_accum=8 micro-batches of 1), AdamW 1e-4
 with weight decay 1e-5, 500 warmup steps then cosine to 1e-6, clip 1.0, rank-8 / alpha-16 LoRA on
 `decoder/*/cross_attn/{q,kv,proj}` only, frozen weights stored in bf16. Evaluated every 500 steps (SAR agreement,
@@ -19,7 +19,7 @@ value stops the run naming the operation and the non-finite gradients' parameter
 paired tiles, a tiny random TerraMind and tokenizers, on the CPU in minutes).
 """
 from jaxvit.config import apply_variant, base_config
-from jaxvit.data import sar_pairs
+from jaxvit.tasks.sar_grounding import pairs as sar_pairs
 
 
 def get_config(arg: str = ""):

@@ -556,7 +556,7 @@ def bench_data(args: argparse.Namespace) -> list[dict]:
     """Training input pipeline (decode, augment, batch) alone: images/s."""
     from jaxvit.data.pipeline import default_data_config, measure_throughput
     from jaxvit.data.sources import ImageFolder
-    from jaxvit.data.synthetic_gz2 import CLASSES, write_dataset
+    from jaxvit.demos.gz2 import CLASSES, write_dataset
     from jaxvit.data.transforms import RGBExample, TransformConfig
 
     cfg = default_data_config()

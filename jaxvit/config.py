@@ -7,7 +7,7 @@ from pathlib import Path
 import ml_collections as mlc
 
 from jaxvit import tasks, tta
-from jaxvit.data.demo_sets import DEMO_SETS
+from jaxvit.demos import DEMO_SETS
 from jaxvit.data.pipeline import default_data_config
 from jaxvit.errors import ConfigError
 from jaxvit.models import PRESETS
@@ -84,7 +84,7 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
 
     c.data = default_data_config()
     c.data.classes = ()  # class names in label order; () = sorted directory names
-    c.data.demo = ""  # write a demo set into data_dir first: gz2 | digits | pasture | cells (jaxvit.data.demo_sets)
+    c.data.demo = ""  # write a demo set into data_dir first: gz2 | digits | pasture | cells (jaxvit.demos)
 
     c.eval = mlc.ConfigDict()
     c.eval.batch_size = 64

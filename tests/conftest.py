@@ -44,7 +44,7 @@ def tiny_config(data_dir, task: str = "classification", **train):
 @pytest.fixture(scope="session")
 def gz2_dir(tmp_path_factory):
     """Synthetic GZ2: 5 classes x (8 train, 3 val, 3 test) images of 32 px."""
-    from jaxvit.data.synthetic_gz2 import write_dataset
+    from jaxvit.demos.gz2 import write_dataset
     root = tmp_path_factory.mktemp("gz2")
     write_dataset(root, per_class={"train": 8, "val": 3, "test": 3}, size=32, seed=0)
     return root

@@ -1,4 +1,4 @@
-"""jaxvit.biomass: the Image2Biomass metric against numpy and scikit-learn, the losses against PyTorch and scipy,
+"""jaxvit.tasks.biomass.maths: the Image2Biomass metric against numpy and scikit-learn, the losses against PyTorch and scipy,
 the consistency terms on consistent and inconsistent predictions, and the long-CSV pivot with its errors."""
 import csv
 import math
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxvit import biomass as bm
+from jaxvit.tasks.biomass import maths as bm
 from jaxvit.errors import DataError
 
 W = np.asarray(bm.WEIGHTS)

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from conftest import ROOT, tiny_config
 
-from jaxvit import biomass, inference, run_io
+from jaxvit import inference, run_io
+from jaxvit.tasks.biomass import maths
 from jaxvit.train import Trainer
 
 
 @pytest.fixture(scope="module")
 def pasture_dir(tmp_path_factory):
-    from jaxvit.data.synthetic_pasture import write_dataset
+    from jaxvit.demos.pasture import write_dataset
     root = tmp_path_factory.mktemp("pasture")
     write_dataset(root, per_split={"train": 48, "val": 16, "test": 16}, size=(64, 32), seed=0)
     return root
@@ -58,7 +59,7 @@ def test_biomass_trains_with_aux_heads_and_writes_a_submission(pasture_dir, tmp_
     extra = run.variables["params"]["head_extra"]
     assert set(extra) == {"aos_coef", "species_gate", "state_log_density"}
     coef = np.asarray(extra["aos_coef"])
-    assert coef[biomass.DEAD] == 0 and np.all(np.delete(coef, biomass.DEAD) != 0)
+    assert coef[maths.DEAD] == 0 and np.all(np.delete(coef, maths.DEAD) != 0)
     assert float(extra["species_gate"]) != -4.0
     assert np.asarray(extra["state_log_density"]).shape == (len(stats["states"]),)
     assert np.all(np.asarray(extra["state_log_density"]) != 0)
@@ -72,10 +73,10 @@ def test_biomass_trains_with_aux_heads_and_writes_a_submission(pasture_dir, tmp_
     for t in by_image.values():
         assert t["Dry_Dead_g"] == pytest.approx(t["Dry_Total_g"] - t["GDM_g"], abs=1e-3)
     # The reported metric is the official formula on the submission's numbers.
-    truth = biomass.read_long_csv(pasture_dir / "test.csv")
+    truth = maths.read_long_csv(pasture_dir / "test.csv")
     ids = {k.rsplit("/", 1)[-1].rsplit(".", 1)[0]: v["targets"] for k, v in truth.items()}
-    pred = np.array([[by_image[i][n] for n in biomass.TARGETS] for i in ids])
-    assert result["weighted_r2"] == pytest.approx(biomass.weighted_r2(np.stack(list(ids.values())), pred), abs=1e-4)
+    pred = np.array([[by_image[i][n] for n in maths.TARGETS] for i in ids])
+    assert result["weighted_r2"] == pytest.approx(maths.weighted_r2(np.stack(list(ids.values())), pred), abs=1e-4)
     # predict on a directory writes the same submission layout with the same numbers.
     from jaxvit import predict
     predict.main([f"--workdir={tmp_path / 'run'}", f"--image_dir={pasture_dir / 'test'}",
@@ -98,14 +99,14 @@ def test_biomass_trains_with_aux_heads_and_writes_a_submission(pasture_dir, tmp_
     ens = evaluate.evaluate_runs([tmp_path / "run", copy], "test", output_dir=tmp_path / "ens")
     rows = list(csv.DictReader((tmp_path / "ens" / "test_submission.csv").open()))
     np.testing.assert_allclose([float(r["target"]) for r in rows], ((outs[0] + outs[1]) / 2).reshape(-1), rtol=1e-5)
-    assert ens["weighted_r2"] == pytest.approx(biomass.weighted_r2(np.stack(list(ids.values())),
+    assert ens["weighted_r2"] == pytest.approx(maths.weighted_r2(np.stack(list(ids.values())),
                                                                    (outs[0] + outs[1]) / 2), abs=1e-6)
 
 
 def test_metadata_priors_are_the_documented_formula():
     """mass = ((1 - g) * (head + aos * c) + g * softmax(species) @ table) * softmax(state) @ exp(a)."""
     import jax
-    from jaxvit.tasks.biomass_model import MetadataPriors
+    from jaxvit.tasks.biomass.model import MetadataPriors
     layout = (("mass", 0, 5), ("species", 5, 8), ("aos", 8, 9), ("state", 9, 11))
     rng = np.random.default_rng(0)
     table = rng.normal(size=(3, 5))
@@ -125,7 +126,7 @@ def test_metadata_priors_are_the_documented_formula():
 
 def test_depth_features_are_the_documented_statistics_and_pooling():
     import jax
-    from jaxvit.tasks.biomass_model import DepthFeatures
+    from jaxvit.tasks.biomass.model import DepthFeatures
     rng = np.random.default_rng(3)
     depth, tokens = rng.uniform(1, 5, size=(2, 8, 8)).astype(np.float32), rng.normal(size=(2, 4, 6)).astype(np.float32)
     features = DepthFeatures()
@@ -193,13 +194,13 @@ def test_cross_validation_over_grouped_folds(pasture_dir, tmp_path):
     result = cv.run(c, tmp_path)
     # Folds keep State x Season x Species groups whole and partition the train split.
     task = tasks.create(c)
-    records = biomass.read_long_csv(pasture_dir / "train.csv")
+    records = maths.read_long_csv(pasture_dir / "train.csv")
     meta = [r["metadata"] for r in records.values()]
     folds = task.folds(list(records), meta)
     assert sorted(set(folds.tolist())) == [0, 1, 2]
     groups = {}
     for f, m in zip(folds, meta):
-        groups.setdefault((m["State"], biomass.season(m["Sampling_Date"]), m["Species"]), set()).add(int(f))
+        groups.setdefault((m["State"], maths.season(m["Sampling_Date"]), m["Species"]), set()).add(int(f))
     assert all(len(v) == 1 for v in groups.values())
     for k in (0, 2):
         c.cv.fold = k
@@ -229,7 +230,7 @@ def test_left_and_right_halves_add_up_to_the_photo(pasture_dir, tmp_path):
     assert example["image"].shape == (2, 32, 32, 3)
     # The photo's masses are the sum of what the model sees in each half (derived Dead from the summed heads).
     raw = np.asarray(run.model.apply(run.variables, example["image"]))[:, :5] * np.asarray(run.task.stats["scale"])
-    expected = np.asarray(biomass.complete(raw.sum(0, keepdims=True), False, True))[0]
+    expected = np.asarray(maths.complete(raw.sum(0, keepdims=True), False, True))[0]
     got = np.asarray(run.task.predict_fn(run.model)(run.variables, example["image"][None]))[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
     from jaxvit.predict import Predictor

@@ -22,7 +22,7 @@ from transformers import Dinov2Model
 
 from conftest import ROOT, tiny_hf_dinov2
 from jaxvit import checkpoint, evaluate, inference, optim, predict, probe, robustness, run_io
-from jaxvit.data.demo_sets import write_digits
+from jaxvit.demos import write_digits
 from jaxvit.data.pipeline import default_data_config
 from jaxvit.data.sources import ImageFolder, load_image
 from jaxvit.data.transforms import TransformConfig, eval_transform

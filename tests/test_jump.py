@@ -1,4 +1,4 @@
-"""JUMP-style Cell Painting data: the synthetic set (jaxvit.data.synthetic_cells) written to disk and read back
+"""JUMP-style Cell Painting data: the synthetic set (jaxvit.demos.cells) written to disk and read back
 through the load-data source (jaxvit.data.jump): splits, labels, intensity normalisation, RGB views, masks, the
 messages for bad tables and files, and a raw-pixel k-NN showing that the treatments are visible."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ import tifffile
 from PIL import Image
 
 from jaxvit.data import jump
-from jaxvit.data import synthetic_cells as syn
+from jaxvit.demos import cells as syn
 from jaxvit.data.sources import ImageLoadError
 from jaxvit.errors import ConfigError, DataError, MissingDataError
 

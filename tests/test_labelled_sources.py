@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from conftest import ROOT, tiny_config
 
-from jaxvit.data import demo_sets, labelled
+from jaxvit import demos
+from jaxvit.data import labelled
 from jaxvit.data.sources import list_images
 from jaxvit.data.transforms import RGBExample, TransformConfig
 from jaxvit.errors import DataError, MissingDataError
@@ -143,7 +144,7 @@ def test_a_missing_tfds_dataset_is_one_line_with_the_command(tmp_path):
 # ------------------------------------------------------------------------------------------- demo digits
 
 def test_demo_digits_are_real_stratified_npz_splits(tmp_path):
-    demo_sets.write("digits", tmp_path, seed=3)
+    demos.write("digits", tmp_path, seed=3)
     cfg = _data_cfg("npz", tmp_path)
     splits = {s: labelled.open_split(cfg, s) for s in ("train", "val", "test")}
     assert sum(len(s) for s in splits.values()) == 1797

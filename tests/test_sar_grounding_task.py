@@ -20,7 +20,7 @@ from jaxvit.train import Trainer, partition
 
 @pytest.fixture(scope="module")
 def tiles(tmp_path_factory):
-    from jaxvit.data.synthetic_sar import write_dataset
+    from jaxvit.demos.sar import write_dataset
     root = tmp_path_factory.mktemp("sar")
     write_dataset(root, scenes={"train": 1, "val": 1, "test": 1}, seed=0)
     return root

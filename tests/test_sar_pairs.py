@@ -1,4 +1,4 @@
-"""Paired S1/S2 tiles (jaxvit.data.sar_pairs) and the synthetic SAR/optical set, on real files on disk."""
+"""Paired S1/S2 tiles (jaxvit.tasks.sar_grounding.pairs) and the synthetic SAR/optical set, on real files on disk."""
 from __future__ import annotations
 
 import ast
@@ -12,7 +12,9 @@ import pytest
 import tifffile
 from scipy import ndimage
 
-from jaxvit.data import pipeline, sar_pairs, synthetic_sar
+from jaxvit.data import pipeline
+from jaxvit.demos import sar as synthetic_sar
+from jaxvit.tasks.sar_grounding import pairs as sar_pairs
 from jaxvit.data.sources import ImageLoadError
 from jaxvit.errors import DataError, MissingDataError
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxvit.data import synthetic_gz2 as syn
+from jaxvit.demos import gz2 as syn
 
 SMALL = {"train": 3, "val": 1, "test": 2}
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxvit import biomass
-from jaxvit.data import synthetic_pasture as syn
+from jaxvit.tasks.biomass import maths
+from jaxvit.demos import pasture as syn
 
 SMALL = {"train": 4, "val": 2, "test": 2}
 
@@ -57,7 +57,7 @@ def test_long_csv_layout_and_identities(tmp_path: pathlib.Path) -> None:
     for p in images:
         with Image.open(p) as im:
             assert im.size == (64, 32) and im.mode == "RGB"
-    records = biomass.read_long_csv(root / "train.csv")
+    records = maths.read_long_csv(root / "train.csv")
     y = np.stack([r["targets"] for r in records.values()])
     assert y.shape == (SMALL["train"], 5) and all((root / p).exists() for p in records)
 
@@ -112,10 +112,10 @@ def test_deterministic_per_seed(tmp_path: pathlib.Path) -> None:
 
 def test_weighted_r2() -> None:
     y = np.array([[10.0, 0.0, 5.0, 15.0, 15.0], [30.0, 20.0, 0.0, 30.0, 50.0]])
-    assert biomass.weighted_r2(y, y) == 1.0
+    assert maths.weighted_r2(y, y) == 1.0
     w = np.array([0.1, 0.1, 0.1, 0.2, 0.5])
     mean = (w * y).sum() / (2 * w.sum())
-    assert biomass.weighted_r2(y, np.full_like(y, mean)) == pytest.approx(0.0)
+    assert maths.weighted_r2(y, np.full_like(y, mean)) == pytest.approx(0.0)
 
 
 def test_cli(tmp_path: pathlib.Path) -> None:

@@ -13,7 +13,7 @@ from jaxvit.tasks.base import Task
 TASKS = {  # config.task -> "module:class"
     "classification": "jaxvit.tasks.classification:Classification",
     "regression": "jaxvit.tasks.regression:Regression",
-    "biomass": "jaxvit.tasks.biomass:Biomass",
+    "biomass": "jaxvit.tasks.biomass.task:Biomass",
     "ssl": "jaxvit.tasks.ssl.task:SSL",
     "cell_distance": "jaxvit.tasks.cell_distance.task:CellDistance",
     "sar_grounding": "jaxvit.tasks.sar_grounding.task:SarGrounding",

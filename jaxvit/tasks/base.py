@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvit import inference, lora, report
-from jaxvit.data import demo_sets, pipeline, preflight
+from jaxvit import demos
+from jaxvit.data import pipeline, preflight
 from jaxvit.errors import DataError
 from jaxvit.models import get_config, load_pretrained
 from jaxvit.models.heads import Classifier
@@ -55,7 +56,7 @@ class Task:
 
     def prepare(self) -> None:
         """Put the data in place before anything reads them (process 0 only): the demo set of `data.demo`."""
-        demo_sets.write(self.cfg.data.demo, self.cfg.data.data_dir, self.cfg.seed)
+        demos.write(self.cfg.data.demo, self.cfg.data.data_dir, self.cfg.seed)
 
     def preflight(self, splits: tuple[str, ...], manifest: Path | None) -> None:
         """Check the data of `splits` before training (counts, readability: `check_files`); raise a UserError

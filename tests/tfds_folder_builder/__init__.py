@@ -5,7 +5,7 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from jaxvit.data.synthetic_gz2 import CLASSES
+from jaxvit.demos.gz2 import CLASSES
 
 
 class JaxvitTestFolder(tfds.core.GeneratorBasedBuilder):

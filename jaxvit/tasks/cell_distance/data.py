@@ -246,12 +246,12 @@ def write_demo(out_dir: str | os.PathLike, seed: int = 0, counts: tuple[int, int
                size: int = 96) -> Path:
     """Synthetic Cell Painting sites in the paired layout (skipped when complete with the same parameters):
     `<split>/images/site_NNNN.tif` (the 5 fluorescent channels as one uint16 CYX TIFF) and
-    `<split>/masks/site_NNNN.png` (uint16 cell ids), rendered by `jaxvit.data.synthetic_cells` (touching cells of
+    `<split>/masks/site_NNNN.png` (uint16 cell ids), rendered by `jaxvit.demos.cells` (touching cells of
     4 treatments, 3 plates' gains and illumination, blur and noise)."""
     import tifffile
     from PIL import Image
 
-    from jaxvit.data import synthetic_cells as sc
+    from jaxvit.demos import cells as sc
 
     root = Path(out_dir)
     params = {"version": _DEMO_VERSION, "seed": seed, "counts": list(counts), "size": size}

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from jaxvit import lora, report
-from jaxvit.data import sar_pairs
+from jaxvit.tasks.sar_grounding import pairs as sar_pairs
 from jaxvit.errors import ConfigError, DataError
 from jaxvit.models import ViT, load_pretrained
 from jaxvit.models.terramind import TerraMind, init_params, load_terramind, terramind_config

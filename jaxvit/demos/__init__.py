@@ -1,14 +1,14 @@
 """Demo data sets written into `data.data_dir` before a run (`data.demo`), so demos need no download:
 
-  gz2      synthetic galaxy images in the GZ2 folder layout (jaxvit.data.synthetic_gz2)
+  gz2      synthetic galaxy images in the GZ2 folder layout (jaxvit.demos.gz2)
   digits   scikit-learn's 1,797 handwritten digits (8x8, 10 classes), real data shipped inside the package,
            as <data_dir>/{train,val,test}.npz (60/20/20, stratified) for data.source="npz"
   pasture  synthetic top-down pasture photos with five dry masses, in the CSIRO Image2Biomass long-CSV layout
-           (jaxvit.data.synthetic_pasture)
+           (jaxvit.demos.pasture)
   cells    synthetic multi-channel Cell Painting sites (4 treatments, 3 plates, instance masks) in the JUMP
-           load-data layout (jaxvit.data.synthetic_cells; data.source="jump")
+           load-data layout (jaxvit.demos.cells; data.source="jump")
   sar      synthetic paired Sentinel-1 / Sentinel-2 L2A tiles (64 px GeoTIFFs) with a pairs.csv
-           (jaxvit.data.synthetic_sar; the TerraMind stage-3 task)
+           (jaxvit.demos.sar; the TerraMind stage-3 task)
 """
 from __future__ import annotations
 
@@ -26,18 +26,18 @@ DEMO_SETS = ("", "gz2", "digits", "pasture", "cells", "sar")
 def write(name: str, data_dir: str | os.PathLike, seed: int = 0) -> None:
     """Write demo set `name` into `data_dir` unless it is there already."""
     if name == "gz2":
-        from jaxvit.data.synthetic_gz2 import write_dataset
+        from jaxvit.demos.gz2 import write_dataset
         write_dataset(data_dir, seed=seed)
     elif name == "digits":
         write_digits(data_dir, seed)
     elif name == "pasture":
-        from jaxvit.data.synthetic_pasture import write_dataset as write_pasture
+        from jaxvit.demos.pasture import write_dataset as write_pasture
         write_pasture(data_dir, seed=seed)
     elif name == "cells":
-        from jaxvit.data.synthetic_cells import write_dataset as write_cells
+        from jaxvit.demos.cells import write_dataset as write_cells
         write_cells(data_dir, seed=seed)
     elif name == "sar":
-        from jaxvit.data.synthetic_sar import write_dataset as write_sar
+        from jaxvit.demos.sar import write_dataset as write_sar
         write_sar(data_dir, seed=seed)
 
 

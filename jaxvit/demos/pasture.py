@@ -35,7 +35,7 @@ real competition's ``test.csv`` only has ``sample_id,image_path,target_name``
 ``test.csv`` in the train layout so that a held-out figure can be reported.
 
 The default set (240/80/80 images of 128 x 64 px) is written in a few seconds.
-Run ``python -m jaxvit.data.synthetic_pasture --root=DIR`` to write it.
+Run ``python -m jaxvit.demos.pasture --root=DIR`` to write it.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from jaxvit.biomass import TARGETS
+from jaxvit.tasks.biomass.maths import TARGETS
 
 COLUMNS: tuple[str, ...] = (
     "sample_id", "image_path", "Sampling_Date", "State", "Species",

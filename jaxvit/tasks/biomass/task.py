@@ -1,7 +1,7 @@
 """Pasture biomass (CSIRO Image2Biomass): five dry masses in grams from a top-down pasture photo.
 
 Data: `<data.data_dir>/{train,val,test}.csv` in the competition's long format (one row per image x target; image
-paths relative to the CSV), pivoted to one example per image (`jaxvit.biomass.pivot_long`). Training-only metadata
+paths relative to the CSV), pivoted to one example per image (`maths.pivot_long`). Training-only metadata
 (Height_Ave_cm, Pre_GSHH_NDVI, Species) feed auxiliary heads when their weights are > 0.
 
 Model: backbone + head with five mass outputs (Green, Dead, Clover, GDM, Total, in units of the train split's
@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from PIL import Image
 
-from jaxvit import biomass, tta
+from jaxvit import tta
 from jaxvit.data import photo_aug
 from jaxvit.data.sources import load_image
 from jaxvit.data.transforms import TransformConfig, color_jitter, normalize, random_flips_rot90
@@ -38,7 +38,8 @@ from jaxvit.errors import ConfigError, DataError
 from jaxvit.tasks.base import Task, apply_train, build_head_model, check_files, finish_score
 from jaxvit.models import load_pretrained
 from jaxvit.models.depth_anything import DepthAnything
-from jaxvit.tasks.biomass_model import BiomassModel
+from jaxvit.tasks.biomass import maths
+from jaxvit.tasks.biomass.model import BiomassModel
 
 log = logging.getLogger("jaxvit")
 LOSSES = ("smooth_l1", "planthydra")
@@ -56,7 +57,7 @@ class PastureSource:
         if not csv_path.is_file():
             raise DataError(f"{str(csv_path)!r} not found: the biomass task reads <data_dir>/<split>.csv in the "
                             "competition's long format (sample_id, image_path, ..., target_name, target)")
-        records = biomass.read_long_csv(csv_path)
+        records = maths.read_long_csv(csv_path)
         if keep is not None:  # a cross-validation fold: keep(image paths, metadata) -> bool mask
             mask = keep(list(records), [r["metadata"] for r in records.values()])
             records = {p: r for (p, r), k in zip(records.items(), mask) if k}
@@ -195,7 +196,7 @@ class Biomass(Task):
             finite = lambda a: a[np.isfinite(a)] if np.isfinite(a).any() else np.zeros(1)
             self._stats = {
                 "scale": np.maximum(src.targets.std(0), 1e-3).tolist(),
-                "max_mass": biomass.plausible_max(src.targets).tolist(),
+                "max_mass": maths.plausible_max(src.targets).tolist(),
                 "height": [float(finite(src.height).mean()), float(max(finite(src.height).std(), 1e-3))],
                 "ndvi": [float(finite(src.ndvi).mean()), float(max(finite(src.ndvi).std(), 1e-3))],
                 "species": src.names["species"], "states": src.names["state"],
@@ -221,8 +222,8 @@ class Biomass(Task):
         """Fold of each train image: cv.fold_csv, else State x Season x Species groups (`biomass.group_folds`)."""
         cv = self.cfg.cv
         if cv.fold_csv:
-            return biomass.read_fold_csv(cv.fold_csv, paths)
-        return biomass.group_folds(metadata, cv.n_folds, self.cfg.seed)
+            return maths.read_fold_csv(cv.fold_csv, paths)
+        return maths.group_folds(metadata, cv.n_folds, self.cfg.seed)
 
     def train_transform(self) -> PastureExample:
         return PastureExample(TransformConfig.from_config(self.cfg.data), self.cfg.biomass)
@@ -275,7 +276,7 @@ class Biomass(Task):
         """Head output [B, K] -> the five masses in grams, derived columns filled in from the identities."""
         b = self.cfg.biomass
         grams = out[:, self._layout()["mass"]].astype(jnp.float32) * jnp.asarray(self.stats["scale"])
-        return biomass.complete(grams, b.train_dead, b.train_clover)
+        return maths.complete(grams, b.train_dead, b.train_clover)
 
     def _combine(self, out: jax.Array, batch_size: int) -> tuple[jax.Array, jax.Array]:
         """Outputs of every view [B * V, K] -> (the photo's outputs [B, K], cross-view disagreement [B]). Halves: the
@@ -297,22 +298,22 @@ class Biomass(Task):
         out, disagreement = self._combine(views, batch["targets"].shape[0])
         pred, true = self._masses(out), batch["targets"]
         scale = jnp.asarray(self.stats["scale"])
-        weights = jnp.asarray(biomass.loss_weights(b.train_dead, b.train_clover))
+        weights = jnp.asarray(maths.loss_weights(b.train_dead, b.train_clover))
         if b.loss == "smooth_l1":
-            total = biomass.smooth_l1(pred / scale, true / scale, weights)
+            total = maths.smooth_l1(pred / scale, true / scale, weights)
         else:
-            total = biomass.planthydra(pred, true, weights, b.cosine_weight, b.compositional_weight)
+            total = maths.planthydra(pred, true, weights, b.cosine_weight, b.compositional_weight)
         if b.huber_dead_delta > 0:
-            total += biomass.WEIGHTS[biomass.DEAD] * biomass.huber(pred[:, biomass.DEAD], true[:, biomass.DEAD],
+            total += maths.WEIGHTS[maths.DEAD] * maths.huber(pred[:, maths.DEAD], true[:, maths.DEAD],
                                                                     b.huber_dead_delta)
         if b.cross_view_weight > 0:
             total += b.cross_view_weight * disagreement
         if b.mass_balance_weight > 0:
-            total += b.mass_balance_weight * biomass.mass_balance(pred)
+            total += b.mass_balance_weight * maths.mass_balance(pred)
         if b.uncertainty:
-            total += biomass.gaussian_nll(pred / scale, out[:, layout["log_var"]], true / scale) / 5
+            total += maths.gaussian_nll(pred / scale, out[:, layout["log_var"]], true / scale) / 5
         if b.qc_weight > 0:
-            total += b.qc_weight * biomass.qc_plausibility(pred / scale, jnp.asarray(self.stats["max_mass"]) / scale)
+            total += b.qc_weight * maths.qc_plausibility(pred / scale, jnp.asarray(self.stats["max_mass"]) / scale)
         for column, key, weight in (("height", "height", b.height_weight), ("ndvi", "ndvi", b.ndvi_weight),
                                     ("aos", "ndvi", b.aos_weight)):
             if column in layout:
@@ -326,7 +327,7 @@ class Biomass(Task):
                 known = batch[key] >= 0
                 ce = optax.softmax_cross_entropy_with_integer_labels(out[:, layout[key]], jnp.maximum(batch[key], 0))
                 total += weight * jnp.where(known, ce, 0.0)
-        return total, {"abs_error_total_g": jnp.abs(pred[:, biomass.TOTAL] - true[:, biomass.TOTAL])}, updates
+        return total, {"abs_error_total_g": jnp.abs(pred[:, maths.TOTAL] - true[:, maths.TOTAL])}, updates
 
     # -- evaluation and prediction
     def predict_fn(self, model) -> Callable:
@@ -342,7 +343,7 @@ class Biomass(Task):
               extra: dict | None = None) -> dict:
         if not ok.any():
             raise DataError(f"no readable image in split {src.split!r} ({src.location})")
-        result = biomass.target_metrics(src.targets[ok], outputs[ok])
+        result = maths.target_metrics(src.targets[ok], outputs[ok])
         scale = np.asarray(self.stats["scale"])
         result["loss"] = float(np.mean(((outputs[ok] - src.targets[ok]) / scale) ** 2))  # MSE, standardised masses
         kept = [src.paths[i] for i in np.flatnonzero(ok)]
@@ -350,7 +351,7 @@ class Biomass(Task):
                             lambda path: self.write_predictions(path, kept, outputs[ok]))
 
     def describe_prediction(self, output: np.ndarray) -> dict:
-        return {"targets": {n: float(v) for n, v in zip(biomass.TARGETS, output)}}
+        return {"targets": {n: float(v) for n, v in zip(maths.TARGETS, output)}}
 
     def write_predictions(self, path: Path, paths: list[str], outputs: np.ndarray) -> None:
         """The competition's submission layout: sample_id (<image id>__<target>), target (grams)."""
@@ -358,5 +359,5 @@ class Biomass(Task):
             w = csv.writer(f)
             w.writerow(["sample_id", "target"])
             for p, row in zip(paths, outputs):
-                w.writerows([f"{Path(p).stem}__{name}", repr(float(v))] for name, v in zip(biomass.TARGETS, row))
+                w.writerows([f"{Path(p).stem}__{name}", repr(float(v))] for name, v in zip(maths.TARGETS, row))
 

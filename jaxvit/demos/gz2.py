@@ -10,7 +10,7 @@ applies a Lupton-style asinh colour stretch like SDSS gri composites.
     root/gz2_5class_{train,val,test}/<class>/<name>.png
     root/gz2_5class_metadata.csv
 
-Run ``python -m jaxvit.data.synthetic_gz2 --root=DIR`` to write the default set.
+Run ``python -m jaxvit.demos.gz2 --root=DIR`` to write the default set.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ illumination gradient (batch effects). The acquisition adds blur and shot + read
 
 Wells are split 60/20/20 into train / val / test per plate and treatment (Metadata_Split), so no well straddles
 splits; PathName_* columns are relative to out_dir; the masks are the channel "CellMask" of the table.
-Run ``python -m jaxvit.data.synthetic_cells --out DIR`` to write the default set.
+Run ``python -m jaxvit.demos.cells --out DIR`` to write the default set.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Synthetic paired Sentinel-1 / Sentinel-2 tiles in the layout of jaxvit.data.sar_pairs, for the stage-3 demo.
+"""Synthetic paired Sentinel-1 / Sentinel-2 tiles in the layout of jaxvit.tasks.sar_grounding.pairs, for the stage-3 demo.
 
 Each scene (256 x 256 px at 10 m) is a land-cover map: rectangular parcels from recursive splits (vegetation
 of varying cover, bare soil of varying moisture, urban blocks of buildings and streets), a meandering river,
@@ -19,7 +19,7 @@ Scenes are cut into 64 x 64 tiles; splits hold whole scenes (spatially disjoint,
 
 `write_dataset(root, seed=0)` writes the default 16 scenes (192/32/32 tiles) in a few seconds, into a temporary
 folder first, then moved in place; a complete set with the same parameters is not written again. Run
-`python -m jaxvit.data.synthetic_sar --root=DIR` to write it.
+`python -m jaxvit.demos.sar --root=DIR` to write it.
 """
 from __future__ import annotations
 
