@@ -26,10 +26,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     setup_logging()
     distributed.initialize()
-    from jaxvit import train, xla_options
+    from jaxvit import cv, train, xla_options
     xla_options.keep_cpu_heap()  # after jax.distributed is up, before anything starts the backends
     distributed.log_topology()
-    exit_on_user_error(train.run, _CONFIG.value, _WORKDIR.value)
+    run = cv.run if _CONFIG.value.cv.folds else train.run  # cross-validation: one run per fold
+    exit_on_user_error(run, _CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from jaxvit.data import labelled
 from jaxvit.data.pipeline import default_data_config
 from jaxvit.data.transforms import RGBExample, TransformConfig
 from jaxvit.errors import ConfigError, DataError, MissingDataError, exit_on_user_error
+from jaxvit.knn import knn_predict
 from jaxvit.models import ViT, get_config, load_pretrained, parse_overrides
 from jaxvit.models.heads import Head, pool_features
 
@@ -60,29 +61,6 @@ def extract_features(vit: ViT, variables: dict, src: Any, data_cfg: Any, batch_s
 
 def pooled(features: np.ndarray, pool: str) -> np.ndarray:
     return features[:, :features.shape[1] // 2] if pool == "cls" else features
-
-
-# ------------------------------------------------------------------------------------------- k-NN
-
-@functools.partial(jax.jit, static_argnames=("k", "temperature", "num_classes"))
-def _knn_votes(train: jax.Array, train_y: jax.Array, query: jax.Array, k: int, temperature: float,
-               num_classes: int) -> jax.Array:
-    """Class votes [Q, k, C] of the k most cosine-similar training rows, cumulated over neighbours."""
-    sim, idx = jax.lax.top_k(query @ train.T, k)
-    weight = jnp.exp((sim - 1.0) / temperature) if temperature > 0 else jnp.ones_like(sim)  # exp(sim/T), rescaled
-    return jnp.cumsum(jax.nn.one_hot(train_y[idx], num_classes) * weight[..., None], axis=1)
-
-
-def knn_predict(train_f: np.ndarray, train_y: np.ndarray, query_f: np.ndarray, ks: Sequence[int],
-                temperature: float, num_classes: int, chunk: int = 1024) -> dict[int, np.ndarray]:
-    """Predicted labels of the query rows for each k (cosine similarity, weighted votes; ties: lowest class)."""
-    unit = lambda f: f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-    train, kmax = jnp.asarray(unit(train_f)), min(max(ks), len(train_f))
-    query = unit(query_f)
-    votes = np.concatenate([np.asarray(_knn_votes(train, jnp.asarray(train_y), jnp.asarray(query[i:i + chunk]),
-                                                  kmax, temperature, num_classes))
-                            for i in range(0, len(query), chunk)])
-    return {k: votes[:, min(k, kmax) - 1].argmax(-1) for k in ks}
 
 
 # ------------------------------------------------------------------------------------------- linear probe

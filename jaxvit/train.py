@@ -435,8 +435,5 @@ def _hms(seconds: float) -> str:
 
 
 def run(cfg, workdir: str | Path) -> dict:
-    """Train (and test) one run; with cv.folds, one run per fold (`jaxvit.cv`)."""
-    if cfg.cv.folds:
-        from jaxvit import cv
-        return cv.run(cfg, workdir)
+    """Train (and test) one run (cross-validation, cv.folds, is `jaxvit.cv.run`)."""
     return Trainer(cfg, workdir).run()

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from jaxvit.data.decode import load_array
-from jaxvit.data.labelled import class_counts, resolve_labels
+from jaxvit.data.labels import class_counts, resolve_labels
 from jaxvit.data.sources import ImageLoadError
 from jaxvit.errors import ConfigError, DataError, MissingDataError
 

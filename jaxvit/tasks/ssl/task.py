@@ -29,7 +29,7 @@ from jaxvit.data import labelled
 from jaxvit.errors import ConfigError
 from jaxvit.models import get_config, load_pretrained
 from jaxvit.models.resize import resize_patch_kernel
-from jaxvit.probe import knn_predict
+from jaxvit.knn import knn_predict
 from jaxvit.tasks.base import Task, _batch_fn, check_files
 from jaxvit.tasks.ssl import losses
 from jaxvit.tasks.ssl.crops import MultiCrop, MultiCropConfig
