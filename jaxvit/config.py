@@ -228,7 +228,7 @@ def problems(cfg: mlc.ConfigDict) -> list[str]:
     if not cfg.data.data_dir and not cfg.data.source.startswith("tfds:"):
         out.append("data.data_dir is empty: pass --config.data.data_dir=/path/to/your/data")
     if cfg.cv.folds or cfg.cv.fold >= 0:
-        if not getattr(tasks.task_class(cfg.task), "supports_cv", False):
+        if not tasks.task_class(cfg.task).supports_cv:
             out.append(f"cv.folds={tuple(cfg.cv.folds)}: the {cfg.task} task has no cross-validation folds")
         bad = [f for f in (*cfg.cv.folds, cfg.cv.fold) if f >= cfg.cv.n_folds]
         if bad:
@@ -261,6 +261,8 @@ def problems(cfg: mlc.ConfigDict) -> list[str]:
         last = i == len(cfg.train.phases) - 1
         if not last and not (phase.get("epochs") or phase.get("steps") or phase.get("patience")):
             out.append(f"train.phases[{i}] ({phase.get('name')!r}) never ends: give it epochs, steps or patience")
+    if cfg.task in tasks.TASKS:
+        out += tasks.task_class(cfg.task).config_problems(cfg)
     return out
 
 

@@ -7,12 +7,12 @@ base model plus a PEFT adapter.
     D/head.safetensors       the head as torch Linear weights: `weight` (out, in) and `bias` for a linear head,
                              the keys of nn.Sequential(Linear, [BatchNorm1d,] GELU() | ReLU(), ..., Linear) when
                              it has hidden layers (running statistics included)
-    D/head_config.json       task, pool, hidden, num_outputs, classes (classification), in_features, preprocessing
+    D/head_config.json       task, pool, hidden, num_outputs, classes (a classifier's), in_features, preprocessing
     D/base_model/            (LoRA runs) the frozen base backbone
     D/peft_adapter/          (LoRA runs) adapter_config.json + adapter_model.safetensors:
                              peft.PeftModel.from_pretrained(AutoModel.from_pretrained(D/base_model), D/peft_adapter)
 
-SSL runs write D/model and D/teacher_checkpoint.pth (the teacher); TerraMind stage-3 runs D/terramind.pt (LoRA merged).
+Tasks with other models write their own files (`Task.export`, described in the task's module) or refuse in one line.
 
 The export then reloads itself with torch/transformers/PEFT and prints the largest difference from the Flax
 model on a batch (`load_torch_classifier` rebuilds backbone + head in PyTorch).
@@ -34,7 +34,6 @@ from flax import traverse_util
 from jaxvit import lora, run_io
 from jaxvit.errors import exit_on_user_error
 from jaxvit.models import ViTConfig, save_pretrained
-from jaxvit.models.weights import export_state_dict
 
 log = logging.getLogger("jaxvit")
 
@@ -138,81 +137,14 @@ def peft_adapter(cfg: ViTConfig, backbone_params: dict, adapters: dict, dropout:
     return config, tensors
 
 
-def ssl_head_state_dict(head: dict) -> dict[str, np.ndarray]:
-    """A jaxvit DINO/iBOT head as the official DINOHead's state dict (mlp.{0,2,4}, last_layer[.weight_g/_v])."""
-    sd, step = {}, 3 if "bn_0" in head else 2  # Sequential(Linear, [BatchNorm1d,] GELU, ..., Linear)
-    for i in range(len([k for k in head if k.startswith("mlp_")])):
-        sd[f"mlp.{step * i}.weight"] = np.asarray(head[f"mlp_{i}"]["kernel"], np.float32).T
-        sd[f"mlp.{step * i}.bias"] = np.asarray(head[f"mlp_{i}"]["bias"], np.float32)
-        if f"bn_{i}" in head:  # batch statistics only: no running mean / var to export
-            sd[f"mlp.{step * i + 1}.weight"] = np.asarray(head[f"bn_{i}"]["scale"], np.float32)
-            sd[f"mlp.{step * i + 1}.bias"] = np.asarray(head[f"bn_{i}"]["bias"], np.float32)
-    kernel = np.asarray(head["kernel"], np.float32).T
-    if "weight_g" in head:
-        sd["last_layer.weight_g"] = np.asarray(head["weight_g"], np.float32)[:, None]
-        sd["last_layer.weight_v"] = kernel
-    else:
-        sd["last_layer.weight"] = kernel
-    return sd
-
-
-def export_ssl(run: run_io.Run, out: Path) -> Path:
-    """An SSL run's teacher: D/model (transformers) and D/teacher_checkpoint.pth, the official training format
-    ({"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}; `jaxvit.models.load_pretrained` and the DINOCell
-    task read its backbone)."""
-    import torch
-    teacher = run.variables["teacher"]
-    vit_cfg = run.model.backbone
-    save_pretrained(vit_cfg, teacher["backbone"], out / "model")
-    sd = {f"backbone.{k}": v for k, v in export_state_dict(vit_cfg, teacher["backbone"], "official").items()}
-    for name in ("dino_head", "ibot_head"):
-        if name in teacher:
-            sd.update({f"{name}.{k}": v for k, v in ssl_head_state_dict(teacher[name]).items()})
-    torch.save({"teacher": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}},
-               out / "teacher_checkpoint.pth")
-    log.info("exported the teacher of %s (%s) to %s", run.workdir, run.checkpoint, out)
-    return out
-
-
-def terramind_params(run: run_io.Run) -> dict:
-    """A stage-3 run's TerraMind weights with its LoRA adapters merged."""
-    params = run.variables["params"]["terramind"]
-    if "lora" in run.variables:
-        params = lora.merge(params, run.variables["lora"]["terramind"], run.model.terramind.cfg.lora_alpha)
-    return params
-
-
-def export_terramind(run: run_io.Run, out: Path) -> Path:
-    """A TerraMind stage-3 run: D/terramind.pt, TerraMind with the adapters merged in terratorch's state-dict layout
-    (`TerraMind.load_state_dict`, or `jaxvit.models.terramind.load_terramind`)."""
-    from jaxvit.models.terramind import save_terramind
-    save_terramind(run.model.terramind.cfg, terramind_params(run), out / "terramind.pt")
-    log.info("exported TerraMind of %s (%s) to %s", run.workdir, run.checkpoint, out)
-    return out
-
-
-def check_terramind_export(run: run_io.Run, d: Path, seed: int = 0) -> dict[str, float]:
-    """Target-token logits of D/terramind.pt (read back by jaxvit's loader) against the run's model with adapters."""
-    from jaxvit.models.terramind import load_terramind
-    task, size = run.task, run.cfg.data.image_size
-    channels = run.model.terramind.cfg.spec(task.input, "encoder").size
-    s1 = jnp.asarray(np.random.default_rng(seed).standard_normal((2, size, size, channels)), jnp.float32)
-    with jax.default_matmul_precision("highest"):
-        want = task._terramind(run.model, run.variables, {task.input: s1}, task.s.target, jax.random.key(0), False)
-        model, params = load_terramind(d / "terramind.pt", run.model.terramind.cfg)
-        got = model.apply({"params": params}, {task.input: s1}, task.s.target)["logits"]
-    return {"terramind_rel_diff": float(jnp.abs(got - want).max() / jnp.abs(want).max())}
-
-
 def export_run(run: run_io.Run, output: str | Path) -> Path:
     """Write the export files of `run` (see the module docstring) to `output`."""
     from safetensors.numpy import save_file
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    if run.cfg.task == "ssl":
-        return export_ssl(run, out)
-    if run.cfg.task == "sar_grounding":
-        return export_terramind(run, out)
+    own = run.task.export(run, out)
+    if own is not None:
+        return own
     vit_cfg = run.model.backbone
     save_pretrained(vit_cfg, run.backbone_params(), out / "model")
     write_head(out, run)
@@ -277,10 +209,9 @@ def check_export(run: run_io.Run, export_dir: str | Path, n: int = 4, seed: int 
     d = Path(export_dir)
     size = run.cfg.data.image_size
     x = np.random.default_rng(seed).standard_normal((n, size, size, 3)).astype(np.float32)
-    if run.cfg.task == "ssl":
-        return check_ssl_export(run, d, x)
-    if run.cfg.task == "sar_grounding":
-        return check_terramind_export(run, d, seed)
+    own = run.task.check_export(run, d, x)
+    if own is not None:
+        return own
     with jax.default_matmul_precision("highest"):
         want = np.asarray(run.model.apply(run.variables, jnp.asarray(x)))
     pixels = torch.from_numpy(x).permute(0, 3, 1, 2)
@@ -299,26 +230,6 @@ def check_export(run: run_io.Run, export_dir: str | Path, n: int = 4, seed: int 
         diffs["peft_vs_model_rel_diff"] = float(np.abs(adapted - merged).max() / scale)
         diffs["base_vs_model_rel_diff"] = float(np.abs(plain - merged).max() / scale)  # what the adapter changes
     return diffs
-
-
-def check_ssl_export(run: run_io.Run, d: Path, x: np.ndarray) -> dict[str, float]:
-    """The teacher's features from D/model (transformers) and from D/teacher_checkpoint.pth (read back by
-    jaxvit's loader) against the Flax teacher."""
-    import torch
-    from transformers import AutoModel
-    from jaxvit.models import ViT, load_pretrained
-    teacher = run.variables["teacher"]["backbone"]
-    with jax.default_matmul_precision("highest"):
-        want = np.asarray(ViT(run.model.backbone).apply({"params": teacher}, jnp.asarray(x))["last_hidden_state"])
-        # the official format has no config: the head count is inferred (width / 64) unless given, as here
-        vit, params = load_pretrained(d / "teacher_checkpoint.pth", run.model.backbone)
-        reread = np.asarray(vit.apply({"params": params}, jnp.asarray(x))["last_hidden_state"])
-    with torch.no_grad():
-        got = AutoModel.from_pretrained(d / "model").eval()(
-            pixel_values=torch.from_numpy(x).permute(0, 3, 1, 2)).last_hidden_state.numpy()
-    scale = np.abs(want).max()
-    return {"transformers_rel_diff": float(np.abs(got - want).max() / scale),
-            "teacher_checkpoint_rel_diff": float(np.abs(reread - want).max() / scale)}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:

@@ -1,6 +1,6 @@
-"""Inference with a trained run of an image-level task (classification, regression): one image, a directory,
-or Python (`Predictor`); attention-map overlays. Tasks with image outputs (`Task.predict_files`: TerraMind
-stage 3's generated optical tiles) write one set of files per input into the directory --output instead.
+"""Inference with a trained run of an image-level task (class probabilities, regression values): one image, a
+directory, or Python (`Predictor`); attention-map overlays. Tasks with image outputs (`Task.predict_files`: e.g.
+generated optical tiles) write one set of files per input into the directory --output instead.
 
     python -m jaxvit.predict --workdir=W --image=galaxy.jpg --output=prediction.json
     python -m jaxvit.predict --workdir=W --image_dir=images/ --output=predictions.csv --batch_size=32 \
@@ -36,9 +36,7 @@ from PIL import Image
 from jaxvit import run_io, tta as tta_views, xla_options
 from jaxvit.data.sources import ImageLoadError, list_images, load_image
 from jaxvit.data.transforms import TransformConfig
-from jaxvit.errors import exit_on_user_error
-from jaxvit.models import ViT
-from jaxvit.models.heads import Classifier
+from jaxvit.errors import UserError, exit_on_user_error
 from jaxvit.tasks.base import Task
 
 log = logging.getLogger("jaxvit")
@@ -62,7 +60,7 @@ class Predictor:
     """A trained model with its preprocessing: images in, the task's outputs (class probabilities, regression
     values) out, in fixed-size jitted batches."""
 
-    def __init__(self, model: Classifier, variables: dict, task: Task, data_cfg: Any, batch_size: int = 32,
+    def __init__(self, model: Any, variables: dict, task: Task, data_cfg: Any, batch_size: int = 32,
                  info: dict | None = None):
         self.model, self.task, self.batch_size = model, task, batch_size
         self.tcfg = TransformConfig.from_config(data_cfg)
@@ -70,13 +68,12 @@ class Predictor:
         self.variables = jax.device_put(variables)
         self.info = info or {}
         self._outputs = xla_options.jit(task.predict_fn(model))
-        vit = ViT(model.backbone)
-        prefix = model.backbone.num_prefix
+        vit = self._vit = task.backbone_module(model)
 
         def cls_attention(v, x):  # last block, CLS query, patch keys: [B, heads, patches]
-            out = vit.apply(run_io.backbone_variables(v), x, return_attention=True)
-            return out["attentions"][-1][:, :, 0, prefix:]
-        self._attention = xla_options.jit(cls_attention)
+            out = vit.apply(task.backbone_variables(v), x, return_attention=True)
+            return out["attentions"][-1][:, :, 0, vit.cfg.num_prefix:]
+        self._attention = None if vit is None else xla_options.jit(cls_attention)
 
     @classmethod
     def from_workdir(cls, workdir: str | Path, checkpoint: str | int = "best", batch_size: int = 32,
@@ -137,7 +134,7 @@ class Predictor:
         return results
 
     def predict_batch(self, images: Sequence[ImageLike]) -> list[dict]:
-        """One dict per input, in order: the task's record (classification: {class, class_index, confidence,
+        """One dict per input, in order: the task's record (a classifier's: {class, class_index, confidence,
         probabilities}) (+ path for paths), or {error} (+ path) for an input that could not be read."""
         return [({"path": str(image)} if isinstance(image, (str, os.PathLike)) else {})
                 | ({"error": y} if isinstance(y, str) else self._result(y))
@@ -169,7 +166,9 @@ class Predictor:
     # -- attention
     def attention_maps(self, xs: np.ndarray) -> np.ndarray:
         """Last-block CLS attention of each head over the patch grid: [N, heads, S/p, S/p]."""
-        grid = self.tcfg.image_size // self.model.backbone.patch_size
+        if self._attention is None:
+            raise UserError(f"the {self.task.name} task's model has no ViT backbone: no attention maps")
+        grid = self.tcfg.image_size // self._vit.cfg.patch_size
         maps = self._batched(self._attention, xs)
         return maps.reshape(len(xs), maps.shape[1], grid, grid)
 

@@ -113,7 +113,7 @@ def backbone_from_args(args: argparse.Namespace) -> tuple[ViT, dict, Any, dict, 
     --source / --tfds_data_dir, when given, replace the run's."""
     if args.workdir:
         run = run_io.load_run(args.workdir, args.checkpoint, args.data_dir)
-        vit, variables, data, about = (ViT(run.model.backbone), run_io.backbone_variables(run.variables),
+        vit, variables, data, about = (ViT(run.model.backbone), run.task.backbone_variables(run.variables),
                                        run.cfg.data, run_io.describe(run))
     else:
         run, data = None, default_data_config()

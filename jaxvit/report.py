@@ -11,13 +11,14 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from jaxvit.files import atomic_write_text
 
 PathLike = str | os.PathLike
 
@@ -220,19 +221,5 @@ def _json_default(obj: Any) -> Any:
 
 
 def write_results_json(path: PathLike, metrics: Mapping[str, Any]) -> None:
-    """Write ``metrics`` as indented JSON atomically (temp file + os.replace)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results should be world-readable
-        with os.fdopen(fd, "w") as f:
-            json.dump(metrics, f, indent=2, default=_json_default)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``metrics`` as indented JSON atomically (`jaxvit.files.atomic_write`)."""
+    atomic_write_text(path, json.dumps(metrics, indent=2, default=_json_default) + "\n")

@@ -23,7 +23,6 @@ import numpy as np
 
 from jaxvit import inference, metrics, report, run_io
 from jaxvit.errors import exit_on_user_error
-from jaxvit.tasks import classification
 
 SEVERITY = {  # ImageNet-C (Hendrycks & Dietterich 2019) parameters for severities 1..5
     "gaussian_noise": (0.08, 0.12, 0.18, 0.26, 0.38),
@@ -64,7 +63,8 @@ def corrupt(x: jax.Array, name: str, s: jax.Array, keys: jax.Array) -> jax.Array
     return jnp.clip(y, 0.0, 1.0)
 
 
-def corrupted_probs(model, mean: Sequence[float], std: Sequence[float], name: str | None, seed: int = 0) -> Callable:
+def corrupted_probs(task, model, mean: Sequence[float], std: Sequence[float], name: str | None, seed: int = 0
+                    ) -> Callable:
     """fn((variables, parameter), batch) -> probabilities of batch["image"] (normalised), corrupted in [0, 1]
     space first. The parameter is an input, so all severities of a corruption share one compiled program."""
     mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
@@ -74,7 +74,7 @@ def corrupted_probs(model, mean: Sequence[float], std: Sequence[float], name: st
         if name is not None:
             keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(batch["index"])
             x = (corrupt(x * std + mean, name, s, keys) - mean) / std
-        return classification.probabilities(model, variables, x)
+        return task.class_probabilities(model, variables, x)
     return fn
 
 
@@ -89,7 +89,7 @@ def evaluate_corruptions(run: run_io.Run, src, corruptions: Sequence[str],
     batch_size = inference.round_batch(run.cfg.eval.batch_size, mesh)
 
     def accuracies(name: str | None, params: Sequence[float]) -> list[float]:
-        fn = corrupted_probs(run.model, d.mean, d.std, name)
+        fn = corrupted_probs(run.task, run.model, d.mean, d.std, name)
         out = []
         for s in params:
             probs, ok = inference.map_source(fn, (variables, np.float32(s)), src, run.task.eval_transform(), d,
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     run_io.setup_logging()
     run = exit_on_user_error(run_io.load_run, args.workdir, args.checkpoint, args.data_dir)
-    if not isinstance(run.task, classification.Classification):
+    if not run.task.classifier:
         raise SystemExit(f"error: robustness measures accuracy; {args.workdir} is a {run.cfg.task!r} run")
     run.cfg.eval.batch_size = args.batch_size or run.cfg.eval.batch_size
     src = run.task.source(args.split)

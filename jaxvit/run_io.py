@@ -46,25 +46,11 @@ class Run:
         return self.task.classes
 
     def backbone_params(self) -> dict:
-        return merged_backbone(self.model, self.variables)
-
-
-def backbone_variables(variables: dict) -> dict:
-    """The backbone's part of backbone + head variables, for `ViT.apply` (LoRA adapters kept separate); of an
-    SSL run, the teacher's backbone."""
-    if "teacher" in variables:
-        return {"params": variables["teacher"]["backbone"]}
-    return {col: tree["backbone"] for col, tree in variables.items() if "backbone" in tree}
-
-
-def merged_backbone(model, variables: dict) -> dict:
-    """Backbone params with any LoRA adapters merged in: plain ViT weights (an SSL run's teacher)."""
-    if "teacher" in variables:
-        return variables["teacher"]["backbone"]
-    params = variables["params"]["backbone"]
-    if "lora" in variables:
-        params = lora.merge(params, variables["lora"]["backbone"], model.backbone.lora_alpha)
-    return params
+        """The task's ViT params (`Task.backbone_variables`) with any LoRA adapters merged in: plain ViT weights."""
+        v = self.task.backbone_variables(self.variables)
+        if "lora" not in v:
+            return v["params"]
+        return lora.merge(v["params"], v["lora"], self.task.backbone_module(self.model).cfg.lora_alpha)
 
 
 def setup_logging() -> None:
@@ -104,7 +90,7 @@ def load_config(workdir: str | Path) -> mlc.ConfigDict:
     if not path.exists():
         raise MissingDataError(f"{path} not found: is {workdir} a jaxvit run directory?")
     saved = json.loads(path.read_text())
-    cfg = base_config(saved.get("task", "classification"))
+    cfg = base_config(saved["task"]) if "task" in saved else base_config()
     for (section, key), renames in _RENAMED.items():
         value = saved.get(section, {}).get(key)
         if value in renames:

@@ -12,7 +12,6 @@ rng) per micro-batch -> mean loss, grads of `trainable` -> optimizer (phase lr x
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
@@ -32,6 +31,7 @@ from jaxvit import debug_nans, lora, optim, sharding, tasks, xla_options
 from jaxvit.checkpoint import Checkpoints, eval_variables, find, read_variables
 from jaxvit.data import pipeline
 from jaxvit.errors import ConfigError
+from jaxvit.files import atomic_write, write_csv
 from jaxvit.report import plot_training_curves, stem
 from jaxvit.writers import create_writer
 
@@ -415,13 +415,8 @@ class Trainer:
         if not self.is_main:
             return
         path = self.workdir / "training_history.csv"
-        tmp = path.with_suffix(".tmp")
         fields = list(dict.fromkeys(k for row in history for k in row))
-        with tmp.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(history)
-        tmp.replace(path)
+        atomic_write(path, lambda tmp: write_csv(tmp, fields, history))
 
 
 def _epochs(step: int, steps_per_epoch: int) -> float | int:

@@ -391,7 +391,7 @@ def test_robustness_cli(lora_run, tmp_path):
         s = robustness.SEVERITY[name][severity - 1]
         xc = (np.asarray(robustness.corrupt(jnp.asarray(x * std + mean), name, s, keys)) - mean) / std
         want = np.asarray(classification.probabilities(run.model, run.variables, xc))
-        fn = robustness.corrupted_probs(run.model, d.mean, d.std, name)
+        fn = robustness.corrupted_probs(run.task, run.model, d.mean, d.std, name)
         probs, ok = inference.map_source(fn, (variables, np.float32(s)), src, run.task.eval_transform(), d,
                                          run.cfg.eval.batch_size, mesh)
         assert ok.all()

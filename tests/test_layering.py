@@ -5,6 +5,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import jaxvit
 
 PACKAGE = Path(jaxvit.__file__).parent
@@ -12,6 +14,9 @@ PACKAGE = Path(jaxvit.__file__).parent
 # counts as one too.
 CLI = {"jaxvit.main", "jaxvit.evaluate", "jaxvit.predict", "jaxvit.probe", "jaxvit.export", "jaxvit.robustness",
        "jaxvit.benchmark"}
+# Task names and task-specific words the generic modules must not contain (the task's own behaviour is a Task member)
+TASK_WORDS = ("ssl", "sar_grounding", "biomass", "cell_distance", "terramind", "classification")
+GENERIC = ("export.py", "run_io.py", "predict.py", "robustness.py", "train.py")
 
 
 def module_files() -> dict[str, Path]:
@@ -89,3 +94,9 @@ def test_no_import_circles():
 def test_library_modules_never_import_command_line_modules():
     bad = {m: sorted(filter(is_cli, deps)) for m, deps in import_graph().items() if not is_cli(m)}
     assert not {m: d for m, d in bad.items() if d}, "library modules importing command-line modules"
+
+
+@pytest.mark.parametrize("name", GENERIC)
+def test_generic_modules_name_no_task(name):
+    text = (PACKAGE / name).read_text().lower()
+    assert [w for w in TASK_WORDS if w in text] == [], f"{name} names a task: reach it through a Task member"

@@ -103,7 +103,7 @@ def test_a_short_run_trains_evaluates_and_writes_generated_tiles(tiles, tmp_path
     from jaxvit import export, predict, run_io
     run = run_io.load_run(tmp_path / "run", "best")
     export.export_run(run, tmp_path / "export")
-    assert export.check_terramind_export(run, tmp_path / "export")["terramind_rel_diff"] < 1e-5
+    assert export.check_export(run, tmp_path / "export")["terramind_rel_diff"] < 1e-5
     # predict: whole 64 px S1 tiles in, generated optical tiles (PNG + all-band .npy) out; a bad file is reported.
     inputs = tmp_path / "s1"
     inputs.mkdir()

@@ -29,6 +29,7 @@ from PIL import Image
 
 from jaxvit.data.decode import TIFF_EXTENSIONS
 from jaxvit.data.sources import ImageLoadError
+from jaxvit.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +110,7 @@ def _read_manifest(path: Path) -> dict | None:
 
 
 def _write_manifest(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)  # atomic: readers see the old or the new manifest, never a partial one
+    atomic_write_text(path, json.dumps(data, indent=1))  # readers see the old or the new manifest, never part
 
 
 def check_files(

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxvit.errors import UserError
+from jaxvit.files import atomic_write
 
 DEMO_SETS = ("", "gz2", "digits", "pasture", "cells", "sar")
 
@@ -63,8 +64,7 @@ def write_digits(data_dir: str | os.PathLike, seed: int = 0, fractions: tuple[fl
     root.mkdir(parents=True, exist_ok=True)
     for split, chunks in parts.items():
         idx = rng.permutation(np.concatenate(chunks))
-        tmp = root / f".{split}.tmp.npz"
-        np.savez(tmp, images=images[idx], labels=digits.target[idx].astype(np.int32),
-                 class_names=np.array([str(c) for c in range(10)]))
-        os.replace(tmp, root / f"{split}.npz")
+        atomic_write(root / f"{split}.npz", lambda tmp: np.savez(
+            tmp, images=images[idx], labels=digits.target[idx].astype(np.int32),
+            class_names=np.array([str(c) for c in range(10)])))
     marker.write_text(json.dumps(params))

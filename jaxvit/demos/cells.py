@@ -21,7 +21,6 @@ Run ``python -m jaxvit.demos.cells --out DIR`` to write the default set.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import os
@@ -33,6 +32,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 from scipy.ndimage import gaussian_filter
+
+from jaxvit.files import atomic_write, write_csv
 
 CHANNELS = ("OrigDNA", "OrigER", "OrigRNA", "OrigAGP", "OrigMito", "OrigBrightfield", "OrigBrightfield_H")
 TREATMENTS = ("DMSO", "compound_A", "compound_B", "compound_C")
@@ -274,12 +275,7 @@ def write_dataset(out_dir: str | os.PathLike, seed: int = 0, n_plates: int = 3, 
             Image.fromarray(labels).save(root / row["PathName_CellMask"] / row["FileName_CellMask"],
                                          compress_level=1)
 
-    tmp = root / (TABLE_NAME + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, root / TABLE_NAME)
+    atomic_write(root / TABLE_NAME, lambda tmp: write_csv(tmp, COLUMNS, rows))
     marker.write_text(json.dumps(params, indent=1))
     partial.unlink()
     return root

@@ -16,7 +16,6 @@ Run ``python -m jaxvit.demos.gz2 --root=DIR`` to write the default set.
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import os
@@ -27,6 +26,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from jaxvit.files import atomic_write, write_csv
 
 CLASSES: tuple[str, ...] = (
     "completely_round_smooth",
@@ -302,13 +303,9 @@ def write_dataset(
                 Image.fromarray(img).save(out_dir / name, compress_level=1)
                 rows.append({"split": split, "class": cls, "label": ci, "filename": name, **p})
 
-    tmp = root / (METADATA_NAME + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["split", "class", "label", "filename", *PARAM_COLUMNS],
-                           restval="")
-        w.writeheader()
-        w.writerows({k: _fmt(v) for k, v in r.items()} for r in rows)
-    os.replace(tmp, root / METADATA_NAME)
+    fields = ["split", "class", "label", "filename", *PARAM_COLUMNS]
+    atomic_write(root / METADATA_NAME, lambda tmp: write_csv(tmp, fields, [{k: _fmt(v) for k, v in r.items()}
+                                                                           for r in rows]))
     marker.write_text(json.dumps(params, indent=1))
     partial.unlink()
     return root

@@ -41,7 +41,6 @@ Run ``python -m jaxvit.demos.pasture --root=DIR`` to write it.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import os
@@ -53,6 +52,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from jaxvit.files import atomic_write, write_csv
 from jaxvit.tasks.biomass.maths import TARGETS
 
 COLUMNS: tuple[str, ...] = (
@@ -278,12 +278,7 @@ def write_dataset(
             for name in TARGETS:
                 rows.append({"sample_id": f"{image_id}__{name}", "image_path": rel, **meta,
                              "target_name": name, "target": f"{s['targets'][name] / 1e4:.4f}"})
-        tmp = root / f"{split}.csv.tmp"
-        with tmp.open("w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=list(COLUMNS))
-            wr.writeheader()
-            wr.writerows(rows)
-        os.replace(tmp, root / f"{split}.csv")
+        atomic_write(root / f"{split}.csv", lambda tmp: write_csv(tmp, list(COLUMNS), rows))
     marker.write_text(json.dumps(params, indent=1))
     partial.unlink()
     return root

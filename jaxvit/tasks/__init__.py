@@ -34,5 +34,4 @@ def create(cfg, workdir: str | Path | None = None) -> Task:
 
 def config_section(name: str) -> ml_collections.ConfigDict | None:
     """The task's own config keys (under `config.<task name>`), or None when it has none."""
-    section = getattr(task_class(name), "default_config", None)
-    return section() if section else None
+    return task_class(name).default_config()

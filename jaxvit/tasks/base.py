@@ -14,13 +14,14 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from jaxvit import inference, lora, report
 from jaxvit import demos
 from jaxvit.data import pipeline, preflight
-from jaxvit.errors import DataError
-from jaxvit.models import get_config, load_pretrained
+from jaxvit.errors import ConfigError, DataError, UserError
+from jaxvit.models import ViT, get_config, load_pretrained
 from jaxvit.models.heads import Classifier
 
 log = logging.getLogger("jaxvit")
@@ -39,9 +40,25 @@ class Task:
     history_metrics: tuple[str, ...] = ("loss",)  # evaluate() results written to training_history.csv
     head = r"^params/head/"  # regex of the variables a head-only phase trains
     frozen = ""  # regex of variables no phase trains (e.g. a feature model), stored in model.frozen_dtype
+    supports_cv = False  # cross-validation (cv.folds): the source honours cv.fold and write_predictions the folds
+    classifier = False  # class_probabilities gives [B, K] (the robustness report)
 
     def __init__(self, cfg, workdir: str | Path | None = None):
         self.cfg, self.workdir = cfg, workdir
+        if problems := self.config_problems(cfg):
+            raise ConfigError("\n".join(problems))
+
+    # -- config
+    @staticmethod
+    def default_config() -> ml_collections.ConfigDict | None:
+        """The task's own config section (`config.<name>`), or None when it has none."""
+        return None
+
+    @classmethod
+    def config_problems(cls, cfg) -> list[str]:
+        """One line per bad value of the task's config (its own section, or the shared keys it needs); collected
+        with the shared checks by `jaxvit.config.problems`."""
+        return []
 
     # -- data
     def source(self, split: str) -> Any:
@@ -136,6 +153,30 @@ class Task:
     def describe_prediction(self, output: np.ndarray) -> dict:
         """One example's output as a JSON-able record."""
         return {"output": np.asarray(output).tolist()}
+
+    def class_probabilities(self, model: Any, variables: dict, images: jax.Array) -> jax.Array:
+        """Class probabilities [B, K] of normalised images without test-time views (tasks with `classifier`)."""
+        raise UserError(f"the {self.name} task has no class probabilities (robustness measures a classifier)")
+
+    # -- the ViT inside the model (attention maps, the probe's features, the standard export)
+    def backbone_module(self, model: Any) -> ViT | None:
+        """The ViT whose attention maps and features the tools read; None: the model has none."""
+        return ViT(model.backbone)
+
+    def backbone_variables(self, variables: dict) -> dict:
+        """That ViT's variables for `ViT.apply` (LoRA adapters kept separate), from the model's variables."""
+        return {col: tree["backbone"] for col, tree in variables.items() if "backbone" in tree}
+
+    # -- export (`python -m jaxvit.export`)
+    def export(self, run: Any, out: Path) -> Path | None:
+        """Write the task's PyTorch export into `out` (a loaded `jaxvit.run_io.Run`); None (the default): the
+        standard one, backbone + head (+ PEFT adapter) of `jaxvit.export`. Raise a UserError to refuse."""
+        return None
+
+    def check_export(self, run: Any, out: Path, images: np.ndarray) -> dict[str, float] | None:
+        """{name: largest relative difference} of the export in `out` reloaded against the run's model on
+        `images` [N, S, S, C]; None: the standard check of `jaxvit.export`."""
+        return None
 
     def write_predictions(self, path: Path, paths: list[str], outputs: np.ndarray) -> None:
         """A CSV of outputs [N, K], one row per image path."""

@@ -29,6 +29,7 @@ log = logging.getLogger("jaxvit")
 
 class Classification(Task):
     name = "classification"
+    classifier = True
     best_metric = "val/accuracy"
     best_mode = "max"
     history_metrics = ("loss", "accuracy", "f1_macro")
@@ -98,6 +99,9 @@ class Classification(Task):
     def predict_fn(self, model) -> Callable:
         views = tuple(self.cfg.eval.tta)
         return lambda variables, images: tta_probabilities(model, variables, images, views)
+
+    def class_probabilities(self, model, variables: dict, images: jax.Array) -> jax.Array:
+        return probabilities(model, variables, images)
 
     def describe_prediction(self, output: np.ndarray) -> dict:
         best = int(np.argmax(output))

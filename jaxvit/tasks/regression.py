@@ -22,7 +22,6 @@ import optax
 from jaxvit import metrics, tta
 from jaxvit.data.sources import CsvSource, load_image
 from jaxvit.data.transforms import RGBExample, TransformConfig
-from jaxvit.errors import ConfigError
 from jaxvit.tasks.base import Task, apply_train, build_head_model, check_files, finish_score
 
 
@@ -40,10 +39,14 @@ class Regression(Task):
         c.loss = "mse"  # mse | smooth_l1 (on standardised targets)
         return c
 
+    @classmethod
+    def config_problems(cls, cfg) -> list[str]:
+        if cfg.regression.loss not in ("mse", "smooth_l1"):
+            return [f"regression.loss={cfg.regression.loss!r}: use 'mse' or 'smooth_l1'"]
+        return []
+
     def __init__(self, cfg, workdir: str | Path | None = None):
         super().__init__(cfg, workdir)
-        if cfg.regression.loss not in ("mse", "smooth_l1"):
-            raise ConfigError(f"regression.loss={cfg.regression.loss!r}: use 'mse' or 'smooth_l1'")
         self.names = list(cfg.regression.targets)
         saved = Path(workdir) / "target_stats.json" if workdir else None
         self._stats = json.loads(saved.read_text()) if saved is not None and saved.exists() else None

@@ -84,20 +84,24 @@ class Biomass(Task):
         c.border_mask = 0.0  # train: black bands up to this fraction of each edge (--use-border-mask)
         return c
 
+    @classmethod
+    def config_problems(cls, cfg) -> list[str]:
+        b, out = cfg.biomass, []
+        if b.loss not in LOSSES:
+            out.append(f"biomass.loss={b.loss!r}: use one of {', '.join(LOSSES)}")
+        if b.cross_view_weight > 0 and not b.halves:
+            out.append("biomass.cross_view_weight > 0 needs biomass.halves=True (two views to compare)")
+        if b.depth_model and not (b.depth_features or b.depth_attention):
+            out.append("biomass.depth_model is set but depth_features and depth_attention are both off: "
+                       "turn one on, or set depth_model='' (no depth)")
+        if b.species_prior and b.species_weight <= 0:
+            out.append("biomass.species_prior needs the species head: set biomass.species_weight > 0")
+        if b.huber_dead_delta < 0:
+            out.append(f"biomass.huber_dead_delta={b.huber_dead_delta}: must be >= 0 (0 = off)")
+        return out
+
     def __init__(self, cfg, workdir: str | Path | None = None):
         super().__init__(cfg, workdir)
-        b = cfg.biomass
-        if b.loss not in LOSSES:
-            raise ConfigError(f"biomass.loss={b.loss!r}: use one of {', '.join(LOSSES)}")
-        if b.cross_view_weight > 0 and not b.halves:
-            raise ConfigError("biomass.cross_view_weight > 0 needs biomass.halves=True (two views to compare)")
-        if b.depth_model and not (b.depth_features or b.depth_attention):
-            raise ConfigError("biomass.depth_model is set but depth_features and depth_attention are both off: "
-                              "turn one on, or set depth_model='' (no depth)")
-        if b.species_prior and b.species_weight <= 0:
-            raise ConfigError("biomass.species_prior needs the species head: set biomass.species_weight > 0")
-        if b.huber_dead_delta < 0:
-            raise ConfigError(f"biomass.huber_dead_delta={b.huber_dead_delta}: must be >= 0 (0 = off)")
         saved = Path(workdir) / "biomass_stats.json" if workdir else None
         self._stats = json.loads(saved.read_text()) if saved is not None and saved.exists() else None
 

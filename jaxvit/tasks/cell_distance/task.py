@@ -34,7 +34,7 @@ from PIL import Image
 from jaxvit import inference, xla_options
 from jaxvit.data.decode import load_array
 from jaxvit.data.sources import ImageLoadError
-from jaxvit.errors import ConfigError, DataError
+from jaxvit.errors import ConfigError, DataError, UserError
 from jaxvit.tasks.base import Task, apply_train, build_head_model, check_files, finish_score
 from jaxvit.tasks.cell_distance import metrics
 from jaxvit.tasks.cell_distance.data import CellExample, PairedSource, load_mask, write_demo
@@ -44,42 +44,45 @@ from jaxvit.tasks.cell_distance.postprocess import FILL_THRESHOLD, PEAK_THRESHOL
 log = logging.getLogger("jaxvit")
 
 
-def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.layers = ()  # backbone blocks feeding the decoder; () = DINOCell's for the depth (model.default_layers)
-    c.decoder_channels = CHANNELS  # decoder widths, deepest feature first (one per layer)
-    c.norm_layers = True  # the blocks' tokens through the backbone's final norm
-    c.peak_threshold = PEAK_THRESHOLD  # map > this: cell markers (DINOCell's cells_max)
-    c.fill_threshold = FILL_THRESHOLD  # map > this: the region the watershed fills (cell_fill)
-    c.channels = ()  # image channels to use, by index (e.g. (4,) for one stain); () = all
-    c.channel_mode = "average"  # average | first3 | all: channels -> backbone input (data.py)
-    c.clahe = False  # CLAHE on each input channel (DINOCell's preprocessing)
-    c.scale_range = (1.0, 1.0)  # train: zoom factors (window = data.image_size / s source pixels)
-    c.brightness = 0.0  # train: intensity x U(1 - b, 1 + b)
-    c.invert_prob = 0.0  # train: probability of inverting the intensities
-    c.eval_size = 0  # evaluation / prediction canvas side (>= the largest image); 0 = data.image_size
-    c.tile_overlap = 32  # evaluation / prediction: minimum overlap of data.image_size tiles (px)
-    return c
-
-
 class CellDistance(Task):
     name = "cell_distance"
     best_metric = "val/ap50"
     best_mode = "max"
     history_metrics = ("loss", "ap50", "ap", "f1", "mean_iou")
-    default_config = staticmethod(default_config)
+
+    @staticmethod
+    def default_config() -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict()
+        c.layers = ()  # backbone blocks feeding the decoder; () = DINOCell's for the depth (model.default_layers)
+        c.decoder_channels = CHANNELS  # decoder widths, deepest feature first (one per layer)
+        c.norm_layers = True  # the blocks' tokens through the backbone's final norm
+        c.peak_threshold = PEAK_THRESHOLD  # map > this: cell markers (DINOCell's cells_max)
+        c.fill_threshold = FILL_THRESHOLD  # map > this: the region the watershed fills (cell_fill)
+        c.channels = ()  # image channels to use, by index (e.g. (4,) for one stain); () = all
+        c.channel_mode = "average"  # average | first3 | all: channels -> backbone input (data.py)
+        c.clahe = False  # CLAHE on each input channel (DINOCell's preprocessing)
+        c.scale_range = (1.0, 1.0)  # train: zoom factors (window = data.image_size / s source pixels)
+        c.brightness = 0.0  # train: intensity x U(1 - b, 1 + b)
+        c.invert_prob = 0.0  # train: probability of inverting the intensities
+        c.eval_size = 0  # evaluation / prediction canvas side (>= the largest image); 0 = data.image_size
+        c.tile_overlap = 32  # evaluation / prediction: minimum overlap of data.image_size tiles (px)
+        return c
+
+    @classmethod
+    def config_problems(cls, cfg) -> list[str]:
+        s, out = cfg.cell_distance, []
+        if cfg.eval.tta:
+            out.append(f"eval.tta={tuple(cfg.eval.tta)}: test-time views are not supported by the "
+                       "cell_distance task; leave eval.tta empty")
+        for key in ("peak_threshold", "fill_threshold"):
+            if not 0 <= s[key] < 1:
+                out.append(f"cell_distance.{key}={s[key]!r}: must lie in [0, 1)")
+        if not 0 <= s.tile_overlap < cfg.data.image_size:
+            out.append(f"cell_distance.tile_overlap={s.tile_overlap}: must lie in [0, data.image_size)")
+        return out
 
     def __init__(self, cfg, workdir: str | Path | None = None):
         super().__init__(cfg, workdir)
-        s = cfg.cell_distance
-        if cfg.eval.tta:
-            raise ConfigError(f"eval.tta={tuple(cfg.eval.tta)}: test-time views are not supported by the "
-                              "cell_distance task; leave eval.tta empty")
-        for key in ("peak_threshold", "fill_threshold"):
-            if not 0 <= s[key] < 1:
-                raise ConfigError(f"cell_distance.{key}={s[key]!r}: must lie in [0, 1)")
-        if not 0 <= s.tile_overlap < cfg.data.image_size:
-            raise ConfigError(f"cell_distance.tile_overlap={s.tile_overlap}: must lie in [0, data.image_size)")
         self._sources: dict[str, PairedSource] = {}
         self._in_channels = cfg.model.overrides.get("num_channels", 3)  # the backbone's, fixed by build()
         self.train_transform()  # checks channel_mode, scale_range, data.mean / std now
@@ -219,6 +222,10 @@ class CellDistance(Task):
             w.writeheader()
             w.writerows(records)
         return records
+
+    def export(self, run, out: Path) -> Path:
+        raise UserError("the cell_distance task has no PyTorch export yet (its U-Net decoder has no transformers "
+                        "counterpart); use python -m jaxvit.predict with the run")
 
     def write_predictions(self, path: Path, paths: list[str], outputs: np.ndarray) -> None:
         """For `Predictor` outputs (canvas maps): `path` (CSV) and each image's files (`save_prediction`) in

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from jaxvit import lora, report
+from jaxvit.files import atomic_write
 from jaxvit.tasks.sar_grounding import pairs as sar_pairs
 from jaxvit.errors import ConfigError, DataError
 from jaxvit.models import ViT, load_pretrained
@@ -39,7 +40,7 @@ from jaxvit.models.terramind.tokenizer import Tokenizer, decode_ids, decode_prob
 from jaxvit.models.terramind.tokenizer import init_params as init_tokenizer
 from jaxvit.models.terramind.tokenizer import tokenizer_config
 from jaxvit.tasks.base import Task, check_files
-from jaxvit.tasks.sar_grounding import losses
+from jaxvit.tasks.sar_grounding import export, losses
 
 log = logging.getLogger("jaxvit")
 
@@ -56,50 +57,53 @@ class Stage3Model:
     dino: ViT | None  # the perceptual term's feature extractor
 
 
-def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.terramind = ""  # TerraMind v1 checkpoint (.pt / .safetensors, terratorch layout); "" = random `size`
-    c.size = "base"  # tiny | small | base | large (random init, or the fields `overrides` do not set)
-    c.overrides = ml_collections.ConfigDict()  # TerraMindConfig fields (a custom size, e.g. the demo's)
-    c.tokenizer = ""  # target tokenizer: checkpoint file or released name in the local HF cache; "" = random
-    c.s1_tokenizer = ""  # input tokenizer (for the cycle term); "" = random when cycle_weight > 0
-    c.tokenizer_overrides = ml_collections.ConfigDict()  # TokenizerConfig fields of random tokenizers
-    c.input, c.target = "S1GRD", "S2L2A"
-    c.timesteps = 10  # DDIM denoising steps of the differentiable decode (the seed's "diffusion timesteps")
-    c.remat_decode = True  # recompute each denoising step in the backward pass
-    c.token_weight = 1.0  # masked-token cross-entropy of the target tokens (4M)
-    c.spectral_weight = 1.0
-    c.sar_consistency_weight = 1.0
-    c.cycle_weight = 0.5
-    c.identity_weight = 0.3
-    c.perceptual_weight = 0.1  # the seed's lpips_weight, on DINO features
-    c.perceptual_backbone = ""  # DINO backbone (transformers dir / hub id in the cache) for perceptual terms
-    c.texture_window = 7  # local-std window of the SAR texture term
-    c.preview_tiles = 8  # generated tiles written as PNG (RGB composite) + .npy by each evaluation with out_dir
-    c.fit_tokenizer_steps = 0  # > 0 with a `tokenizer` path that does not exist: fit a small tokenizer of
-    #                            tokenizer_overrides on the train tiles first and save it there (the demo)
-    return c
-
-
 class SarGrounding(Task):
     name = "sar_grounding"
     best_metric = "val/loss"
     history_metrics = ("loss", "token_accuracy", "sar_agreement", "sar_agreement_tokens", "spectral_l1", "change_l1")
     head = r"^params/head/"  # no head: a phase "all" trains the adapters (lora.enabled) or TerraMind
     frozen = r"^params/(tokenizer|s1_tokenizer|dino)/"
-    default_config = staticmethod(default_config)
+
+    @staticmethod
+    def default_config() -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict()
+        c.terramind = ""  # TerraMind v1 checkpoint (.pt / .safetensors, terratorch layout); "" = random `size`
+        c.size = "base"  # tiny | small | base | large (random init, or the fields `overrides` do not set)
+        c.overrides = ml_collections.ConfigDict()  # TerraMindConfig fields (a custom size, e.g. the demo's)
+        c.tokenizer = ""  # target tokenizer: checkpoint file or released name in the local HF cache; "" = random
+        c.s1_tokenizer = ""  # input tokenizer (for the cycle term); "" = random when cycle_weight > 0
+        c.tokenizer_overrides = ml_collections.ConfigDict()  # TokenizerConfig fields of random tokenizers
+        c.input, c.target = "S1GRD", "S2L2A"
+        c.timesteps = 10  # DDIM denoising steps of the differentiable decode (the seed's "diffusion timesteps")
+        c.remat_decode = True  # recompute each denoising step in the backward pass
+        c.token_weight = 1.0  # masked-token cross-entropy of the target tokens (4M)
+        c.spectral_weight = 1.0
+        c.sar_consistency_weight = 1.0
+        c.cycle_weight = 0.5
+        c.identity_weight = 0.3
+        c.perceptual_weight = 0.1  # the seed's lpips_weight, on DINO features
+        c.perceptual_backbone = ""  # DINO backbone (transformers dir / hub id in the cache) for perceptual terms
+        c.texture_window = 7  # local-std window of the SAR texture term
+        c.preview_tiles = 8  # generated tiles written as PNG (RGB composite) + .npy by each evaluation with out_dir
+        c.fit_tokenizer_steps = 0  # > 0 with a `tokenizer` path that does not exist: fit a small tokenizer of
+        #                            tokenizer_overrides on the train tiles first and save it there (the demo)
+        return c
+
+    @classmethod
+    def config_problems(cls, cfg) -> list[str]:
+        s, out = cfg.sar_grounding, []
+        out += [f"sar_grounding.{t}_weight={s[t + '_weight']}: weights must be >= 0" for t in TERMS
+                if s[f"{t}_weight"] < 0]
+        if s.perceptual_weight > 0 and not s.perceptual_backbone:
+            out.append("sar_grounding.perceptual_weight > 0 needs sar_grounding.perceptual_backbone (a DINO "
+                       "backbone: transformers dir or hub id); or set perceptual_weight=0")
+        if s.timesteps < 1:
+            out.append(f"sar_grounding.timesteps={s.timesteps}: use >= 1 denoising steps")
+        return out
 
     def __init__(self, cfg, workdir: str | Path | None = None):
         super().__init__(cfg, workdir)
         self.s = s = cfg.sar_grounding
-        bad = [t for t in TERMS if s[f"{t}_weight"] < 0]
-        if bad:
-            raise ConfigError(f"sar_grounding.{bad[0]}_weight={s[bad[0] + '_weight']}: weights must be >= 0")
-        if s.perceptual_weight > 0 and not s.perceptual_backbone:
-            raise ConfigError("sar_grounding.perceptual_weight > 0 needs sar_grounding.perceptual_backbone (a DINO "
-                              "backbone: transformers dir or hub id); or set perceptual_weight=0")
-        if s.timesteps < 1:
-            raise ConfigError(f"sar_grounding.timesteps={s.timesteps}: use >= 1 denoising steps")
         self.input, self.target = resolve(s.input, "encoder"), resolve(s.target, "encoder")
 
     # -- data
@@ -133,10 +137,7 @@ class SarGrounding(Task):
         src, transform = self.source(self.cfg.data.train_split), self.eval_transform()
         tiles = np.stack([transform(src[i])["s2"] for i in range(len(src))])
         params, _ = fit_tokenizer.fit(tok, params, tiles, s.fit_tokenizer_steps, seed=self.cfg.seed)
-        Path(s.tokenizer).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(s.tokenizer).with_suffix(".tmp" + Path(s.tokenizer).suffix)
-        save_tokenizer(tok.cfg, params, tmp)
-        tmp.replace(s.tokenizer)  # complete or absent, never half-written
+        atomic_write(s.tokenizer, lambda tmp: save_tokenizer(tok.cfg, params, tmp))  # complete or absent
         log.info("demo tokenizer fitted on %d tiles -> %s", len(tiles), s.tokenizer)
 
     # -- model
@@ -176,7 +177,8 @@ class SarGrounding(Task):
         if source:
             return load_tokenizer(source, modality.lower(), dtype=self.cfg.model.dtype,
                                   **self.s.tokenizer_overrides.to_dict())
-        cfg = tokenizer_config(modality.lower(), channels=len(sar_pairs.STATS[modality].mean), dtype=self.cfg.model.dtype,
+        cfg = tokenizer_config(modality.lower(), channels=len(sar_pairs.STATS[modality].mean),
+                               dtype=self.cfg.model.dtype,
                                **self.s.tokenizer_overrides.to_dict())
         log.info("%s tokenizer initialised at random (no checkpoint given)", modality)
         return Tokenizer(cfg), init_tokenizer(cfg, self.cfg.seed + seed)
@@ -304,6 +306,15 @@ class SarGrounding(Task):
             tile = np.asarray(tile, np.float32)
             np.save(directory / f"{name}.npy", sar_pairs.denormalize(tile, self.s.target))
             Image.fromarray(sar_pairs.rgb_composite(tile, self.s.target)).save(directory / f"{name}.png")
+
+    def backbone_module(self, model: Stage3Model) -> None:
+        return None  # TerraMind: no ViT attention maps or features
+
+    def export(self, run, out: Path) -> Path:
+        return export.export_terramind(run, out)
+
+    def check_export(self, run, out: Path, images: np.ndarray) -> dict[str, float]:
+        return export.check_terramind_export(run, out)
 
     def predict_files(self, model: Stage3Model, variables: dict, paths: list[Path], output: Path, batch_size: int
                       ) -> list[dict]:

@@ -31,7 +31,7 @@ from jaxvit.models import get_config, load_pretrained
 from jaxvit.models.resize import resize_patch_kernel
 from jaxvit.knn import knn_predict
 from jaxvit.tasks.base import Task, _batch_fn, check_files
-from jaxvit.tasks.ssl import losses
+from jaxvit.tasks.ssl import export, losses
 from jaxvit.tasks.ssl.crops import MultiCrop, MultiCropConfig
 from jaxvit.tasks.ssl.data import EvalExample, MaskBatch, RGBViews, TrainExample, grid
 from jaxvit.tasks.ssl.model import HeadConfig, SSLModel
@@ -50,34 +50,6 @@ def _head_config(section: mlc.ConfigDict) -> mlc.ConfigDict:
     return section
 
 
-def default_config() -> mlc.ConfigDict:
-    c = mlc.ConfigDict()
-    c.epoch_length = 1250  # steps per epoch of the schedules (official OFFICIAL_EPOCH_LENGTH); 0 = one data pass
-    c.patch_size = 0  # > 0: the student's patch size; a pretrained patch embedding is resized to it (16 -> 8)
-    c.head_weight_norm = False  # prototypes weight-normalised (DINOv2) or plain (DINOv3)
-    c.head_use_bn = False  # BatchNorm (batch statistics) after the heads' hidden layers (official use_bn, off)
-    c.centering = "sinkhorn_knopp"  # sinkhorn_knopp | softmax (centre with momentum ssl.center_momentum)
-    c.center_momentum = 0.9
-    c.student_temp = 0.1
-    c.freeze_last_layer_epochs = 1  # the prototypes' lr is 0 for this many epochs
-    c.dino = _head_config(mlc.ConfigDict(dict(koleo_weight=0.1, global_ignore_diagonal=True)))
-    c.ibot = _head_config(mlc.ConfigDict(dict(separate_head=True, mask_probability=0.5, mask_ratio=(0.1, 0.5),
-                                              mask_style="dinov3")))  # mask_style dinov3 (exact counts) | dinov2
-    c.teacher = mlc.ConfigDict(dict(momentum=0.992, final_momentum=1.0, temp=0.07, warmup_temp=0.04,
-                                    warmup_temp_epochs=30))
-    c.gram = mlc.ConfigDict(dict(weight=0.0, teacher="ema", img_level=True, remove_neg=False))  # teacher: ema | weights
-    k = MultiCropConfig()
-    c.crops = mlc.ConfigDict(dict(
-        global_size=k.global_size, local_size=k.local_size, n_local=k.n_local, global_scale=k.global_scale,
-        local_scale=k.local_scale, hflip=k.hflip, color_jitter=k.color_jitter,
-        color_jitter_prob=k.color_jitter_prob, grayscale_prob=k.grayscale_prob,
-        blur_probs=(0.0, 0.9, 0.5),  # global 1, global 2, locals: what the official code does (papers: 1.0, 0.1, 0.5)
-        blur_sigma=k.blur_sigma, solarize_prob=k.solarize_prob_global2))
-    c.knn = mlc.ConfigDict(dict(k=20, temperature=0.07, train_split="train", max_train=20000))
-    c.attention_images = 4  # teacher attention maps of this many val images at each evaluation (0 = none)
-    return c
-
-
 def dino_optimizer(c):
     """The official DINOv2/DINOv3 optimizer around optim.lr: AdamW (0.9, 0.999), weight decay cosine 0.04 -> 0.4,
     layer decay 0.9, patch embedding lr x 0.2, gradients clipped to 3.0 per module."""
@@ -86,7 +58,6 @@ def dino_optimizer(c):
     c.optim.lr_mults = ((r"/embeddings/patch_embeddings/", 0.2),)
     c.optim.grad_clip, c.optim.clip_per_module = 3.0, True
     c.optim.b1, c.optim.b2 = 0.9, 0.999
-
 
 
 def small_demo(c, epochs: int, batch_size: int) -> None:
@@ -114,7 +85,36 @@ class SSL(Task):
     best_mode = "max"
     history_metrics = ("knn_accuracy", "knn_f1_macro")
     head = r"^params/(dino|ibot)_head/"
-    default_config = staticmethod(default_config)
+
+    @staticmethod
+    def default_config() -> mlc.ConfigDict:
+        c = mlc.ConfigDict()
+        c.epoch_length = 1250  # steps per epoch of the schedules (official OFFICIAL_EPOCH_LENGTH); 0 = one data pass
+        c.patch_size = 0  # > 0: the student's patch size; a pretrained patch embedding is resized to it (16 -> 8)
+        c.head_weight_norm = False  # prototypes weight-normalised (DINOv2) or plain (DINOv3)
+        c.head_use_bn = False  # BatchNorm (batch statistics) after the heads' hidden layers (official use_bn, off)
+        c.centering = "sinkhorn_knopp"  # sinkhorn_knopp | softmax (centre with momentum ssl.center_momentum)
+        c.center_momentum = 0.9
+        c.student_temp = 0.1
+        c.freeze_last_layer_epochs = 1  # the prototypes' lr is 0 for this many epochs
+        c.dino = _head_config(mlc.ConfigDict(dict(koleo_weight=0.1, global_ignore_diagonal=True)))
+        c.ibot = _head_config(mlc.ConfigDict(dict(separate_head=True, mask_probability=0.5, mask_ratio=(0.1, 0.5),
+                                                  mask_style="dinov3")))  # mask_style dinov3 (exact counts) | dinov2
+        c.teacher = mlc.ConfigDict(dict(momentum=0.992, final_momentum=1.0, temp=0.07, warmup_temp=0.04,
+                                        warmup_temp_epochs=30))
+        # teacher: ema | weights
+        c.gram = mlc.ConfigDict(dict(weight=0.0, teacher="ema", img_level=True, remove_neg=False))
+        k = MultiCropConfig()
+        c.crops = mlc.ConfigDict(dict(
+            global_size=k.global_size, local_size=k.local_size, n_local=k.n_local, global_scale=k.global_scale,
+            local_scale=k.local_scale, hflip=k.hflip, color_jitter=k.color_jitter,
+            color_jitter_prob=k.color_jitter_prob, grayscale_prob=k.grayscale_prob,
+            # global 1, global 2, locals: what the official code does (papers: 1.0, 0.1, 0.5)
+            blur_probs=(0.0, 0.9, 0.5),
+            blur_sigma=k.blur_sigma, solarize_prob=k.solarize_prob_global2))
+        c.knn = mlc.ConfigDict(dict(k=20, temperature=0.07, train_split="train", max_train=20000))
+        c.attention_images = 4  # teacher attention maps of this many val images at each evaluation (0 = none)
+        return c
 
     def __init__(self, cfg, workdir: str | Path | None = None):
         super().__init__(cfg, workdir)
@@ -335,6 +335,17 @@ class SSL(Task):
         teacher = jax.tree_util.tree_map(lambda t, p: m * t + (1 - m) * p.astype(t.dtype), mutable["teacher"],
                                          params["params"])
         return {**mutable, "teacher": teacher}
+
+    # -- the teacher is the model the tools read and export
+    def backbone_variables(self, variables: dict) -> dict:
+        return {"params": variables["teacher"]["backbone"]} if "teacher" in variables else super().backbone_variables(
+            variables)
+
+    def export(self, run, out: Path) -> Path:
+        return export.export_ssl(run, out)
+
+    def check_export(self, run, out: Path, images: np.ndarray) -> dict[str, float]:
+        return export.check_ssl_export(run, out, images)
 
     # -- evaluation: k-NN on the teacher's [CLS]
     def predict_fn(self, model: SSLModel) -> Callable:
