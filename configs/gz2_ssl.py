@@ -13,7 +13,7 @@ for fine-tuning with `python -m jaxvit.export --workdir=runs/gz2_ssl --output=ru
 pretrains a tiny ViT on the synthetic galaxies (no download) for a few minutes on a CPU.
 """
 from jaxvit.config import apply_variant, base_config
-from jaxvit.tasks.ssl.task import dino_optimizer, small_demo
+from jaxvit.config_recipes import dino_optimizer, small_demo
 
 
 def get_config(arg: str = ""):

@@ -17,7 +17,7 @@ renders a synthetic 3-plate Cell Painting set (4 treatments, 7 channels, no down
 patch 8 on the CPU in a few minutes; the k-NN accuracy on the treatments is logged before and after.
 """
 from jaxvit.config import apply_variant, base_config
-from jaxvit.tasks.ssl.task import dino_optimizer, small_demo
+from jaxvit.config_recipes import dino_optimizer, small_demo
 
 
 def get_config(arg: str = ""):

@@ -293,7 +293,7 @@ class SSLBench(JaxBench):
         from jaxvit import optim, sharding, tasks, xla_options
         from jaxvit.config import base_config
         from jaxvit.models import parse_overrides
-        from jaxvit.tasks.ssl.task import dino_optimizer
+        from jaxvit.config_recipes import dino_optimizer
         from jaxvit.train import init_state, make_step, partition
 
         cfg = base_config("ssl")
