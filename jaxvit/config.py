@@ -30,7 +30,7 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     c.model.drop_path = 0.0
     c.model.pool = "cls"  # cls | cls_mean
     c.model.head_hidden = ()
-    c.model.head_dropout = 0.0  # the guide's --dropout: on the head input (and after hidden layers by default)
+    c.model.head_dropout = 0.0  # the GZ2 DINOv3 project's --dropout: on the head input (and after hidden layers by default)
     c.model.head_hidden_dropout = ()  # dropout after each hidden layer; () = head_dropout
     c.model.head_norm = "none"  # none | batch: BatchNorm after each hidden Dense (the CIFAR-10 recipe's head)
     c.model.head_act = "gelu"  # gelu | relu
@@ -84,7 +84,7 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
 
     c.data = default_data_config()
     c.data.classes = ()  # class names in label order; () = sorted directory names
-    c.data.demo = ""  # write a demo set into data_dir first: gz2 | digits | pasture | cells (jaxvit.data.demo_sets)
+    c.data.demo = ""  # write a demo set into data_dir first: gz2 | digits | pasture | cells | sar (jaxvit.data.demo_sets)
 
     c.eval = mlc.ConfigDict()
     c.eval.batch_size = 64
