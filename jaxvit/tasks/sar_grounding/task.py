@@ -64,14 +64,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.tokenizer = ""  # target tokenizer: checkpoint file or released name in the local HF cache; "" = random
     c.s1_tokenizer = ""  # input tokenizer (for the cycle term); "" = random when cycle_weight > 0
     c.tokenizer_overrides = ml_collections.ConfigDict()  # TokenizerConfig fields of random tokenizers
-    c.input, c.target = "S1GRD", "S2L2A"
-    c.timesteps = 10  # DDIM denoising steps of the differentiable decode (the TerraMind stage-3 project's "diffusion timesteps")
+    c.input, c.target = "S1GRD", "S2L2A"  # the modality TerraMind reads and the one it generates
+    c.timesteps = 10  # DDIM steps of the differentiable decode (the TerraMind stage-3 project's "diffusion timesteps")
     c.remat_decode = True  # recompute each denoising step in the backward pass
     c.token_weight = 1.0  # masked-token cross-entropy of the target tokens (4M)
-    c.spectral_weight = 1.0
-    c.sar_consistency_weight = 1.0
-    c.cycle_weight = 0.5
-    c.identity_weight = 0.3
+    c.spectral_weight = 1.0  # L1 of the generated tile against the real optical tile
+    c.sar_consistency_weight = 1.0  # edge and local-texture correlation of the generated tile with the S1 tile
+    c.cycle_weight = 0.5  # S1 tokens predicted back from the generated tile vs the input's
+    c.identity_weight = 0.3  # S2L2A tokens predicted from the real optical tile itself
     c.perceptual_weight = 0.1  # the TerraMind stage-3 project's lpips_weight, on DINO features
     c.perceptual_backbone = ""  # DINO backbone (transformers dir / hub id in the cache) for perceptual terms
     c.texture_window = 7  # local-std window of the SAR texture term
