@@ -10,6 +10,7 @@ calls and dicts they assign (`c.data = default_data_config()`, `cfg.update(CONFI
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -118,13 +119,19 @@ class _Resolver:
         return module, attr
 
 
+@functools.lru_cache(maxsize=None)
 def _module_tree(module: ModuleType) -> tuple[str, ast.Module]:
     source = inspect.getsource(module)
     return source, ast.parse(source)
 
 
 def _top_level(module: ModuleType, name: str) -> ast.AST | None:
-    for node in _module_tree(module)[1].body:
+    """The top-level def, class or assignment of `name` in `module` (None without one, or without source)."""
+    try:
+        body = _module_tree(module)[1].body
+    except (OSError, TypeError):
+        return None
+    for node in body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
             return node
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
@@ -204,14 +211,19 @@ def key_comments(module: ModuleType, node: ast.AST, prefix: str, out: dict[str, 
 
 
 def function_comments(fn, prefix: str = "") -> dict[str, str]:
+    """"prefix + key" -> comment for the keys that function `fn` sets ({} when its source cannot be read)."""
     fn = inspect.unwrap(fn)
     module = inspect.getmodule(fn)
-    _, tree = _module_tree(module)
+    try:
+        _, tree = _module_tree(module)
+    except (OSError, TypeError):
+        return {}
     first_line = lambda n: n.decorator_list[0].lineno if n.decorator_list else n.lineno  # noqa: E731
-    node = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == fn.__name__
-                and first_line(n) == fn.__code__.co_firstlineno)
+    node = next((n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == fn.__name__
+                 and first_line(n) == fn.__code__.co_firstlineno), None)
     out: dict[str, str] = {}
-    key_comments(module, node, prefix, out)
+    if node is not None:
+        key_comments(module, node, prefix, out)
     return out
 
 
