@@ -8,7 +8,7 @@ EMA with the momentum schedule, updated after each optimizer step (`after_update
   student(global crops with masks, local crops) -> DINO head on every [CLS], iBOT head on the masked patches;
   loss = w_dino (global-pair and local-pair terms weighted by their pair counts) + w_koleo * 2 * KoLeo
          + w_ibot * iBOT [+ w_gram * Gram].
-Differences from the official code (README): batch statistics (Sinkhorn, KoLeo neighbours, Gram) are over the
+Differences from the official code (docs/jump-ssl.md): batch statistics (Sinkhorn, KoLeo neighbours, Gram) are over the
 global batch of a step (or of a micro-batch with train.grad_accum > 1), not over one GPU's batch.
 Evaluation is a k-NN classifier on the teacher's [CLS] features (`ssl.knn`), plus attention maps of the teacher.
 """
@@ -93,7 +93,7 @@ def small_demo(c, epochs: int, batch_size: int) -> None:
     """The demos' CPU-sized run: a ViT of width 128, depth 4 (patch 8) from random init, 64 px global and 4 x 32
     px local crops, heads of 1,024 prototypes with BatchNorm and weight-normalised prototypes. From random init
     the official heads stay on DINO's initial plateau for the whole CPU budget (outputs nearly the same for
-    every image, targets uniform; README); these two official options give the targets structure at once."""
+    every image, targets uniform; docs/jump-ssl.md); these two official options give the targets structure at once."""
     c.data.image_size, c.data.num_workers = 64, 2
     c.model.pretrained, c.model.dtype, c.model.drop_path = "", "float32", 0.0
     c.model.overrides.update(dict(patch_size=8, hidden_size=128, depth=4, num_heads=4, mlp_hidden=384))
