@@ -27,7 +27,8 @@ from jaxvit import config as config_lib
 from jaxvit import tasks
 
 COMMAND = "python -m jaxvit.config_docs > docs/config-reference.md"
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PACKAGE = Path(__file__).resolve().parent
+CONFIG_DIRS = (PACKAGE.parent / "configs", PACKAGE / "configs")  # the config files, in the repository or packaged
 
 
 # ----------------------------------------------------------------------------------------- source comments
@@ -274,7 +275,7 @@ def _table(keys: dict[str, object], comments: dict[str, str]) -> list[str]:
 def _config_file_additions() -> list[tuple[str, dict[str, object], dict[str, str]]]:
     """(config file, keys it adds beyond base_config(its task) with their values, comments) for configs/*.py."""
     found = []
-    for path in sorted(CONFIG_DIR.glob("*.py")):
+    for path in sorted(p for d in CONFIG_DIRS for p in d.glob("*.py") if p.name != "__init__.py"):
         cfg = config_lib.load_config_file(str(path))
         base = flatten(config_lib.base_config(cfg.task))
         added = {k: v for k, v in flatten(cfg).items() if k not in base and not any(k.startswith(b + ".") for b in base)}
@@ -287,7 +288,7 @@ def _config_file_additions() -> list[tuple[str, dict[str, object], dict[str, str
                 comments = function_comments(module.get_config)
             finally:
                 del sys.modules[module.__name__]
-            found.append((f"configs/{path.name}", added, comments))
+            found.append((path.relative_to(PACKAGE.parent).as_posix(), added, comments))
     return found
 
 
