@@ -19,7 +19,7 @@ import sys
 import textwrap
 import tokenize
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import ml_collections as mlc
 
@@ -135,7 +135,8 @@ def _top_level(module: ModuleType, name: str) -> ast.AST | None:
     for node in body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name:
             return node
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (node.targets if isinstance(node, ast.Assign) else
+                   [node.target] if isinstance(node, ast.AnnAssign) else [])
         if any(isinstance(t, ast.Name) and t.id == name for t in targets):
             return node
     return None
@@ -163,8 +164,7 @@ def key_comments(module: ModuleType, node: ast.AST, prefix: str, out: dict[str, 
             entries = []
             for k, v in zip(value.keys, value.values):
                 if isinstance(k, ast.Constant) and isinstance(k.value, str):
-                    entry = ast.Module(body=[], type_ignores=[])
-                    entry.lineno, entry.end_lineno = k.lineno, v.end_lineno
+                    entry = SimpleNamespace(lineno=k.lineno, end_lineno=v.end_lineno)  # the "key": value lines
                     entries.append((k.value, entry, v))
             spans = [e for _, e, _ in entries]
             for key, entry, v in entries:
@@ -197,7 +197,9 @@ def key_comments(module: ModuleType, node: ast.AST, prefix: str, out: dict[str, 
             targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
             for target in targets:
                 elements = target.elts if isinstance(target, ast.Tuple) else [target]
-                values = stmt.value.elts if isinstance(stmt.value, ast.Tuple) and len(elements) > 1 else None
+                pairs = (isinstance(stmt.value, ast.Tuple) and len(elements) > 1
+                         and len(stmt.value.elts) == len(elements))
+                values = stmt.value.elts if pairs else None
                 for i, element in enumerate(elements):
                     path = _target_path(element)
                     if path is None:
@@ -278,7 +280,9 @@ def _config_file_additions() -> list[tuple[str, dict[str, object], dict[str, str
     for path in sorted(p for d in CONFIG_DIRS for p in d.glob("*.py") if p.name != "__init__.py"):
         cfg = config_lib.load_config_file(str(path))
         base = flatten(config_lib.base_config(cfg.task))
-        added = {k: v for k, v in flatten(cfg).items() if k not in base and not any(k.startswith(b + ".") for b in base)}
+        # keys the base config lacks; entries of a base key that is an empty section (model.overrides) are not new
+        added = {k: v for k, v in flatten(cfg).items()
+                 if k not in base and not any(k.startswith(b + ".") for b in base)}
         if added:
             spec = importlib.util.spec_from_file_location(f"_jaxvit_config_{path.stem}", path)
             module = importlib.util.module_from_spec(spec)
