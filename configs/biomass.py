@@ -1,15 +1,15 @@
-"""Pasture biomass (CSIRO Image2Biomass): five dry masses from a top-down photo, the seed
-biomass_experiment_priority_guide.md's defaults on DINOv3 ViT-B/16.
+"""Pasture biomass (CSIRO Image2Biomass): five dry masses from a top-down photo, the CSIRO
+biomass project's defaults (its experiment-priority guide) on DINOv3 ViT-B/16 (docs/biomass.md).
 
     python -m jaxvit.main --config=configs/biomass.py --workdir=runs/biomass \
         --config.data.data_dir=/data/csiro-biomass          # {train,val,test}.csv in the long format + images
 
-Defaults as the seed's "Baseline": two stages (heads at 2e-4 until the validation weighted R^2 has not improved for
+Defaults as the project's "Baseline": two stages (heads at 2e-4 until the validation weighted R^2 has not improved for
 10 evaluations or 30 epochs, then everything with the backbone at 1e-5 = lr x 0.05), SmoothL1 with the metric's
 target weights, Dead derived (Total - GDM), Clover trained, flips / quarter turns / colour jitter / CLAHE / motion
 blur, Depth Anything V2 Small depth features and depth attention, global batch 16.
-The seed expects CV weighted R^2 0.60-0.65 for this baseline. Variants: `:planthydra` (log1p + cosine +
-compositional loss), `:aux` (+ height and NDVI heads), `:best` (the seed's phase-6 combination, as far as jaxvit
+The project expects CV weighted R^2 0.60-0.65 for this baseline. Variants: `:planthydra` (log1p + cosine +
+compositional loss), `:aux` (+ height and NDVI heads), `:best` (the project's phase-6 combination, as far as jaxvit
 implements it), `:demo` (a synthetic pasture set rendered into runs/biomass_demo_data, a small ViT from scratch).
 """
 from jaxvit.config import apply_variant, base_config
@@ -30,7 +30,7 @@ def get_config(arg: str = ""):
     c.data.image_size = 448
     c.data.aug.hflip, c.data.aug.vflip, c.data.aug.rot90 = True, True, True
     c.data.aug.color_jitter = (0.2, 0.2, 0.2, 0.02)
-    c.biomass.clahe_prob, c.biomass.motion_blur_prob = 0.3, 0.2  # the seed's strong augmentation
+    c.biomass.clahe_prob, c.biomass.motion_blur_prob = 0.3, 0.2  # the project's strong augmentation
     c.biomass.depth_model = "depth-anything/Depth-Anything-V2-Small-hf"  # depth features + attention (seed: ON)
     c.eval.batch_size = 32
     return apply_variant(c, arg, "biomass.py", planthydra=planthydra, aux=aux, best=best, demo=demo)

@@ -1,4 +1,4 @@
-"""CIFAR-10 with DINOv2 ViT-B/14 at 224 px, the seed dinov2_cifar10_readme.md's two-phase recipe.
+"""CIFAR-10 with DINOv2 ViT-B/14 at 224 px, the DINOv2 CIFAR-10 project's two-phase recipe.
 
     python -m jaxvit.main --config=configs/cifar10_dinov2.py --workdir=runs/cifar10 \
         --config.data.tfds_data_dir=/path/to/tensorflow_datasets
@@ -8,13 +8,13 @@ Reads tfds's cifar10 with tfds.data_source (no TensorFlow at run time). Prepare 
 cifar-10-binary.tar.gz in a directory and pass --config.data.manual_dir=DIR (jaxvit builds it on the first run;
 tfds encodes the images with TensorFlow there). facebook/dinov2-base must be in the local HF cache (or pass
 --config.model.pretrained=/path). Validation and test are the two halves of CIFAR-10's test set (5,000 each), as
-the seed's error analysis (30 errors in 5,000) implies; the seed expects 96.5-97.0% val accuracy after phase 1 and
+the project's error analysis (30 errors in 5,000) implies; the project expects 96.5-97.0% val accuracy after phase 1 and
 99.3-99.6% after phase 2 (99.40% test).
 
     python -m jaxvit.main --config=configs/cifar10_dinov2.py:demo --workdir=runs/cifar10_demo
 
-runs the same recipe on real data shipped with scikit-learn (1,797 handwritten 8x8 digits, upscaled 2x as the seed
-upscales 32 -> 224) through the npz source, with a small ViT from random initialisation: see the README for time
+runs the same recipe on real data shipped with scikit-learn (1,797 handwritten 8x8 digits, upscaled 2x as the project
+upscales 32 -> 224) through the npz source, with a small ViT from random initialisation: see docs/cifar10.md for time
 and accuracy on a 2-core CPU.
 """
 from jaxvit.config import apply_variant, base_config
@@ -24,7 +24,7 @@ def get_config(arg: str = ""):
     c = base_config()
     c.model.arch = "dinov2_vitb14"
     c.model.pretrained = "facebook/dinov2-base"
-    c.model.dtype = "bfloat16"  # the seed trains in fp16 autocast
+    c.model.dtype = "bfloat16"  # the project trains in fp16 autocast
     # Linear(768,1024)-BN-ReLU-Drop(.5)-Linear(1024,512)-BN-ReLU-Drop(.5)-Linear(512,256)-BN-ReLU-Drop(.25)-Linear
     c.model.head_hidden = (1024, 512, 256)
     c.model.head_norm, c.model.head_act = "batch", "relu"
@@ -32,7 +32,7 @@ def get_config(arg: str = ""):
     c.model.head_hidden_dropout = (0.5, 0.5, 0.25)
 
     c.data.source = "tfds:cifar10"
-    c.data.image_size = 224  # 32 px upscaled, as the seed does
+    c.data.image_size = 224  # 32 px upscaled, as the project does
     c.data.crop_ratio = 1.0  # eval: the whole image resized, no centre crop
     c.data.num_workers = 8
     c.data.aug.crop_scale = (0.8, 1.0)

@@ -1,10 +1,11 @@
-"""DINOCell: cell instance segmentation by distance-map regression on a DINOv3 backbone (the JUMP seed's step 6).
+"""DINOCell: cell instance segmentation by distance-map regression on a DINOv3 backbone (step 6 of the DINOv3 JUMP
+pretraining project).
 
     python -m jaxvit.main --config=configs/dinocell.py --workdir=runs/dinocell \
         --config.data.data_dir=/data/livecell           # {train,val,test}/images/ + {train,val,test}/masks/
         [--config.model.pretrained=runs/jump_ssl/export/model]   # or a transformers dir / original .pth
 
-The seed's recipe (DINOCell's training/finetune/train.py and pipeline): the backbone exported by the JUMP
+The recipe (DINOCell's training/finetune/train.py and pipeline): the backbone exported by the JUMP
 continued pretraining (`configs/jump_ssl.py`, then `python -m jaxvit.export`: ViT-S at patch 8), blocks
 [2, 5, 8, 11] through the final norm into the U-Net decoder (widths 256, 128, 64, 32), sigmoid + MSE on the
 per-cell distance map, 256 px random crops with flips / quarter turns / zoom 0.8-1.2 / brightness 0.95-1.05 /
@@ -13,11 +14,11 @@ inversion 0.5, grayscale (channel average) with CLAHE, AdamW lr 1e-4, weight dec
 loss); evaluation on whole images with 256 px tiles overlapping by 32 px, markers at map > 0.47, watershed inside
 map > 0.09. Variants:
 
-    :frozen   the backbone frozen, only the decoder trained (the seed's per-channel heads on the JUMP backbone;
+    :frozen   the backbone frozen, only the decoder trained (the per-channel heads on the JUMP backbone;
               pick a channel with --config.cell_distance.channels=4, e.g. Hoechst of a 5-channel stack)
     :lora     LoRA r16 on the backbone's attention, decoder trained
     :demo     renders synthetic Cell Painting sites with touching cells into runs/dinocell_demo_data (no
-              download) and trains a small ViT from random init on the CPU (README: time and AP@0.5)
+              download) and trains a small ViT from random init on the CPU (docs/dinocell.md: time and AP@0.5)
 """
 from jaxvit.config import apply_variant, base_config
 

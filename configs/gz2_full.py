@@ -3,9 +3,9 @@
     python -m jaxvit.main --config=configs/gz2_full.py --workdir=runs/gz2_full \
         --config.data.data_dir=/path/to/dinov3-tng50-finetune
 
-The guide's layer-wise rates: blocks 0-11 frozen (the `:lr01` variant trains them at lr x 0.1 instead),
-blocks 12-23 and the final norm at lr x 0.5, the head at lr x 1.0; 50 epochs, global batch 16, lr 1e-5,
-weight decay 0.05, 10% warmup then cosine. The guide expects slightly higher accuracy than LoRA at a
+The Galaxy Zoo 2 DINOv3 project's layer-wise rates: blocks 0-11 frozen (the `:lr01` variant trains them at lr x 0.1
+instead), blocks 12-23 and the final norm at lr x 0.5, the head at lr x 1.0; 50 epochs, global batch 16, lr 1e-5,
+weight decay 0.05, 10% warmup then cosine. The project expects slightly higher accuracy than LoRA at a
 higher memory cost.
 """
 from jaxvit.config import apply_variant, base_config

@@ -1,10 +1,11 @@
-"""GZ2 five-class galaxy morphology: LoRA (r 16, alpha 32) on DINOv2-L/14, the guide's recommended recipe.
+"""GZ2 five-class galaxy morphology: LoRA (r 16, alpha 32) on DINOv2-L/14, the Galaxy Zoo 2 DINOv3 project's
+recommended recipe.
 
     python -m jaxvit.main --config=configs/gz2_lora.py --workdir=runs/gz2_lora \
         --config.data.data_dir=/path/to/dinov3-tng50-finetune
 
 Expects <data_dir>/gz2_5class_{train,val,test}/<class>/ and facebook/dinov2-large in the local HF cache (or
---config.model.pretrained=/path/to/checkpoint). The guide expects 85-90% test accuracy with ~1-2% of the
+--config.model.pretrained=/path/to/checkpoint). The project expects 85-90% test accuracy with ~1-2% of the
 parameters trainable.
 
     python -m jaxvit.main --config=configs/gz2_lora.py:demo --workdir=runs/demo      (= make demo)

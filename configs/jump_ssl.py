@@ -1,4 +1,5 @@
-"""Continued DINOv3 self-supervised pretraining on JUMP Cell Painting at patch size 8 (the JUMP seed's recipe).
+"""Continued DINOv3 self-supervised pretraining on JUMP Cell Painting at patch size 8 (the DINOv3 JUMP pretraining
+project's recipe).
 
     python -m jaxvit.main --config=configs/jump_ssl.py --workdir=runs/jump_ssl \
         --config.data.data_dir=/path/to/cpg0000-jump-pilot --config.data.load_data=load_data.csv \
@@ -6,10 +7,10 @@
 
 The student and teacher start from the released ViT-S/16 backbone with its patch embedding resized to 8 x 8
 (`jaxvit.models.resize`), fresh DINO and iBOT heads; the 5 fluorescent channels are averaged to one grey image
-replicated to RGB (`data.channel_mode="average"`, the seed's choice; "per_channel" makes each crop one channel).
+replicated to RGB (`data.channel_mode="average"`, the project's choice; "per_channel" makes each crop one channel).
 The load-data table's Metadata_Treatment labels (and Metadata_Split val rows) drive the k-NN monitor. Then
 `python -m jaxvit.export --workdir=runs/jump_ssl --output=E` writes E/model (transformers) and
-E/teacher_checkpoint.pth (the official format the seed copies for DINOCell).
+E/teacher_checkpoint.pth (the official format the project copies for DINOCell).
 
     python -m jaxvit.main --config=configs/jump_ssl.py:demo --workdir=runs/jump_ssl_demo
 
@@ -24,13 +25,13 @@ def get_config(arg: str = ""):
     c = base_config("ssl")
     c.model.arch = "dinov3_vits16"
     c.model.pretrained = "dinov3_vits16_pretrain_lvd1689m-08c60483.pth"
-    c.model.dtype = "bfloat16"  # the seed's param_dtype bf16 (fp16 gave NaNs)
+    c.model.dtype = "bfloat16"  # the project's param_dtype bf16 (fp16 gave NaNs)
     c.model.drop_path = 0.1
     s = c.ssl
     s.patch_size = 8
     s.epoch_length = 1250  # OFFICIAL_EPOCH_LENGTH
     s.crops.global_size, s.crops.local_size, s.crops.n_local = 224, 96, 8
-    s.crops.global_scale = (0.4, 1.0)  # the seed: a larger minimum for cells
+    s.crops.global_scale = (0.4, 1.0)  # the project's: a larger minimum for cells
     c.train.epochs = 80
     c.train.batch_size = 48  # batch_size_per_gpu 48 on one A100: here the global batch
     c.optim.lr = 5e-5  # 1/10 of the from-scratch lr, before the sqrt_wrt_1024 scaling rule (as the official cfg)

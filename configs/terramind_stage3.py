@@ -1,5 +1,5 @@
-"""TerraMind stage 3: SAR grounding with LoRA on the decoder's cross-attention (the seed
-terramind_stage3_config_guide.md, `stage3.lowvr.yaml`).
+"""TerraMind stage 3: SAR grounding with LoRA on the decoder's cross-attention (the TerraMind
+stage-3 project's `stage3.lowvr.yaml`; docs/terramind-stage3.md).
 
     python -m jaxvit.main --config=configs/terramind_stage3.py --workdir=runs/stage3 \
         --config.data.data_dir=tiles/ \
@@ -7,10 +7,10 @@ terramind_stage3_config_guide.md, `stage3.lowvr.yaml`).
         --config.sar_grounding.tokenizer=TerraMind_Tokenizer_S2L2A.pt \
         --config.sar_grounding.s1_tokenizer=TerraMind_Tokenizer_S1GRD.pt \
         --config.sar_grounding.perceptual_backbone=facebook/dinov2-small
-    # the seed's overrides: --config.optim.lr=5e-5  --config.lora.rank=16  --config.train.steps=20000
+    # the project's overrides: --config.optim.lr=5e-5  --config.lora.rank=16  --config.train.steps=20000
 
 `tiles/pairs.csv` lists S1 / S2L2A GeoTIFF (or .npy) pairs (`jaxvit.tasks.sar_grounding.pairs`). Step-based: 30k steps of a
-global batch 8 (the seed's batch 1 x grad-accum 8: here batch_size=8, grad_accum=8 micro-batches of 1), AdamW 1e-4
+global batch 8 (the project's batch 1 x grad-accum 8: here batch_size=8, grad_accum=8 micro-batches of 1), AdamW 1e-4
 with weight decay 1e-5, 500 warmup steps then cosine to 1e-6, clip 1.0, rank-8 / alpha-16 LoRA on
 `decoder/*/cross_attn/{q,kv,proj}` only, frozen weights stored in bf16. Evaluated every 500 steps (SAR agreement,
 change from the base model); patience can stop it, never before `train.min_steps` (15k).
@@ -28,7 +28,7 @@ def get_config(arg: str = ""):
     c.data.image_size = 224
     c.data.num_workers = 2
     c.model.arch, c.model.pretrained = "dinov3_vits16", ""  # unused (the model is TerraMind): patch 16 as its
-    c.model.dtype = "bfloat16"  # the seed's mixed_precision (fp16 AMP); bf16 needs no loss scaling
+    c.model.dtype = "bfloat16"  # the project's mixed_precision (fp16 AMP); bf16 needs no loss scaling
     c.model.frozen_dtype = "bfloat16"
     c.lora.enabled, c.lora.rank, c.lora.alpha, c.lora.dropout = True, 8, 16.0, 0.0
     c.lora.targets = (r"decoder/.*/cross_attn/(q|kv|proj)",)  # freeze_base_model: everything else frozen
@@ -47,7 +47,7 @@ def get_config(arg: str = ""):
 
 
 def overfit(c):
-    """The seed's overfit_single_batch: one batch of 8 training tiles, no augmentation, the token term alone (the
+    """The project's overfit_single_batch: one batch of 8 training tiles, no augmentation, the token term alone (the
     pixel terms have floors above 0: a generated tile never correlates perfectly with SAR): the loss must go to ~0."""
     c.data.train_limit = 8
     c.data.aug.hflip = c.data.aug.vflip = c.data.aug.rot90 = False
@@ -59,7 +59,7 @@ def overfit(c):
 
 
 def debug_nans(c):
-    """The seed's detect_anomaly: stop at the first non-finite value and name where it came from (slow)."""
+    """The project's detect_anomaly: stop at the first non-finite value and name where it came from (slow)."""
     c.train.debug_nans = True
 
 

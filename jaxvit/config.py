@@ -18,7 +18,7 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     """Every key with its default; the task's own section (config.<task>) is added when it has one."""
     c = mlc.ConfigDict()
     c.task = task  # a key of jaxvit.tasks.TASKS
-    c.seed = 0
+    c.seed = 0  # every random stream (init, data order, augmentation, dropout) derives from it
 
     c.model = mlc.ConfigDict()
     c.model.arch = "dinov2_vits14"  # preset name (jaxvit.models.PRESETS)
@@ -27,23 +27,23 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.remat = "none"  # none | full | dots
     c.model.frozen_dtype = "float32"  # storage of frozen weights (e.g. the LoRA base): float32 | bfloat16
-    c.model.drop_path = 0.0
+    c.model.drop_path = 0.0  # stochastic depth, rising linearly over the blocks to this rate
     c.model.pool = "cls"  # cls | cls_mean
-    c.model.head_hidden = ()
-    c.model.head_dropout = 0.0  # the guide's --dropout: on the head input (and after hidden layers by default)
+    c.model.head_hidden = ()  # hidden widths of an MLP head; () = one Linear
+    c.model.head_dropout = 0.0  # the GZ2 DINOv3 project's --dropout: on the head input (and after hidden layers by default)
     c.model.head_hidden_dropout = ()  # dropout after each hidden layer; () = head_dropout
     c.model.head_norm = "none"  # none | batch: BatchNorm after each hidden Dense (the CIFAR-10 recipe's head)
     c.model.head_act = "gelu"  # gelu | relu
 
     c.lora = mlc.ConfigDict()
-    c.lora.enabled = False
+    c.lora.enabled = False  # train LoRA adapters (and the head); the backbone stays frozen
     c.lora.rank = 16
-    c.lora.alpha = 32.0
-    c.lora.dropout = 0.1
+    c.lora.alpha = 32.0  # the adapters are scaled by alpha / rank
+    c.lora.dropout = 0.1  # dropout on the adapter input
     c.lora.targets = ("query", "key", "value", "dense")  # regexes over module paths (jaxvit.lora.matches)
 
     c.train = mlc.ConfigDict()
-    c.train.epochs = 10
+    c.train.epochs = 10  # length of an epoch-based run
     c.train.steps = 0  # > 0: a step-based run of this many steps (epochs is then ignored)
     c.train.batch_size = 32  # global batch over all devices and hosts
     c.train.grad_accum = 1  # micro-batches per step (same maths, less memory)
@@ -56,23 +56,23 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     c.train.freeze_backbone = False  # shorthand for one phase training the head alone (a linear-probe-like run)
     c.train.stage1_epochs = 0  # shorthand for phases head -> all: the head alone for this many epochs first
     c.train.stage1_patience = 0  # ... or until the best metric has not improved for this many evaluations
-    c.train.label_smoothing = 0.0
+    c.train.label_smoothing = 0.0  # classification targets: (1 - s) one-hot + s / classes
     c.train.mixup_alpha = 0.0  # MixUp Beta(alpha, alpha); 0 = off
     c.train.cutmix_alpha = 0.0  # CutMix Beta(alpha, alpha); 0 = off (with both on, one is picked per batch)
     c.train.ema_decay = 0.0  # EMA of trainable params, used for evaluation when > 0
     c.train.skip_nonfinite = False  # True: skip a step with a non-finite loss/grad; False: stop the run
     c.train.debug_nans = False  # stop at the first non-finite value, naming the operation and parameters (slow)
     c.train.min_steps = 0  # patience never ends the last phase before this step
-    c.train.log_every_steps = 20
+    c.train.log_every_steps = 20  # console / TensorBoard period (the only host sync of the metrics)
 
     c.optim = mlc.ConfigDict()
     c.optim.lr = 1e-4  # base learning rate (the head's)
-    c.optim.weight_decay = 0.05
-    c.optim.b1 = 0.9
+    c.optim.weight_decay = 0.05  # AdamW, on matrices only (not biases, norms, tokens, LayerScale)
+    c.optim.b1 = 0.9  # AdamW betas and epsilon
     c.optim.b2 = 0.999
     c.optim.eps = 1e-8
     c.optim.schedule = "cosine"  # cosine | onecycle | constant
-    c.optim.warmup_ratio = 0.1
+    c.optim.warmup_ratio = 0.1  # linear warmup over this fraction of the steps
     c.optim.warmup_steps = 0  # overrides warmup_ratio when > 0
     c.optim.lr_min_ratio = 0.0  # cosine floor, as a fraction of lr
     c.optim.grad_clip = 1.0  # global-norm clip; 0 = off
@@ -84,7 +84,7 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
 
     c.data = default_data_config()
     c.data.classes = ()  # class names in label order; () = sorted directory names
-    c.data.demo = ""  # write a demo set into data_dir first: gz2 | digits | pasture | cells (jaxvit.demos)
+    c.data.demo = ""  # write a demo set into data_dir first: gz2 | digits | pasture | cells | sar (jaxvit.demos)
 
     c.eval = mlc.ConfigDict()
     c.eval.batch_size = 64
@@ -99,7 +99,7 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
 
     c.cv = mlc.ConfigDict()  # cross-validation (jaxvit.cv; tasks with supports_cv, e.g. biomass)
     c.cv.folds = ()  # train these folds of the train split, each into WORKDIR/fold_<k>, then cv_results.json; () = off
-    c.cv.n_folds = 5
+    c.cv.n_folds = 5  # folds the train split is cut into
     c.cv.fold_csv = ""  # folds from a CSV (fold + image_path / image_id / sample_id); "" = the task's grouping
     c.cv.fold = -1  # the fold this run holds out for validation (set by the driver); -1 = eval.val_split
 

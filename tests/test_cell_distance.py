@@ -205,6 +205,18 @@ def test_augmentation_keeps_image_and_target_aligned(tmp_path):
     np.testing.assert_array_equal(again, t(src[0], np.random.default_rng(3))["image"])  # deterministic in the rng
 
 
+
+def test_clahe_equalises_each_channel_of_the_stretched_stack(tmp_path):
+    from jaxvit.data.photo_aug import clahe_channel
+    from jaxvit.tasks.cell_distance.data import scale_percentiles
+    labels = random_cells(np.random.default_rng(1), (40, 30), 5)
+    image = np.random.default_rng(2).integers(0, 4000, (3, 40, 30)).astype(np.uint16)
+    write_pair(tmp_path / "val", "a", labels, image, photometric="minisblack", metadata={"axes": "CYX"})
+    out = transform(channel_mode="first3", clahe=True)(PairedSource(tmp_path, "val")[0])["image"][:40, :30]
+    u8 = np.rint(scale_percentiles(image.transpose(1, 2, 0)) * 255).astype(np.uint8)
+    for c in range(3):
+        np.testing.assert_allclose(out[:, :, c], clahe_channel(u8[:, :, c]) / 255, atol=1e-6)
+
 def test_eval_transform_pads_to_the_canvas(tmp_path):
     labels = random_cells(np.random.default_rng(1), (40, 30), 5)
     image = np.random.default_rng(2).integers(0, 4000, (3, 40, 30)).astype(np.uint16)  # a CYX stack

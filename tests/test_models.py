@@ -190,7 +190,7 @@ def test_bf16_close_to_fp32(hf_checkpoint):
     x = images(*sizes(name)[1])
     ref = flax_forward(module, params, x)
     out = flax_forward(module16, params, x).astype(np.float32)
-    assert rel_err(out, ref) <= 5e-2  # bf16 has 8 mantissa bits; documented in the README
+    assert rel_err(out, ref) <= 5e-2  # bf16 has 8 mantissa bits; documented in docs/backbones.md
 
 
 def test_outputs_mask_and_intermediates(hf_checkpoint):

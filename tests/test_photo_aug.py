@@ -1,4 +1,4 @@
-"""The biomass seed's strong augmentation (jaxvit.data.photo_aug) on small known images."""
+"""The CSIRO biomass project's strong augmentation (jaxvit.data.photo_aug) on small known images."""
 from __future__ import annotations
 
 import numpy as np
@@ -23,6 +23,20 @@ def test_clahe_without_clipping_is_histogram_equalisation_and_full_clipping_keep
     low = _gray(100 + rng.integers(0, 20, (48, 48)))
     assert photo_aug.clahe(low, clip_limit=2.0, tiles=4).std() > 2 * low.std()  # low contrast is raised (limited)
 
+
+
+@pytest.mark.parametrize("clip_limit", [2.0, 3.0])
+def test_clahe_matches_opencv(clip_limit):
+    """OpenCV is no dependency of jaxvit: this runs where opencv-python-headless is installed (docs/clahe.md)."""
+    cv2 = pytest.importorskip("cv2")
+    from skimage import data
+    rng = np.random.default_rng(0)
+    images = [data.camera(), data.coins(), data.cell(), data.page(),  # coins, page: sides the grid does not divide
+              rng.integers(90, 140, (61, 97)).astype(np.uint8)]
+    for y in images:
+        ours = photo_aug.clahe_channel(y, clip_limit, 8).astype(int)
+        ref = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(8, 8)).apply(y).astype(int)
+        assert np.abs(ours - ref).max() <= 1 and (ours != ref).mean() < 0.01, y.shape
 
 def test_motion_blur_spreads_a_point_along_its_angle():
     image = np.zeros((15, 15, 3), np.uint8)

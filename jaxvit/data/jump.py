@@ -44,8 +44,8 @@ _PLATE_PIXELS = 2**18  # at most about this many pixels per site and channel ent
 CONFIG_DEFAULTS: dict[str, Any] = {
     "load_data": "load_data.csv",  # the table, relative to data.data_dir (or absolute)
     "channels": DEFAULT_CHANNELS,  # channel names X of the FileName_X / PathName_X columns, in stack order
-    "label_column": "Metadata_Treatment",
-    "split_column": "Metadata_Split",
+    "label_column": "Metadata_Treatment",  # the column of the labels (k-NN monitoring)
+    "split_column": "Metadata_Split",  # the column of train / val / test; absent: every split is the whole table
     "intensity": "image",  # image: percentiles per site and channel | plate: per plate and channel
     "channel_mode": "average",  # average | per_channel | first3 (see to_rgb)
 }

@@ -1,8 +1,9 @@
-"""Photometric and geometric augmentations of field photos (the biomass seed's strong augmentation), on uint8 RGB
+"""Photometric and geometric augmentations of field photos (the CSIRO biomass project's strong augmentation), on uint8 RGB
 arrays (H, W, 3), all randomness from a `np.random.Generator`.
 
   clahe              contrast-limited adaptive histogram equalisation of the luminance (tiles x tiles regions,
-                     histograms clipped at clip_limit x their mean bin, mappings interpolated bilinearly)
+                     histograms clipped at clip_limit x their mean bin, mappings interpolated bilinearly), as
+                     OpenCV's createCLAHE computes it (clahe_channel: one uint8 channel)
   motion_blur        the mean of `length` copies shifted along a line at `angle` (a straight camera shake)
   perspective_jitter each corner moved by up to `strength` x the side, the image warped to the new quadrilateral
                      (the annotation frame drawn slightly off)
@@ -16,39 +17,53 @@ import numpy as np
 from PIL import Image
 
 
-def _equalise_maps(y: np.ndarray, tiles: int, clip_limit: float) -> np.ndarray:
-    """Per-tile mappings [tiles, tiles, 256] of a uint8 channel: clipped histogram -> scaled CDF."""
+def _tile_maps(y: np.ndarray, tiles: int, clip_limit: float) -> tuple[np.ndarray, int, int]:
+    """Per-tile mappings [tiles, tiles, 256] of a uint8 channel and the tile height and width, as OpenCV's
+    createCLAHE forms them: a side that the grid does not divide grows by tiles - side % tiles (both sides then,
+    reflected without repeating the edge); each histogram is clipped at max(clip_limit x tile area / 256, 1),
+    the excess spread evenly over the bins (the remainder one count per bin at a regular step), and its
+    cumulative sum scaled to 0..255 and rounded."""
     h, w = y.shape
-    ys, xs = np.linspace(0, h, tiles + 1).astype(int), np.linspace(0, w, tiles + 1).astype(int)
+    if h % tiles or w % tiles:
+        y = np.pad(y, ((0, tiles - h % tiles), (0, tiles - w % tiles)), mode="reflect")
+    th, tw = y.shape[0] // tiles, y.shape[1] // tiles
+    area = th * tw
+    limit = max(int(clip_limit * area / 256), 1)
     maps = np.zeros((tiles, tiles, 256), np.float32)
     for i in range(tiles):
         for j in range(tiles):
-            tile = y[ys[i]:ys[i + 1], xs[j]:xs[j + 1]]
-            hist = np.bincount(tile.ravel(), minlength=256).astype(np.float64)
-            limit = max(clip_limit * tile.size / 256, 1.0)
-            excess = np.maximum(hist - limit, 0).sum()
-            hist = np.minimum(hist, limit) + excess / 256  # clipped counts spread over every bin
-            maps[i, j] = np.cumsum(hist) / max(tile.size, 1) * 255
-    return maps
+            hist = np.bincount(y[i * th:(i + 1) * th, j * tw:(j + 1) * tw].ravel(), minlength=256)
+            excess = int(np.maximum(hist - limit, 0).sum())
+            hist = np.minimum(hist, limit) + excess // 256
+            residual = excess % 256
+            if residual:
+                hist[::max(256 // residual, 1)][:residual] += 1
+            maps[i, j] = np.rint(np.cumsum(hist) * (255 / area))
+    return maps, th, tw
+
+
+def clahe_channel(y: np.ndarray, clip_limit: float = 2.0, tiles: int = 8) -> np.ndarray:
+    """CLAHE of one uint8 channel [H, W]: cv2.createCLAHE(clip_limit, (tiles, tiles)).apply(y) to within one
+    grey level (docs/clahe.md)."""
+    h, w = y.shape
+    tiles = max(1, min(tiles, h, w))
+    maps, th, tw = _tile_maps(y, tiles, clip_limit)
+    # Each pixel mixes the mappings of the four nearest tile centres (OpenCV's coordinates: x / tile - 0.5).
+    fy, fx = np.arange(h) / th - 0.5, np.arange(w) / tw - 0.5
+    y0, x0 = np.floor(fy).astype(int), np.floor(fx).astype(int)
+    wy, wx = (fy - y0)[:, None], (fx - x0)[None, :]
+    y1, x1 = np.clip(y0 + 1, 0, tiles - 1), np.clip(x0 + 1, 0, tiles - 1)
+    y0, x0 = np.clip(y0, 0, tiles - 1), np.clip(x0, 0, tiles - 1)
+    v = y.astype(np.int64)
+    at = lambda ty, tx: maps[ty[:, None], tx[None, :], v]  # noqa: E731
+    out = (1 - wy) * ((1 - wx) * at(y0, x0) + wx * at(y0, x1)) + wy * ((1 - wx) * at(y1, x0) + wx * at(y1, x1))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def clahe(image: np.ndarray, clip_limit: float = 2.0, tiles: int = 8) -> np.ndarray:
-    """CLAHE on the Y of YCbCr; colour (Cb, Cr) kept."""
+    """CLAHE (clahe_channel) on the Y of YCbCr of a uint8 RGB image; colour (Cb, Cr) kept."""
     ycc = np.asarray(Image.fromarray(image).convert("YCbCr")).copy()
-    y = ycc[..., 0]
-    h, w = y.shape
-    tiles = max(1, min(tiles, h, w))
-    maps = _equalise_maps(y, tiles, clip_limit)
-    # Each pixel mixes the mappings of the four nearest tile centres.
-    fy = np.clip((np.arange(h) + 0.5) / h * tiles - 0.5, 0, tiles - 1)
-    fx = np.clip((np.arange(w) + 0.5) / w * tiles - 0.5, 0, tiles - 1)
-    y0, x0 = np.floor(fy).astype(int), np.floor(fx).astype(int)
-    y1, x1 = np.minimum(y0 + 1, tiles - 1), np.minimum(x0 + 1, tiles - 1)
-    wy, wx = (fy - y0)[:, None], (fx - x0)[None, :]
-    v = y.astype(np.int64)
-    at = lambda ty, tx: maps[ty[:, None], tx[None, :], v]
-    out = ((1 - wy) * ((1 - wx) * at(y0, x0) + wx * at(y0, x1)) + wy * ((1 - wx) * at(y1, x0) + wx * at(y1, x1)))
-    ycc[..., 0] = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    ycc[..., 0] = clahe_channel(ycc[..., 0], clip_limit, tiles)
     return np.asarray(Image.fromarray(ycc, "YCbCr").convert("RGB"))
 
 

@@ -50,34 +50,34 @@ _MAX_REPLACEMENT_TRIES = 16
 
 def default_data_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
-    cfg.data_dir = ""
+    cfg.data_dir = ""  # data root; its layout depends on data.source and the task (docs/training.md)
     cfg.source = "folder"  # folder | csv | npz | tfds:NAME (jaxvit.data.labelled) | jump (ssl: jaxvit.data.jump)
     cfg.tfds_data_dir = ""  # where tfds datasets are prepared ("" = ~/tensorflow_datasets)
     cfg.manual_dir = ""  # a tfds dataset's downloaded archive(s): jaxvit builds the dataset from them once
     cfg.train_split = "train"  # the split trained on (tfds slices work: "train[:90%]")
-    cfg.image_size = 224
+    cfg.image_size = 224  # side of the square model input (train crops, eval resize + centre crop)
     cfg.crop_ratio = 0.875  # eval: resize shorter side to image_size / crop_ratio, centre crop
-    cfg.mean = (0.485, 0.456, 0.406)
+    cfg.mean = (0.485, 0.456, 0.406)  # normalisation per channel (ImageNet)
     cfg.std = (0.229, 0.224, 0.225)
     cfg.num_workers = 2  # grain worker processes; 0 = in-process (threads)
     cfg.prefetch = 2  # batches prepared ahead (per worker)
-    cfg.class_balanced = False
+    cfg.class_balanced = False  # sample training examples inversely to their class frequency
     cfg.train_limit = 0  # > 0: train on the first N examples of the train split only (overfit checks)
-    cfg.skip_bad_images = True
+    cfg.skip_bad_images = True  # an unreadable training image is logged and replaced; False: fatal
     cfg.preflight = "auto"  # full (decode every file) | sample (headers + a decoded sample) | auto | off
     cfg.preflight_sample = 1000  # files decoded by the sample check
     from jaxvit.data.jump import CONFIG_DEFAULTS  # data.source="jump": load_data, channels, label_column, ...
     cfg.update(CONFIG_DEFAULTS)
     cfg.aug = ml_collections.ConfigDict()
-    cfg.aug.crop_scale = (0.8, 1.0)
-    cfg.aug.crop_ratio = (3 / 4, 4 / 3)
-    cfg.aug.hflip = True
+    cfg.aug.crop_scale = (0.8, 1.0)  # random resized crop: area fraction range
+    cfg.aug.crop_ratio = (3 / 4, 4 / 3)  # random resized crop: aspect ratio range
+    cfg.aug.hflip = True  # random horizontal / vertical flips, quarter turns
     cfg.aug.vflip = True
     cfg.aug.rot90 = True
     cfg.aug.rotate_degrees = 180.0  # 0 disables
     cfg.aug.color_jitter = (0.2, 0.2, 0.1, 0.0)  # brightness, contrast, saturation, hue
-    cfg.aug.color_jitter_prob = 0.8
-    cfg.aug.erasing_prob = 0.0
+    cfg.aug.color_jitter_prob = 0.8  # probability of applying color_jitter
+    cfg.aug.erasing_prob = 0.0  # random erasing probability; erasing_area: its area fraction range
     cfg.aug.erasing_area = (0.02, 0.33)
     return cfg
 

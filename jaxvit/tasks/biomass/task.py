@@ -56,8 +56,8 @@ class Biomass(Task):
     @staticmethod
     def default_config() -> ml_collections.ConfigDict:
         c = ml_collections.ConfigDict()
-        c.loss = "smooth_l1"  # smooth_l1 (the seed's default) | planthydra (--use-planthydra-loss)
-        c.train_dead = False  # False: Dead = Total - GDM (the seed's default)
+        c.loss = "smooth_l1"  # smooth_l1 (the CSIRO biomass project's default) | planthydra (--use-planthydra-loss)
+        c.train_dead = False  # False: Dead = Total - GDM (the CSIRO biomass project's default)
         c.train_clover = True  # False: Clover = GDM - Green
         c.huber_dead_delta = 0.0  # > 0: Huber loss (this delta, grams) on Dead (--use-huber --huber-delta)
         c.cosine_weight = 0.4  # planthydra: weight of 1 - cos(pred, true)
@@ -75,10 +75,10 @@ class Biomass(Task):
         c.depth_model = ""  # Depth Anything V2 (transformers dir or hub id in the local cache); "" = no depth
         c.depth_features = True  # depth_model: the depth map's mean, std, quantiles as features (--use-depth)
         c.depth_attention = True  # depth_model: patch tokens pooled with depth weights (--depth-attention)
-        c.halves = False  # left and right halves as two views; masses = the halves' sum (the seed's L/R views)
+        c.halves = False  # left and right halves as two views; masses = the halves' sum (the CSIRO biomass project's L/R views)
         c.cross_view_weight = 0.0  # halves: weight of the halves' disagreement (--use-cross-view-consistency)
         c.pad_to_square = False  # pad the photo to a square before resizing (--use-pad-to-square)
-        c.clahe_prob = 0.0  # train: probability of CLAHE on the luminance (the seed's --strong-aug)
+        c.clahe_prob = 0.0  # train: probability of CLAHE on the luminance (the CSIRO biomass project's --strong-aug)
         c.motion_blur_prob = 0.0  # train: probability of a motion blur of 3-7 px at a random angle (--strong-aug)
         c.perspective_jitter = 0.0  # train: corners moved by up to this fraction (--use-perspective-jitter)
         c.border_mask = 0.0  # train: black bands up to this fraction of each edge (--use-border-mask)

@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxvit.data.decode import load_array, normalize_channels
 from jaxvit.data.geometry import Geometry, apply_geometry
-from jaxvit.data.photo_aug import clahe
+from jaxvit.data.photo_aug import clahe_channel
 from jaxvit.data.sources import ImageLoadError, find_split_dir, list_images
 from jaxvit.errors import ConfigError, DataError, MissingDataError
 from jaxvit.tasks.cell_distance.targets import distance_map
@@ -196,7 +196,7 @@ class CellExample:
                                      "(cell_distance.channel_mode='all'); pick channels with cell_distance.channels")
         if self.clahe:
             u8 = np.rint(x * 255).astype(np.uint8)
-            x = np.stack([clahe(np.repeat(u8[:, :, c:c + 1], 3, axis=2))[:, :, 0] for c in range(x.shape[2])], -1)
+            x = np.stack([clahe_channel(u8[:, :, c]) for c in range(x.shape[2])], -1)
             x = x.astype(np.float32) / 255
         if x.shape[2] == 1 and self.in_channels > 1:
             x = np.repeat(x, self.in_channels, axis=2)

@@ -1,11 +1,11 @@
 """TerraMind stage 3: grounding optical (S2L2A) generation in SAR (S1) with adapters on a frozen TerraMind.
 
-Two gradient paths reach the adapters (the seed's generate-then-score path has none: sampling tokens is not
+Two gradient paths reach the adapters (the TerraMind stage-3 project's generate-then-score path has none: sampling tokens is not
 differentiable):
 - tokens: TerraMind reads the S1 tile and predicts the S2L2A token of every position; cross-entropy against the
   tokens the frozen S2L2A tokenizer gives the paired optical tile (4M's objective, `token_weight`);
 - pixels: the predicted distribution's expected FSQ codes go through the tokenizer's diffusion decoder
-  (`timesteps` DDIM steps from a fixed noise, remat per step) to an optical tile, scored by the seed's terms:
+  (`timesteps` DDIM steps from a fixed noise, remat per step) to an optical tile, scored by the stage-3 project's terms:
   spectral L1 against the real tile, SAR consistency (edge and local-texture correlation with the S1 tile),
   cycle (TerraMind predicts the S1 tokens back from the generated tile), identity (the S2L2A tokens predicted
   from the real optical tile itself) and a perceptual distance on frozen DINO features (LPIPS needs
@@ -74,14 +74,14 @@ class SarGrounding(Task):
         c.s1_tokenizer = ""  # input tokenizer (for the cycle term); "" = random when cycle_weight > 0
         c.tokenizer_overrides = ml_collections.ConfigDict()  # TokenizerConfig fields of random tokenizers
         c.input, c.target = "S1GRD", "S2L2A"
-        c.timesteps = 10  # DDIM denoising steps of the differentiable decode (the seed's "diffusion timesteps")
+        c.timesteps = 10  # DDIM denoising steps of the differentiable decode (the stage-3 project's "diffusion timesteps")
         c.remat_decode = True  # recompute each denoising step in the backward pass
         c.token_weight = 1.0  # masked-token cross-entropy of the target tokens (4M)
         c.spectral_weight = 1.0
         c.sar_consistency_weight = 1.0
         c.cycle_weight = 0.5
         c.identity_weight = 0.3
-        c.perceptual_weight = 0.1  # the seed's lpips_weight, on DINO features
+        c.perceptual_weight = 0.1  # the stage-3 project's lpips_weight, on DINO features
         c.perceptual_backbone = ""  # DINO backbone (transformers dir / hub id in the cache) for perceptual terms
         c.texture_window = 7  # local-std window of the SAR texture term
         c.preview_tiles = 8  # generated tiles written as PNG (RGB composite) + .npy by each evaluation with out_dir
@@ -167,7 +167,7 @@ class SarGrounding(Task):
             adapters = lora.init_adapters(tm_params, self.cfg.lora.targets, self.cfg.lora.rank, rng)
             if not adapters:
                 raise ConfigError(f"lora.targets={tuple(self.cfg.lora.targets)} match no TerraMind layer; the "
-                                  "seed's: ('decoder/.*/cross_attn/(q|kv|proj)',)")
+                                  "stage-3 project's: ('decoder/.*/cross_attn/(q|kv|proj)',)")
             variables["lora"] = {"terramind": adapters}
             log.info("LoRA rank %d on %d TerraMind layers: %s trainable parameters", self.cfg.lora.rank,
                      len(jax.tree_util.tree_leaves(adapters)) // 2, f"{lora.count(adapters):,}")

@@ -8,7 +8,7 @@ EMA with the momentum schedule, updated after each optimizer step (`after_update
   student(global crops with masks, local crops) -> DINO head on every [CLS], iBOT head on the masked patches;
   loss = w_dino (global-pair and local-pair terms weighted by their pair counts) + w_koleo * 2 * KoLeo
          + w_ibot * iBOT [+ w_gram * Gram].
-Differences from the official code (README): batch statistics (Sinkhorn, KoLeo neighbours, Gram) are over the
+Differences from the official code (docs/jump-ssl.md): batch statistics (Sinkhorn, KoLeo neighbours, Gram) are over the
 global batch of a step (or of a micro-batch with train.grad_accum > 1), not over one GPU's batch.
 Evaluation is a k-NN classifier on the teacher's [CLS] features (`ssl.knn`), plus attention maps of the teacher.
 """
