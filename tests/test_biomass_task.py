@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config
+from helpers.tiny import ROOT, tiny_config
 
 from jaxvit import biomass, inference, run_io
 from jaxvit.train import Trainer
@@ -143,7 +143,7 @@ def test_depth_features_are_the_documented_statistics_and_pooling():
 @pytest.mark.slow
 def test_biomass_with_depth_features_trains_the_attention_and_leaves_depth_anything_frozen(pasture_dir, tmp_path):
     from flax import traverse_util
-    from test_depth_anything import depth_anything
+    from helpers.torch_models import depth_anything
 
     from jaxvit.models import load_pretrained
     depth_anything().save_pretrained(tmp_path / "da")

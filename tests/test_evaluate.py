@@ -20,7 +20,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from transformers import Dinov2Model
 
-from conftest import ROOT, tiny_hf_dinov2
+from helpers.tiny import ROOT
+from helpers.torch_models import tiny_hf_dinov2
 from jaxvit import checkpoint, evaluate, inference, optim, predict, probe, robustness, run_io
 from jaxvit.data.demo_sets import write_digits
 from jaxvit.data.pipeline import default_data_config

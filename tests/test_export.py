@@ -14,7 +14,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 from transformers import AutoModel, DINOv3ViTConfig, DINOv3ViTModel
 
-from conftest import LORA_RUN, tiny_config
+from helpers.tiny import LORA_RUN, tiny_config
 from jaxvit import checkpoint, export, run_io
 from jaxvit.predict import Predictor
 from jaxvit.train import Trainer

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config
+from helpers.tiny import ROOT, tiny_config
 
 from jaxvit.data import demo_sets, labelled
 from jaxvit.data.sources import list_images

@@ -14,7 +14,8 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from conftest import ROOT, TINY_VIT, run_killed_and_resumed, tiny_config
+from helpers.processes import run_killed_and_resumed
+from helpers.tiny import ROOT, TINY_VIT, tiny_config
 from jaxvit import checkpoint, lora, optim, run_io, sharding, tasks
 from jaxvit.config import base_config, problems
 from jaxvit.models import get_config, load_pretrained
