@@ -134,6 +134,7 @@ def test_softmax_centering_updates_the_centres(gz2_dir):
     assert all(not np.array_equal(v, before[k]) for k, v in flat(state["mutable"]["centers"]).items())
 
 
+@pytest.mark.integration
 def test_a_short_run_trains_evaluates_and_draws_attention(gz2_dir, tmp_path):
     c = tiny_ssl_config(gz2_dir, epochs=3)
     c.eval.at_start = True
@@ -180,6 +181,7 @@ def test_a_batch_without_masked_crops_has_zero_ibot_loss(gz2_dir):
     assert float(metrics["ibot"]) == 0.0 and np.isfinite(float(metrics["loss"])) and int(metrics["nonfinite"]) == 0
 
 
+@pytest.mark.integration
 def test_export_of_the_teacher_reloads_in_pytorch(gz2_dir, tmp_path):
     """A short run's teacher: transformers directory and official teacher_checkpoint.pth, both equal to the Flax
     teacher; the checkpoint's DINO head loads into the official DINOHead and gives the same prototype scores."""
@@ -200,6 +202,7 @@ def test_export_of_the_teacher_reloads_in_pytorch(gz2_dir, tmp_path):
     np.testing.assert_allclose(head(torch.from_numpy(x)).detach().numpy(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_continued_pretraining_starts_from_the_checkpoint_with_a_resized_patch_embedding(gz2_dir, tmp_path, caplog):
     """Student and teacher start from a transformers checkpoint (patch 8) resized to patch 4; heads are fresh."""
     import logging
