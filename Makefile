@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-unit test-slow bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m jaxvit.main --config=configs/gz2_lora.py:demo --workdir=runs/demo
 
-test: $(STAMP)
+test: $(STAMP)  # unit + integration
 	$(PY) -m pytest tests -m "not slow"
+
+test-unit: $(STAMP)  # the edit loop
+	$(PY) -m pytest tests -m unit
 
 test-slow: $(STAMP)
 	$(PY) -m pytest tests -m slow

@@ -1,44 +1,67 @@
-"""Shared fixtures: a tiny synthetic GZ2 set, a tiny config, one finished LoRA run on a transformers
-checkpoint (reused by the evaluation, export and freezing tests) and one persistent XLA compilation cache for
-the whole session and the subprocesses it starts."""
+"""Test tiers, one XLA compilation cache per session, and the shared fixtures: a tiny synthetic GZ2 set and
+one finished LoRA run on a transformers checkpoint (reused by the evaluation, export and freezing tests).
+
+Tiers (docs/testing.md): a test is `unit` unless it is marked `integration` or `slow`;
+`make test-unit` runs `-m unit`, `make test` runs `-m "not slow"` (unit + integration), `make test-slow` the rest.
+Shared code lives in tests/helpers/; test modules never import this file or each other."""
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-# Before jax is imported anywhere: compiled programs are shared across tests and subprocesses.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "jaxvit_test_xla_cache"))
+# Before jax is imported anywhere: programs compiled once are reused by later tests and by the subprocesses
+# they start. A fresh directory per session (what CI sees: a cold cache); set JAX_COMPILATION_CACHE_DIR to
+# keep one across runs.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxvit_xla_cache_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(Path(__file__).parent))  # `import helpers` from the test modules
 
 import pytest  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))  # test modules import helpers from each other
-TINY_VIT = dict(patch_size=8, hidden_size=32, depth=2, num_heads=2, mlp_hidden=64, pos_grid=4)
+from helpers.tiny import LORA_RUN, tiny_config  # noqa: E402
+
+TIERS = ("unit", "integration", "slow")
+UNIT_BUDGET_S = 5.0  # a unit test slower than this (call + setup) is reported at the end of the run
 
 
-def tiny_config(data_dir, task: str = "classification", **train):
-    """A tiny ViT (patch 8, width 32, depth 2) on 32 px images; 2 epochs of batch 8, in-process data."""
-    from jaxvit.config import base_config
-    c = base_config(task)
-    c.data.data_dir = str(data_dir)
-    c.data.image_size = 32
-    c.data.crop_ratio = 1.0
-    c.data.num_workers = 0
-    c.model.overrides.update(TINY_VIT)
-    c.train.epochs = 2
-    c.train.batch_size = 8
-    c.train.log_every_steps = 2
-    c.eval.batch_size = 8
-    c.optim.warmup_ratio = 0.0
-    c.optim.lr = 1e-3
-    c.checkpoint.keep = 20
-    for k, v in train.items():
-        c.train[k] = v
-    return c
+def pytest_collection_modifyitems(items):
+    for item in items:
+        marked = [t for t in TIERS if item.get_closest_marker(t)]
+        if len(marked) > 1:
+            raise pytest.UsageError(f"{item.nodeid}: marked {marked}; a test belongs to one tier")
+        if not marked:
+            item.add_marker(pytest.mark.unit)
+
+
+_unit_times: dict[str, float] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = time.perf_counter()
+    yield
+    if item.get_closest_marker("unit"):
+        _unit_times[item.nodeid] = time.perf_counter() - start
+
+
+def pytest_terminal_summary(terminalreporter):
+    over = sorted(((t, n) for n, t in _unit_times.items() if t > UNIT_BUDGET_S), reverse=True)
+    if over:
+        terminalreporter.write_sep("-", f"unit tests over {UNIT_BUDGET_S:.0f} s: mark them integration or slow")
+        for t, n in over:
+            terminalreporter.write_line(f"{t:6.1f} s  {n}")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -50,27 +73,11 @@ def gz2_dir(tmp_path_factory):
     return root
 
 
-def tiny_hf_dinov2(directory: Path) -> Path:
-    """A randomly initialised (and perturbed) transformers DINOv2 checkpoint of the tiny size, saved to disk."""
-    import torch
-    from transformers import Dinov2Config, Dinov2Model
-    torch.manual_seed(0)
-    hf = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                                  image_size=32, patch_size=8)).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    hf.save_pretrained(directory)
-    return directory
-
-
-LORA_RUN = dict(targets=("query", "value", "layer_1/mlp/fc2"), head_hidden=(16,), pool="cls_mean")
-
-
 @pytest.fixture(scope="session")
 def lora_run(gz2_dir, tmp_path_factory):
     """A finished LoRA run (rank 4) with EMA on a transformers DINOv2 checkpoint: 3 epochs of 5 steps, the
     first training the head alone, end-of-run test evaluation included. Returns (workdir, config)."""
+    from helpers.torch_models import tiny_hf_dinov2
     from jaxvit.train import Trainer
     pretrained = tiny_hf_dinov2(tmp_path_factory.mktemp("dinov2_hf"))
     c = tiny_config(gz2_dir, epochs=3, ema_decay=0.5, stage1_epochs=1)
@@ -82,24 +89,3 @@ def lora_run(gz2_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("lora_run")
     Trainer(c, workdir).run()
     return workdir, c
-
-
-def run_killed_and_resumed(cli, tmp_path: Path, kill_after: int = 3) -> None:
-    """Runs `cli(workdir)` to the end in tmp_path/ref; in tmp_path/run, kills it with SIGKILL once its resume
-    point `kill_after` exists, checks it had not finished, and runs it again to the end (resuming)."""
-    import os
-    import signal
-    import subprocess
-    import time
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    subprocess.run(cli(tmp_path / "ref"), cwd=ROOT, env=env, check=True, capture_output=True)
-    proc = subprocess.Popen(cli(tmp_path / "run"), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    periodic = tmp_path / "run" / "checkpoints" / "periodic"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (periodic / str(kill_after)).exists():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (tmp_path / "run" / "checkpoints" / "final").exists(), "the run finished before it was killed"
-    subprocess.run(cli(tmp_path / "run"), cwd=ROOT, env=env, check=True, capture_output=True)

@@ -49,6 +49,7 @@ def test_cli_lora_with_torch_peer(capsys):
     assert ratio["speedup_vs_torch"] == pytest.approx(jx["img_per_s"] / pt["img_per_s"], rel=1e-2)
 
 
+@pytest.mark.integration
 def test_cli_infer_bfloat16(capsys):
     (r,) = benchmark.main(TINY + ["--mode=infer", "--dtype=bfloat16", "--peak_tflops=1.0"])
     assert _lines(capsys) == [r]
@@ -56,6 +57,7 @@ def test_cli_infer_bfloat16(capsys):
     assert r["mfu"] == pytest.approx(r["tflops"], rel=1e-2)
 
 
+@pytest.mark.integration
 def test_cli_matrix_and_markdown_table(capsys):
     records = benchmark.main(TINY + ["--mode=infer,lora", "--markdown"])
     out = capsys.readouterr().out.strip().splitlines()
@@ -69,6 +71,7 @@ def test_cli_matrix_and_markdown_table(capsys):
     assert all(f"| {r['mode']} | float32 | 2 | {r['img_per_s']} |" in row for r, row in zip(records, table[2:]))
 
 
+@pytest.mark.integration
 def test_cli_data_pipeline_on_a_given_folder(gz2_dir, capsys):
     (r,) = benchmark.main(["--data", f"--data_dir={gz2_dir}", "--data_workers=0", "--batch=4", "--steps=2",
                            "--res=16"])
@@ -101,6 +104,7 @@ def test_head_flops_are_twice_the_head_kernels(nlayers, weight_norm):
     assert benchmark.head_flops(head, 32) == 2 * sum(kernels)  # one token: 2 * in * out per Linear
 
 
+@pytest.mark.integration
 def test_cli_ssl_step(capsys):
     (r,) = benchmark.main(SSL_TINY)
     assert _lines(capsys) == [r]

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config
+from helpers.tiny import ROOT, tiny_config
 
 from jaxvit import inference, run_io
 from jaxvit.tasks.biomass import maths
@@ -33,6 +33,7 @@ def _config(data_dir, **biomass_keys):
     return c
 
 
+@pytest.mark.integration
 def test_biomass_trains_with_aux_heads_and_writes_a_submission(pasture_dir, tmp_path):
     c = _config(pasture_dir, height_weight=0.2, ndvi_weight=0.2, species_weight=0.1, uncertainty=True,
                 mass_balance_weight=0.1, qc_weight=1e-3, huber_dead_delta=5.0, clahe_prob=0.5, motion_blur_prob=0.5,
@@ -144,7 +145,7 @@ def test_depth_features_are_the_documented_statistics_and_pooling():
 @pytest.mark.slow
 def test_biomass_with_depth_features_trains_the_attention_and_leaves_depth_anything_frozen(pasture_dir, tmp_path):
     from flax import traverse_util
-    from test_depth_anything import depth_anything
+    from helpers.torch_models import depth_anything
 
     from jaxvit.models import load_pretrained
     depth_anything().save_pretrained(tmp_path / "da")
@@ -160,6 +161,7 @@ def test_biomass_with_depth_features_trains_the_attention_and_leaves_depth_anyth
         np.testing.assert_array_equal(np.asarray(trained[k]), np.asarray(v))
 
 
+@pytest.mark.integration
 def test_biomass_learns_the_demo_signal(pasture_dir, tmp_path):
     c = _config(pasture_dir, loss="planthydra")
     c.train.epochs, c.train.batch_size, c.optim.lr = 12, 16, 2e-3
@@ -168,6 +170,7 @@ def test_biomass_learns_the_demo_signal(pasture_dir, tmp_path):
     assert max(r2) > 0.3 and max(r2) > r2[0] + 0.2, r2
 
 
+@pytest.mark.integration
 def test_a_target_missing_for_an_image_is_one_line(pasture_dir, tmp_path):
     bad = tmp_path / "data"
     bad.mkdir()
@@ -220,6 +223,7 @@ def test_cross_validation_over_grouped_folds(pasture_dir, tmp_path):
     assert tasks.create(c).folds(list(records), meta).tolist() == [i % 3 for i in range(len(records))]
 
 
+@pytest.mark.integration
 def test_left_and_right_halves_add_up_to_the_photo(pasture_dir, tmp_path):
     c = _config(pasture_dir, halves=True, cross_view_weight=0.1)
     c.train.epochs = 1

@@ -13,7 +13,7 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
-from conftest import TINY_VIT
+from helpers.tiny import TINY_VIT
 from jaxvit.data.sources import ImageLoadError
 from jaxvit.errors import DataError
 from jaxvit.models import get_config
@@ -258,7 +258,7 @@ def test_bad_pairs_are_named(tmp_path):
 # ------------------------------------------------------------------------------------------- task
 
 def tiny_cell_config(data_dir, **train):
-    from conftest import tiny_config
+    from helpers.tiny import tiny_config
     c = tiny_config(data_dir, "cell_distance", **train)
     c.model.overrides.update(num_registers=0)
     c.cell_distance.decoder_channels = (16, 8, 8, 8)

@@ -10,6 +10,7 @@ import pytest
 from jaxvit import benchmark
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_heap_benchmark_applies_in_a_fresh_process_and_results_are_unchanged(capsys):
     records = benchmark.main(["--heap"])

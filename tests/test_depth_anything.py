@@ -7,36 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
-from test_models import perturbed, rel_err
 from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Backbone, Dinov2Config
 from transformers.models.dpt.image_processing_pil_dpt import get_resize_output_image_size
 
+from helpers.torch_models import TINY_DINOV2, depth_anything, perturbed, rel_err
 from jaxvit.models import DepthAnything, WeightLoadError, depth, load_pretrained, save_pretrained
 from jaxvit.models.depth_anything import bilinear_resize, input_size
-
-TINY_DINOV2 = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=56, patch_size=14)
-TINY_NECK = dict(reassemble_hidden_size=64, neck_hidden_sizes=[16, 32, 64, 64], fusion_hidden_size=32,
-                 head_hidden_size=16)
-
-
-def depth_anything(kind: str = "relative", out_indices=(1, 2, 3, 4), **neck) -> DepthAnythingForDepthEstimation:
-    """A tiny transformers Depth Anything with every tensor random. Metric models get their last conv scaled
-    so that the sigmoid's input is O(1): a saturated sigmoid would turn 1e-7 relative logit errors into 0-or-1
-    flips and test nothing."""
-    torch.manual_seed(0)
-    backbone = Dinov2Config(**TINY_DINOV2, out_indices=list(out_indices), reshape_hidden_states=False)
-    config = DepthAnythingConfig(backbone_config=backbone, **(TINY_NECK | neck), depth_estimation_type=kind,
-                                 max_depth=20 if kind == "metric" else 1)
-    model = perturbed(DepthAnythingForDepthEstimation, config)
-    if kind == "metric":
-        logits = []
-        hook = model.head.conv3.register_forward_hook(lambda m, i, o: logits.append(o))
-        with torch.no_grad():
-            model(pixel_values=torch.randn(1, 3, 56, 84))
-            hook.remove()
-            model.head.conv3.weight /= logits[0].std() / 2
-            model.head.conv3.bias.zero_()
-    return model
 
 
 def torch_depth(model, x: np.ndarray) -> np.ndarray:

@@ -20,7 +20,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from transformers import Dinov2Model
 
-from conftest import ROOT, tiny_hf_dinov2
+from helpers.tiny import ROOT
+from helpers.torch_models import tiny_hf_dinov2
 from jaxvit import checkpoint, evaluate, inference, optim, predict, probe, robustness, run_io
 from jaxvit.demos import write_digits
 from jaxvit.data.pipeline import default_data_config
@@ -56,6 +57,7 @@ def assert_png_not_blank(path: Path):
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 10  # text, cells, colour bar: not a flat image
 
 
+@pytest.mark.integration
 def test_evaluate_cli_writes_report_that_agrees_with_sklearn(lora_run, tmp_path):
     workdir, _ = lora_run
     out = tmp_path / "eval"
@@ -100,6 +102,7 @@ def test_evaluate_cli_writes_report_that_agrees_with_sklearn(lora_run, tmp_path)
     assert saved["split"] == "test"
 
 
+@pytest.mark.integration
 def test_ensemble_averages_probabilities(lora_run, tmp_path):
     """An ensemble of the run and a copy whose `best` is an earlier resume point: the mean of their probabilities."""
     workdir, _ = lora_run
@@ -128,6 +131,7 @@ def test_ensemble_averages_probabilities(lora_run, tmp_path):
     assert [m["checkpoint"] for m in result["models"]] == [f"best/{best_step}", f"best/{other}"]
 
 
+@pytest.mark.integration
 def test_load_run_restores_the_ema_weights_of_a_checkpoint(lora_run):
     workdir, _ = lora_run
     name, step, directory = checkpoint.find(workdir, "final")
@@ -157,6 +161,7 @@ def test_load_run_restores_the_ema_weights_of_a_checkpoint(lora_run):
             checkpoint.find(workdir, missing)
 
 
+@pytest.mark.integration
 def test_predict_cli_directory_with_corrupt_file(lora_run, tmp_path):
     workdir, _ = lora_run
     classes = classes_of(workdir)
@@ -207,6 +212,7 @@ def test_predict_as_a_module(lora_run, tmp_path):
     np.testing.assert_allclose([one["probabilities"][c] for c in classes], probs[0], atol=1e-5)
 
 
+@pytest.mark.integration
 def test_predictor_api(lora_run, gz2_dir):
     workdir, _ = lora_run
     p = predict.Predictor.from_workdir(workdir, "best", batch_size=4)
@@ -239,6 +245,7 @@ def test_predictor_api(lora_run, gz2_dir):
     assert (maps.sum(axis=(2, 3)) < 1 - 1e-6).all()  # the CLS key itself takes a share
 
 
+@pytest.mark.integration
 def test_probe_on_a_backbone_without_fine_tuning(gz2_dir, tmp_path, capsys):
     hf = tiny_hf_dinov2(tmp_path / "hf")
     out = tmp_path / "probe.json"
@@ -280,6 +287,7 @@ def test_probe_on_a_backbone_without_fine_tuning(gz2_dir, tmp_path, capsys):
         assert row["accuracy"] == pytest.approx(knn.score(probe.pooled(feats["test"], pool), labels["test"]))
 
 
+@pytest.mark.integration
 def test_probe_of_a_run_scores_its_own_head_as_evaluate_does(lora_run):
     """--workdir: the run's (LoRA, unmerged) backbone gives the features on the run's own data and splits; its own
     head on them scores exactly what the end-of-run evaluation of the same checkpoint scored. The report lands
@@ -301,6 +309,7 @@ def test_probe_of_a_run_scores_its_own_head_as_evaluate_does(lora_run):
     assert (head["accuracy"], head["f1_macro"]) == pytest.approx((at_end["accuracy"], at_end["f1_macro"]))
 
 
+@pytest.mark.integration
 def test_probe_on_an_npz_source_with_a_random_backbone(tmp_path):
     """The seed's protocol (k=3, cosine, CLS and CLS + mean patch) on real digits read through the npz source: a
     random-init tiny ViT's features already separate them well above chance (10%); seeds 0-3 gave k-NN 0.35-0.47
@@ -363,6 +372,7 @@ def test_corruptions_are_what_they_say():
     np.testing.assert_array_equal(noisy, robustness.corrupt(np.full_like(x, 0.5), "gaussian_noise", 0.08, keys))
 
 
+@pytest.mark.integration
 def test_robustness_cli(lora_run, tmp_path):
     workdir, _ = lora_run
     result = robustness.main([f"--workdir={workdir}", "--corruptions=gaussian_noise,contrast", "--severities=1,5",
@@ -407,6 +417,7 @@ def _test_images(run) -> tuple[object, np.ndarray]:
     return src, np.stack([eval_transform(load_image(q), TransformConfig.from_config(run.cfg.data)) for q in src.paths])
 
 
+@pytest.mark.integration
 def test_tta_averages_probabilities_over_flipped_images(lora_run, tmp_path):
     """hflip: the mean of the probabilities of the images and of the images flipped in numpy; the same through
     `Predictor` with tta= and `predict --tta`; crops5 views are corner / centre crops resized back."""
@@ -432,6 +443,7 @@ def test_tta_averages_probabilities_over_flipped_images(lora_run, tmp_path):
     np.testing.assert_allclose(views[2], jax.image.resize(x[:, :28, 4:], x.shape, "cubic"), atol=1e-6)  # 7/8 of 32
 
 
+@pytest.mark.integration
 def test_evaluate_cli_tta_records_views_and_scores_averaged_probabilities(lora_run, tmp_path):
     workdir, _ = lora_run
     run = run_io.load_run(workdir)
@@ -449,6 +461,7 @@ def test_evaluate_cli_tta_records_views_and_scores_averaged_probabilities(lora_r
     assert plain["tta"] == []  # the run's own eval.tta, recorded by the end-of-training test
 
 
+@pytest.mark.integration
 def test_unknown_tta_view_is_a_one_line_config_error(lora_run, capsys):
     from jaxvit.config import validate
     from jaxvit.errors import ConfigError

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import load_file
 from transformers import AutoModel, DINOv3ViTConfig, DINOv3ViTModel
 
-from conftest import LORA_RUN, tiny_config
+from helpers.tiny import LORA_RUN, tiny_config
 from jaxvit import checkpoint, export, run_io
 from jaxvit.predict import Predictor
 from jaxvit.train import Trainer
@@ -51,6 +51,7 @@ def family_run(request):
     return "dinov3", request.getfixturevalue("dinov3_run"), DINOV3
 
 
+@pytest.mark.integration
 def test_export_reloads_in_pytorch_and_peft(family_run, gz2_dir, tmp_path):
     family, workdir, spec = family_run
     out = tmp_path / "export"
@@ -118,6 +119,7 @@ def test_export_reloads_in_pytorch_and_peft(family_run, gz2_dir, tmp_path):
                                                          "v_proj"]
 
 
+@pytest.mark.integration
 def test_load_run_without_the_pretrained_weights(family_run, tmp_path, caplog):
     """A run copied where its pretrained checkpoint is missing still loads (the architecture from the config)."""
     _, workdir, _ = family_run
@@ -133,6 +135,7 @@ def test_load_run_without_the_pretrained_weights(family_run, tmp_path, caplog):
     np.testing.assert_array_equal(a.model.apply(a.variables, x), b.model.apply(b.variables, x))
 
 
+@pytest.mark.integration
 def test_batchnorm_head_exports_to_torch_and_resumes_exactly(gz2_dir, tmp_path):
     """The CIFAR-10 recipe's head (Linear-BN-ReLU-Dropout blocks): running statistics live in the train state,
     survive a resume bit for bit, drive evaluation, and the exported nn.Sequential with BatchNorm1d reproduces

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, tiny_config
+from helpers.tiny import ROOT, tiny_config
 
 from jaxvit import demos
 from jaxvit.data import labelled
@@ -119,6 +119,7 @@ def test_tfds_source_matches_the_image_files(tfds_dir, gz2_dir):
         labelled.open_split(cfg, "holdout")
 
 
+@pytest.mark.integration
 def test_training_end_to_end_on_a_tfds_dataset(tfds_dir, tmp_path):
     from jaxvit.train import Trainer
     c = tiny_config("", epochs=2)
@@ -132,6 +133,7 @@ def test_training_end_to_end_on_a_tfds_dataset(tfds_dir, tmp_path):
     assert json.loads((tmp_path / "run" / "classes.json").read_text())[0] == "completely_round_smooth"
 
 
+@pytest.mark.integration
 def test_a_missing_tfds_dataset_is_one_line_with_the_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "jaxvit.main", "--config=configs/cifar10_dinov2.py",
                            f"--workdir={tmp_path / 'w'}", f"--config.data.tfds_data_dir={tmp_path / 'none'}"],

@@ -9,6 +9,7 @@ import torch
 from transformers import (AutoModel, DINOv3ViTConfig, DINOv3ViTModel, Dinov2Config, Dinov2Model,
                           Dinov2WithRegistersConfig, Dinov2WithRegistersModel)
 
+from helpers.torch_models import perturbed, rel_err
 from jaxvit.models import WeightLoadError, get_config, load_pretrained, save_pretrained
 from jaxvit.models.weights import config_from_hf
 
@@ -33,15 +34,6 @@ VARIANTS = {
 }
 
 
-def perturbed(model_cls, config):
-    """A transformers model whose every tensor is random (no zero or one left to hide a bug)."""
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.ndim == 1 else 0.0) * torch.rand(()))
-    return model
-
-
 def torch_forward(model, images_nhwc: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(pixel_values=torch.from_numpy(images_nhwc).permute(0, 3, 1, 2)).last_hidden_state.numpy()
@@ -49,10 +41,6 @@ def torch_forward(model, images_nhwc: np.ndarray) -> np.ndarray:
 
 def flax_forward(module, params, images_nhwc, **kw) -> np.ndarray:
     return np.asarray(module.apply({"params": params}, jnp.asarray(images_nhwc), **kw)["last_hidden_state"])
-
-
-def rel_err(a, b) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def images(h, w, n=2, seed=0):

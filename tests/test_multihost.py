@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_VIT
+from helpers.tiny import ROOT, TINY_VIT
 
 pytestmark = pytest.mark.slow
 LOCAL = str(ROOT / "launch" / "local.sh")

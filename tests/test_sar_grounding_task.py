@@ -14,7 +14,7 @@ from flax import traverse_util
 
 from jaxvit import lora, optim, tasks
 from jaxvit.config import load_config_file
-from jaxvit.data import pipeline
+from jaxvit.data import pipeline, sar_pairs
 from jaxvit.train import Trainer, partition
 
 
@@ -63,6 +63,7 @@ def _adapter_grads(c) -> tuple[dict, dict]:
     return trainable, jax.jit(jax.grad(loss))(trainable)
 
 
+@pytest.mark.integration
 def test_only_the_cross_attention_adapters_train_and_each_gets_a_token_gradient(tiles):
     c = _config(tiles, spectral_weight=0.0, sar_consistency_weight=0.0, cycle_weight=0.0)
     trainable, grads = _adapter_grads(c)
@@ -124,8 +125,11 @@ def test_the_demo_tokenizer_fits_and_reloads(tiles, tmp_path):
     c = _config(tiles)
     c.sar_grounding.tokenizer, c.sar_grounding.fit_tokenizer_steps = str(tmp_path / "tok.safetensors"), 30
     task = tasks.create(c)
+    from jaxvit.models.terramind.tokenizer import Tokenizer, init_params, tokenizer_config
     from jaxvit.tasks.sar_grounding import fit_tokenizer
-    tok, params = task._tokenizer("", "S2L2A", 0)
+    tok_cfg = tokenizer_config("s2l2a", channels=len(sar_pairs.STATS["S2L2A"].mean), dtype=c.model.dtype,
+                               **c.sar_grounding.tokenizer_overrides.to_dict())  # what prepare() fits
+    tok, params = Tokenizer(tok_cfg), init_params(tok_cfg, c.seed)
     batch = _batch(task, 4)
     _, losses = fit_tokenizer.fit(tok, params, np.asarray(batch["s2"]), 30, batch_size=4)
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses

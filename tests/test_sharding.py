@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from conftest import ROOT, tiny_config
+from helpers.tiny import ROOT, tiny_config
 from jaxvit import sharding
 
-NUM_HEADS = 4  # conftest's TINY_VIT (width 32) with 4 heads, so tensor = 4 splits the heads
+NUM_HEADS = 4  # helpers.tiny's TINY_VIT (width 32) with 4 heads, so tensor = 4 splits the heads
 MESHES = {  # name -> (data, fsdp, tensor): 1, 2, 4 and 8 devices; "one" is the single-device reference
     "one": (1, 1, 1), "data2": (2, 1, 1), "fsdp4": (1, 4, 1), "data8": (8, 1, 1), "fsdp": (2, 4, 1),
     "tensor": (2, 1, 4), "mixed": (2, 2, 2),

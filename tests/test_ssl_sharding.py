@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from helpers.tiny import ROOT
 
 MESHES = {"one": (1, 1, 1), "data8": (8, 1, 1), "mixed": (2, 2, 2)}
 STEPS = 3
@@ -41,7 +41,7 @@ def _script(data_dir: Path, root: Path) -> None:
     from jaxvit import optim, sharding, tasks, xla_options
     from jaxvit.data import pipeline
     from jaxvit.train import init_state, make_step
-    from test_ssl_task import tiny_ssl_config
+    from helpers.tiny import tiny_ssl_config
 
     assert jax.device_count() == 8
     out = {"losses": {}, "teacher_diff": {}}

@@ -8,36 +8,13 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import TINY_VIT
+from helpers.tiny import TINY_VIT, tiny_ssl_config
 from jaxvit import optim, sharding, tasks
-from jaxvit.config import base_config
 from jaxvit.data import pipeline
 from jaxvit.tasks.ssl.model import DINOHead, HeadConfig
 from jaxvit.train import Trainer, init_state, make_step
 
 torch = pytest.importorskip("torch")
-
-
-def tiny_ssl_config(data_dir, **train):
-    """A tiny student (patch 8, width 32, depth 2) on 32 px global / 16 px local crops, heads of 64 prototypes."""
-    c = base_config("ssl")
-    c.data.data_dir = str(data_dir)
-    c.data.image_size, c.data.crop_ratio, c.data.num_workers = 32, 1.0, 0
-    c.model.overrides.update(TINY_VIT)
-    s = c.ssl
-    s.epoch_length = 0
-    s.crops.global_size, s.crops.local_size, s.crops.n_local = 32, 16, 2
-    for head in (s.dino, s.ibot):
-        head.n_prototypes, head.hidden_dim, head.bottleneck_dim = 64, 32, 16
-    s.teacher.warmup_temp_epochs = 1
-    s.knn.k = 3
-    s.attention_images = 2
-    c.train.epochs, c.train.batch_size, c.train.log_every_steps = 2, 8, 1
-    c.eval.batch_size, c.eval.test_split, c.eval.test_checkpoint = 8, "", "final"
-    c.optim.lr, c.optim.warmup_ratio = 1e-3, 0.0
-    for k, v in train.items():
-        c.train[k] = v
-    return c
 
 
 def flat(tree):
@@ -157,6 +134,7 @@ def test_softmax_centering_updates_the_centres(gz2_dir):
     assert all(not np.array_equal(v, before[k]) for k, v in flat(state["mutable"]["centers"]).items())
 
 
+@pytest.mark.integration
 def test_a_short_run_trains_evaluates_and_draws_attention(gz2_dir, tmp_path):
     c = tiny_ssl_config(gz2_dir, epochs=3)
     c.eval.at_start = True
@@ -173,7 +151,7 @@ def test_a_short_run_trains_evaluates_and_draws_attention(gz2_dir, tmp_path):
 def test_killed_ssl_run_resumes_to_the_same_teacher(gz2_dir, tmp_path):
     """kill -9 after step 3 of 10, resume: the same history and bit-identical student and teacher."""
     import sys
-    from conftest import run_killed_and_resumed
+    from helpers.processes import run_killed_and_resumed
     overrides = [f"--config.model.overrides.{k}={v}" for k, v in TINY_VIT.items()]
     cli = lambda w: [sys.executable, "-m", "jaxvit.main", "--config=configs/gz2_ssl.py:demo", f"--workdir={w}",
                      f"--config.data.data_dir={gz2_dir}", "--config.data.demo=", "--config.data.image_size=32",
@@ -203,6 +181,7 @@ def test_a_batch_without_masked_crops_has_zero_ibot_loss(gz2_dir):
     assert float(metrics["ibot"]) == 0.0 and np.isfinite(float(metrics["loss"])) and int(metrics["nonfinite"]) == 0
 
 
+@pytest.mark.integration
 def test_export_of_the_teacher_reloads_in_pytorch(gz2_dir, tmp_path):
     """A short run's teacher: transformers directory and official teacher_checkpoint.pth, both equal to the Flax
     teacher; the checkpoint's DINO head loads into the official DINOHead and gives the same prototype scores."""
@@ -223,10 +202,11 @@ def test_export_of_the_teacher_reloads_in_pytorch(gz2_dir, tmp_path):
     np.testing.assert_allclose(head(torch.from_numpy(x)).detach().numpy(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.integration
 def test_continued_pretraining_starts_from_the_checkpoint_with_a_resized_patch_embedding(gz2_dir, tmp_path, caplog):
     """Student and teacher start from a transformers checkpoint (patch 8) resized to patch 4; heads are fresh."""
     import logging
-    from conftest import tiny_hf_dinov2
+    from helpers.torch_models import tiny_hf_dinov2
     from jaxvit.models import load_pretrained
     from jaxvit.models.resize import resize_patch_kernel
     pretrained = tiny_hf_dinov2(tmp_path / "hf")

@@ -2,7 +2,7 @@
 and LoRA on the decoder's cross-attention.
 
 terratorch's package __init__ pulls geospatial dependencies (and torchvision); it is installed with --no-deps and
-only its model files are imported, through stub parent packages (tests/terratorch_stub.py).
+only its model files are imported, through stub parent packages (tests/helpers/terratorch.py).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from jaxvit.models.terramind import TerraMind, TerraMindConfig, init_params, par
 from jaxvit.models.terramind.config import IMAGE, SEQUENCE, TOKENS, ModalitySpec
 from jaxvit.models.terramind.weights import (WeightLoadError, export_state_dict, import_params, load_terramind,
                                              save_terramind)
-from terratorch_stub import import_terratorch
+from helpers.terratorch import import_terratorch
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("einops")

@@ -3,7 +3,7 @@ torch modules on random weights: encoder, FSQ ids, one decoder pass, DDIM steps,
 fixed noise; checkpoint import/export; the soft-code gradient path.
 
 terratorch is installed with --no-deps (its package __init__ pulls the geospatial stack and torchvision): the
-tokenizer files are imported as they are, below stub parent packages (tests/terratorch_stub.py, `load_upstream`).
+tokenizer files are imported as they are, below stub parent packages (tests/helpers/terratorch.py, `load_upstream`).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from jaxvit.models.terramind.tokenizer import (Tokenizer, decode_ids, decode_pro
                                                import_params, load_tokenizer, save_tokenizer, tokenizer_config)
 from jaxvit.models.terramind.tokenizer import ddim, fsq  # noqa: E402
 from jaxvit.models.weights import WeightLoadError  # noqa: E402
-from terratorch_stub import stub_packages  # noqa: E402
+from helpers.terratorch import stub_packages  # noqa: E402
 
 TM = "terratorch.models.backbones.terramind"
 TINY = dict(channels=3, image_size=32, patch_size=8, enc_dim=32, enc_depth=2, enc_heads=2, dec_channels=32,
@@ -38,7 +38,7 @@ def load_upstream():
     """terratorch's tokenizer package, imported from its installed files without running the package
     __init__s above it. Its `terramind/utils.py` imports torchvision for a helper the tokenizer does not call
     here (denormalize with undo_std=False): torchvision is stubbed only while that file loads. The parent
-    packages are stubbed by tests/terratorch_stub.py."""
+    packages are stubbed by tests/helpers/terratorch.py."""
     if f"{TM}.tokenizer.vqvae" in sys.modules:
         return sys.modules[f"{TM}.tokenizer.vqvae"]
     stub_packages(TM)

@@ -14,7 +14,8 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from conftest import ROOT, TINY_VIT, run_killed_and_resumed, tiny_config
+from helpers.processes import run_killed_and_resumed
+from helpers.tiny import ROOT, TINY_VIT, tiny_config
 from jaxvit import checkpoint, lora, optim, run_io, sharding, tasks
 from jaxvit.config import base_config, problems
 from jaxvit.models import get_config, load_pretrained
@@ -40,6 +41,7 @@ def history(workdir: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------- LoRA and phases
 
+@pytest.mark.integration
 def test_lora_run_trains_adapters_and_head_only(lora_run):
     workdir, c = lora_run
     _, base = load_pretrained(c.model.pretrained)
@@ -140,6 +142,7 @@ def test_freeze_backbone_is_one_head_phase_and_excludes_the_other_shorthands(gz2
     assert any("freeze_backbone" in p for p in problems(c))
 
 
+@pytest.mark.integration
 def test_two_stage_full_fine_tuning_leaves_the_backbone_alone_in_stage_one(gz2_dir, tmp_path):
     c = tiny_config(gz2_dir, epochs=3, stage1_epochs=1)
     trainer = Trainer(c, tmp_path)
@@ -155,6 +158,7 @@ def test_two_stage_full_fine_tuning_leaves_the_backbone_alone_in_stage_one(gz2_d
     assert any(np.abs(final[k] - backbone0[k]).max() > 0 for k in backbone0)
 
 
+@pytest.mark.integration
 def test_step_based_phases_with_their_own_learning_rates(gz2_dir, tmp_path):
     """train.steps with phases of given steps and lr; evaluations every 3 steps; patience ends the last phase."""
     c = tiny_config(gz2_dir, steps=12)
@@ -178,6 +182,7 @@ def test_step_based_phases_with_their_own_learning_rates(gz2_dir, tmp_path):
                               start["backbone/encoder/layer_1/mlp/fc1/kernel"])
 
 
+@pytest.mark.integration
 def test_phases_that_all_have_a_length_set_the_run_length(gz2_dir, tmp_path):
     c = tiny_config(gz2_dir, epochs=10)  # 5 steps per epoch
     c.train.phases = (dict(name="head", trainable="head", epochs=1), dict(name="all", steps=3))
@@ -186,6 +191,7 @@ def test_phases_that_all_have_a_length_set_the_run_length(gz2_dir, tmp_path):
     assert Trainer(c, tmp_path / "b").total_steps == 10 * 5  # the last phase runs to train.epochs
 
 
+@pytest.mark.integration
 def test_gradient_accumulation_equals_full_batch(gz2_dir):
     results = []
     for k in (1, 4):
@@ -207,6 +213,7 @@ def test_gradient_accumulation_equals_full_batch(gz2_dir):
         np.testing.assert_allclose(p4[name], p1[name], rtol=1e-5, atol=2e-5, err_msg=name)
 
 
+@pytest.mark.integration
 def test_nonfinite_loss_stops_with_checkpoint_intact(gz2_dir, tmp_path):
     c = tiny_config(gz2_dir, epochs=2)
     c.optim.lr = 1e30  # diverges within a few steps
@@ -241,6 +248,7 @@ def write_disc_regression(root: Path, n: dict[str, int], size: int = 32, seed: i
     return root
 
 
+@pytest.mark.integration
 def test_regression_task_through_the_same_loop(tmp_path):
     root = write_disc_regression(tmp_path / "data", {"train": 64, "val": 24, "test": 24})
     c = tiny_config(root, task="regression", epochs=8)
@@ -293,6 +301,7 @@ def test_killed_run_resumes_to_the_same_result(gz2_dir, tmp_path):
         np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
 
 
+@pytest.mark.integration
 def test_workdir_of_the_old_layout_still_loads(lora_run, tmp_path):
     """Before the redesign, `best_acc/<step>/state` held the whole train state; it still evaluates as "best"."""
     import shutil
@@ -327,6 +336,7 @@ def _one_line_error(proc, *words):
         assert w in proc.stderr, (w, proc.stderr[-2000:])
 
 
+@pytest.mark.integration
 def test_user_mistakes_end_in_one_line_with_exit_code_2(gz2_dir, tmp_path):
     import shutil
     _one_line_error(_main(tmp_path, "--config.train.epochz=3"), "train.epochz", "epochs", "batch_size")
@@ -347,6 +357,7 @@ def test_user_mistakes_end_in_one_line_with_exit_code_2(gz2_dir, tmp_path):
     _one_line_error(_main(tmp_path, config="configs/no_such_config.py"), "no_such_config.py")
 
 
+@pytest.mark.integration
 def test_corrupt_image_is_reported_by_path(gz2_dir, tmp_path):
     import shutil
     root = tmp_path / "data"
@@ -380,6 +391,7 @@ class CountingClassification(Classification):
                                           "labels": c["labels"] + batch["label"].sum()}}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_task_state_is_updated_checkpointed_and_resumed(gz2_dir, tmp_path, monkeypatch, grad_accum):
     monkeypatch.setitem(tasks.TASKS, "classification", "test_train:CountingClassification")
@@ -399,6 +411,7 @@ def test_task_state_is_updated_checkpointed_and_resumed(gz2_dir, tmp_path, monke
     assert float(final["counts"]["seen"]) == 80  # evaluation variables include the task state
 
 
+@pytest.mark.integration
 def test_ema_averages_batchnorm_statistics_with_the_weights(gz2_dir):
     c = tiny_config(gz2_dir, ema_decay=0.5)
     c.model.head_hidden, c.model.head_norm = (16,), "batch"
