@@ -92,9 +92,24 @@ def check_fingerprint(saved: dict, now: dict) -> None:
     a, b = saved.get("leaves", {}), now.get("leaves", {})
     differ = sorted(set(a) ^ set(b)) or [k for k in sorted(a) if a[k] != b[k]]
     if differ:
-        raise DataError(f"the frozen weights from {saved['source']} differ from those the run was trained with "
-                        f"({len(differ)} of {len(a)} tensors, first {differ[0]!r}: saved {a.get(differ[0])}, now "
-                        f"{b.get(differ[0])}); restore the original weights file")
+        raise DataError(f"the frozen weights loaded from {now['source']} differ from those the run was trained "
+                        f"with (from {saved['source']}): {len(differ)} of {len(a)} tensors, first {differ[0]!r}: "
+                        f"saved {a.get(differ[0])}, now {b.get(differ[0])}; restore the original weights file")
+
+
+def frozen_source(cfg) -> str:
+    """Where a run's weights frozen for the whole run come from, for messages."""
+    init = f"the initialisation of seed {cfg.seed}"
+    return f"model.pretrained={cfg.model.pretrained!r} (else {init})" if cfg.model.pretrained else init
+
+
+@dataclasses.dataclass
+class Source:
+    """The variables a run started from (`variables()` loads them), named for messages, and model.frozen_dtype."""
+
+    variables: Callable[[], dict]
+    name: str
+    frozen_dtype: str
 
 
 def _drop(tree: dict, names: list[str]) -> dict:
@@ -131,8 +146,10 @@ class Checkpoints:
         self.root = Path(root).absolute()  # orbax needs absolute paths
         _refuse_old_layout(self.root)
         self.keep = keep
-        self.mngr = ocp.CheckpointManager(self.root, options=ocp.CheckpointManagerOptions(create=True))
+        self.mngr = ocp.CheckpointManager(self.root, options=ocp.CheckpointManagerOptions(
+            create=True, cleanup_tmp_directories=True))  # a killed save's temporary directory is removed
         self._pending: tuple[int, int] | None = None  # (step, bytes) of a save in flight
+        self._failed = False  # a save failed (and was reported): nothing more to wait for
 
     def steps(self) -> list[int]:
         return _steps(self.root)
@@ -151,13 +168,15 @@ class Checkpoints:
                 loop=ocp.args.JsonSave(loop.to_json()), frozen=ocp.args.JsonSave(frozen)))
         except Exception as e:  # noqa: BLE001 - any write failure is reported the same way
             raise self._write_error(e) from e
-        kept = set(self.steps()[-self.keep:]) | {step, loop.best_step, loop.final_step}
+        kept = set(sorted({*self.steps(), step})[-self.keep:]) | {loop.best_step, loop.final_step}
         for old in self.mngr.all_steps():
             if old not in kept:
                 self.mngr.delete(old)
 
     def wait(self) -> None:
         """Completes the save in flight; a failure is a CheckpointError naming the directory and bytes needed."""
+        if self._failed:
+            return
         try:
             self.mngr.wait_until_finished()
         except Exception as e:  # noqa: BLE001
@@ -166,12 +185,11 @@ class Checkpoints:
 
     def _write_error(self, e: Exception) -> CheckpointError:
         step, nbytes = self._pending or (None, 0)
-        self._pending = None
+        self._pending, self._failed = None, True
         free = shutil.disk_usage(self.root).free
         good = [s for s in self.steps() if s != step]
         return CheckpointError(
-            f"could not write checkpoint step {step} under {self.root} ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}): it needs about {nbytes / 1e6:.1f} MB, {free / 1e6:.1f} "
+            f"could not write checkpoint step {step} under {self.root} ({_reason(e)}): it needs about {nbytes / 1e6:.1f} MB, {free / 1e6:.1f} "
             f"MB are free there; the previous checkpoint ({good[-1] if good else 'none'}) is intact - free space "
             "(or lower checkpoint.keep) and run again to resume")
 
@@ -235,7 +253,10 @@ def _everywhere(ok: bool) -> bool:
 
 
 def _reason(e: Exception) -> str:
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+    text = str(e)
+    if "No space left on device" in text or getattr(e, "errno", None) == 28:
+        return "no space left on device"
+    return f"{type(e).__name__}: {(text.splitlines() or [''])[0][:200]}"
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -301,11 +322,10 @@ def _try_read(directory: Path) -> tuple[dict, LoopState, dict] | str:
         return _reason(e)
 
 
-def read(workdir: str | Path, which: str | int = "best",
-         source: Callable[[], dict] | None = None, frozen_dtype: str = "float32") -> Saved:
+def read(workdir: str | Path, which: str | int = "best", source: Source | None = None) -> Saved:
     """The checkpoint `which` of a run: "best" | "final" | "latest" (the newest that restores) | a step.
-    `source()` returns the run's source variables (by default built from the run's config.json) to fill the
-    frozen weights a lean checkpoint does not store; they must match its fingerprint."""
+    `source` (default: from the run's config.json) fills the frozen weights a lean checkpoint does not store;
+    they must match its fingerprint."""
     root = Path(workdir).absolute() / "checkpoints"
     _refuse_old_layout(root)
     steps = _steps(root)
@@ -330,28 +350,32 @@ def read(workdir: str | Path, which: str | int = "best",
     loop = newest[1][1]
     step = dict(latest=newest[0], best=loop.best_step, final=loop.final_step).get(spec, int(spec) if
                                                                                    spec.isdigit() else None)
+    good = lambda: [s for s in steps if s != step and not isinstance(_try_read(root / str(s)), str)]  # noqa: E731
+    if step is None and broken:
+        raise CheckpointError(f"checkpoint {spec!r} of {root}: the newest checkpoints, which would name it, do not "
+                              f"restore: {'; '.join(broken)}; good checkpoints: {', '.join(map(str, good()))} (pass "
+                              "one as the checkpoint)")
     if step not in steps:
         available = f"steps {', '.join(map(str, steps))}; best {loop.best_step}; final {loop.final_step}"
         raise MissingDataError(f"no checkpoint {spec!r} under {root}; available: {available}")
     got = newest[1] if step == newest[0] else _try_read(root / str(step))
     if isinstance(got, str):
-        good = [s for s in steps if s != step and not isinstance(_try_read(root / str(s)), str)]
         raise CheckpointError(f"checkpoint {spec} ({root / str(step)}) does not restore ({got}); good checkpoints: "
-                              f"{', '.join(map(str, good)) or 'none'} (pass one as the checkpoint)")
+                              f"{', '.join(map(str, good())) or 'none'} (pass one as the checkpoint)")
     state, loop, frozen = got
     if not frozen.get("stored", True):
         if source is None:
             from jaxvit import run_io
-            source, frozen_dtype = run_io.source_variables(workdir)
+            source = run_io.source_of(workdir)
         try:
-            variables = source()
+            variables = source.variables()
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{root / str(step)} does not store the weights frozen for the whole run; they "
-                                  f"come from {frozen['source']}, which does not load here ({_reason(e)})") from e
+                                  f"come from {source.name}, which does not load here ({_reason(e)})") from e
         names = list(frozen["leaves"])
-        check_fingerprint(frozen, fingerprint(variables, names, frozen["source"]))
+        check_fingerprint(frozen, fingerprint(variables, names, source.name))
         picked = {k: v for k, v in traverse_util.flatten_dict(variables).items() if optim.path_str(k) in names}
-        state = fill_frozen(state, jax.device_get(traverse_util.unflatten_dict(picked)), frozen_dtype)
+        state = fill_frozen(state, jax.device_get(traverse_util.unflatten_dict(picked)), source.frozen_dtype)
         state = jax.tree_util.tree_map(np.asarray, state)
     return Saved(step, spec if spec in ROLES else "step", state, loop, frozen, root / str(step))
 

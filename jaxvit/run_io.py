@@ -157,16 +157,16 @@ def _task_of(workdir: Path, data_dir: str | None = None) -> tuple[mlc.ConfigDict
     return cfg, tasks.create(cfg, workdir)
 
 
-def _build_source(task: Task) -> dict:
-    """The run's variables as training started from them (pretrained weights, the seed's initialisation)."""
-    with _quiet(log, logging.WARNING):
-        return task.build(jax.random.key(task.cfg.seed))[1]
+def _source(cfg: mlc.ConfigDict, task: Task) -> checkpoint.Source:
+    def build() -> dict:
+        with _quiet(log, logging.WARNING):
+            return task.build(jax.random.key(cfg.seed))[1]
+    return checkpoint.Source(build, checkpoint.frozen_source(cfg), cfg.model.frozen_dtype)
 
 
-def source_variables(workdir: str | Path) -> tuple[Any, str]:
-    """(a function returning the run's source variables, model.frozen_dtype), for `checkpoint.read`."""
-    cfg, task = _task_of(Path(workdir).absolute())
-    return (lambda: _build_source(task)), cfg.model.frozen_dtype
+def source_of(workdir: str | Path) -> checkpoint.Source:
+    """What the run started from (pretrained weights, the seed's initialisation), for `checkpoint.read`."""
+    return _source(*_task_of(Path(workdir).absolute()))
 
 
 def load_run(workdir: str | Path, which: str | int = "best", data_dir: str | None = None) -> Run:
@@ -174,7 +174,7 @@ def load_run(workdir: str | Path, which: str | int = "best", data_dir: str | Non
     `jaxvit.checkpoint.read`). `data_dir` replaces the data directory recorded in the config."""
     workdir = Path(workdir).absolute()
     cfg, task = _task_of(workdir, data_dir)
-    saved = checkpoint.read(workdir, which, lambda: _build_source(task), cfg.model.frozen_dtype)
+    saved = checkpoint.read(workdir, which, _source(cfg, task))
     model, template = build_for_run(cfg, task)
     variables = saved.variables()
     _check_matches(template, variables, str(saved.directory))

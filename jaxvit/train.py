@@ -215,7 +215,7 @@ class Trainer:
         params = {k: v for k, v in self.variables.items() if k in PARAM_COLLECTIONS}
         names = [optim.path_str(k) for k in traverse_util.flatten_dict(params)
                  if not any(rule(optim.path_str(k)) for rule in rules)]
-        return checkpoint.fingerprint(self.variables, names, frozen_source(c), c.checkpoint.store_frozen)
+        return checkpoint.fingerprint(self.variables, names, checkpoint.frozen_source(c), c.checkpoint.store_frozen)
 
     def _preflight(self) -> None:
         c = self.cfg
@@ -383,8 +383,8 @@ class Trainer:
         if name == "final":
             variables = eval_variables(state)
         else:
-            variables = checkpoint.read(self.workdir, name, lambda: self.variables,
-                                        c.model.frozen_dtype).variables()
+            source = checkpoint.Source(lambda: self.variables, checkpoint.frozen_source(c), c.model.frozen_dtype)
+            variables = checkpoint.read(self.workdir, name, source).variables()
             variables = jax.device_put(variables, sharding.state_shardings(variables, self.mesh,
                                                                            c.mesh.fsdp_min_size))
         results = self.task.evaluate(self.model, variables, c.eval.test_split, self.mesh,
@@ -444,12 +444,6 @@ class Trainer:
             w.writeheader()
             w.writerows(history)
         tmp.replace(path)
-
-
-def frozen_source(cfg) -> str:
-    """Where the weights frozen for the whole run come from, for messages."""
-    init = f"the initialisation of seed {cfg.seed}"
-    return f"model.pretrained={cfg.model.pretrained!r} (else {init})" if cfg.model.pretrained else init
 
 
 def _epochs(step: int, steps_per_epoch: int) -> float | int:

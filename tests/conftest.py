@@ -84,6 +84,14 @@ def lora_run(gz2_dir, tmp_path_factory):
     return workdir, c
 
 
+def set_best_step(workdir: Path, step: int) -> None:
+    """Records `step` as the run's best in the loop state of its newest checkpoint (orbax's JSON on disk)."""
+    import json
+    from jaxvit import checkpoint
+    path = Path(workdir) / "checkpoints" / str(max(checkpoint.steps(workdir))) / "loop" / "metadata"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), best_step=step)))
+
+
 def run_killed_and_resumed(cli, tmp_path: Path, kill_after: int = 3) -> None:
     """Runs `cli(workdir)` to the end in tmp_path/ref; in tmp_path/run, kills it with SIGKILL once its resume
     point `kill_after` exists, checks it had not finished, and runs it again to the end (resuming)."""

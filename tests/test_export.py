@@ -70,7 +70,7 @@ def test_export_reloads_in_pytorch_and_peft(family_run, gz2_dir, tmp_path):
     cfg = json.loads((out / "head_config.json").read_text())
     assert cfg["task"] == "classification" and cfg["classes"] == predictor.task.classes
     assert cfg["num_outputs"] == 5 and (cfg["hidden"], cfg["pool"]) == (list(spec["head_hidden"]), spec["pool"])
-    _, final_step, _ = checkpoint.find(workdir, "final")
+    final_step = max(checkpoint.steps(workdir))
     assert cfg["source"] == {"workdir": str(workdir), "checkpoint": f"final/{final_step}",
                              "ema": family == "dinov2"}  # the dinov2 run trains with EMA
     widths = [cfg["in_features"], *cfg["hidden"], cfg["num_outputs"]]
@@ -145,9 +145,9 @@ def test_batchnorm_head_exports_to_torch_and_resumes_exactly(gz2_dir, tmp_path):
     Trainer(c, tmp_path / "whole").run()
     # The same run "killed" after step 3: its later checkpoints removed, then resumed.
     shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
-    for d in (tmp_path / "resumed" / "checkpoints").glob("*/*"):
-        if d.parent.name != "periodic" or int(d.name) > 3:
-            shutil.rmtree(d)
+    for step in checkpoint.steps(tmp_path / "resumed"):
+        if step > 3:
+            shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(step))
     Trainer(c, tmp_path / "resumed").run()
     whole, resumed = (run_io.load_run(tmp_path / d, "final") for d in ("whole", "resumed"))
     stats = whole.variables["batch_stats"]["head"]
