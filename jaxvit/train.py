@@ -281,7 +281,10 @@ class Trainer:
         if resumed:
             step = int(state["step"])
             log.info("resumed from step %d (phase %s)", step, self.phases[loop.phase].name)
-            if loop.final_step is None and self._phase_over(loop, step) and loop.phase < len(self.phases) - 1:
+            last = loop.phase == len(self.phases) - 1
+            if step < self.total_steps and not (last and self._phase_over(loop, step)):
+                loop.final_step = None  # a finished run given more steps (not one that stopped early)
+            if loop.final_step is None and self._phase_over(loop, step) and not last:
                 state, step_fn = self._next_phase(state, loop, step)  # saved just before its phase switch
         self._log_overview(state, mults)
         if c.eval.at_start and not resumed and c.eval.val_split:
