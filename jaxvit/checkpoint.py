@@ -187,11 +187,11 @@ class Checkpoints:
         step, nbytes = self._pending or (None, 0)
         self._pending, self._failed = None, True
         free = shutil.disk_usage(self.root).free
-        good = [s for s in self.steps() if s != step]
+        previous = ([s for s in self.steps() if s != step] or ["none"])[-1]
         return CheckpointError(
-            f"could not write checkpoint step {step} under {self.root} ({_reason(e)}): it needs about {nbytes / 1e6:.1f} MB, {free / 1e6:.1f} "
-            f"MB are free there; the previous checkpoint ({good[-1] if good else 'none'}) is intact - free space "
-            "(or lower checkpoint.keep) and run again to resume")
+            f"could not write checkpoint step {step} under {self.root} ({_reason(e)}): it needs about "
+            f"{nbytes / 1e6:.1f} MB, {free / 1e6:.1f} MB are free there; the previous checkpoint ({previous}) is "
+            "intact - free space (or lower checkpoint.keep) and run again to resume")
 
     def restore_latest(self, template: Callable[[LoopState], dict], data: Any,
                        frozen: dict) -> tuple[dict, LoopState] | None:
@@ -370,8 +370,10 @@ def read(workdir: str | Path, which: str | int = "best", source: Source | None =
         try:
             variables = source.variables()
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"{root / str(step)} does not store the weights frozen for the whole run; they "
-                                  f"come from {source.name}, which does not load here ({_reason(e)})") from e
+            raise CheckpointError(
+                f"{root / str(step)} does not store the weights frozen for the whole run; they come from "
+                f"{source.name}, which does not load here ({_reason(e)}); point model.pretrained in config.json at a "
+                "copy of it (runs that must travel: checkpoint.store_frozen=True)") from e
         names = list(frozen["leaves"])
         check_fingerprint(frozen, fingerprint(variables, names, source.name))
         picked = {k: v for k, v in traverse_util.flatten_dict(variables).items() if optim.path_str(k) in names}

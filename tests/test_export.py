@@ -2,6 +2,7 @@
 reloaded with the real torch / transformers / peft packages. DINOv2 is the session's `lora_run` (conftest);
 DINOv3 trains its own tiny run here."""
 import json
+from pathlib import Path
 import jax
 import shutil
 
@@ -118,15 +119,30 @@ def test_export_reloads_in_pytorch_and_peft(family_run, gz2_dir, tmp_path):
                                                          "v_proj"]
 
 
-def test_load_run_without_the_pretrained_weights(family_run, tmp_path, caplog):
-    """A run copied where its pretrained checkpoint is missing still loads (the architecture from the config)."""
-    _, workdir, _ = family_run
-    copy = tmp_path / "moved"
-    shutil.copytree(workdir, copy)
-    cfg = json.loads((copy / "config.json").read_text())
-    cfg["model"]["pretrained"] = str(tmp_path / "not_here")
-    (copy / "config.json").write_text(json.dumps(cfg))
-    a, b = run_io.load_run(workdir, "final"), run_io.load_run(copy, "final")
+def test_load_run_without_the_pretrained_weights(family_run, gz2_dir, tmp_path, caplog):
+    """A run copied where its pretrained checkpoint is missing: a lean checkpoint (the LoRA base not stored) is a
+    one-line error naming the source; with checkpoint.store_frozen=True it loads (the architecture from the config)."""
+    family, workdir, _ = family_run
+
+    def moved(run: Path) -> Path:
+        copy = tmp_path / f"moved_{run.name}"
+        shutil.copytree(run, copy)
+        cfg = json.loads((copy / "config.json").read_text())
+        cfg["model"]["pretrained"] = str(tmp_path / "not_here")
+        (copy / "config.json").write_text(json.dumps(cfg))
+        return copy
+
+    with pytest.raises(checkpoint.CheckpointError, match=r"does not store the weights frozen .* from "
+                                                         r"model.pretrained='.*not_here'.* does not load here") as e:
+        run_io.load_run(moved(workdir), "final")
+    assert "\n" not in str(e.value)
+    if family == "dinov3":
+        return  # one stored run is enough
+    c = run_io.load_config(workdir)
+    c.data.data_dir, c.train.epochs, c.eval.test_split = str(gz2_dir), 1, ""
+    c.checkpoint.store_frozen = True
+    Trainer(c, tmp_path / "stored").run()
+    a, b = run_io.load_run(tmp_path / "stored", "final"), run_io.load_run(moved(tmp_path / "stored"), "final")
     assert "not available" in caplog.text
     assert a.model == b.model
     x = np.zeros((1, 32, 32, 3), np.float32)
