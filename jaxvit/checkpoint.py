@@ -1,144 +1,385 @@
-"""Orbax checkpoints: resume points and the weights inference needs.
+"""Orbax checkpoints: one manager per run, one directory per saved step.
 
-    <workdir>/checkpoints/periodic/<step>/{state, data, meta}   resume points (the newest `keep`): the whole
-                                                               train state, the grain iterator, loop metadata
-    <workdir>/checkpoints/{best,final}/<step>/{variables, info} evaluation variables only (EMA weights when on;
-                                                               no optimizer state) and a JSON description
+    <workdir>/checkpoints/<step>/state    what training changes: trainable weights, optimizer state, EMA, mutable
+                                          collections, rng, step (+ the frozen weights when checkpoint.store_frozen)
+                                /data     the grain iterator (one file per process)
+                                /loop     the loop state (`LoopState`, JSON): phase, best metric and step, history, ...
+                                /frozen   fingerprint of the weights not stored (names, shapes, dtypes, CRC32)
 
-Orbax writes each checkpoint into a temporary directory and renames it when complete, so a killed run never
-leaves a corrupt one. The training batch at step t depends only on (seed, t), so a run resumed by a different
-number of processes (whose per-process iterator files do not match) restarts the data at the saved step.
-Workdirs of jaxvit before the task redesign (`best_acc`, `best_f1`, `final` holding a full `state`) still read.
+The newest `checkpoint.keep` steps are kept, plus the step recorded as `best` and the one recorded as `final` in
+the loop state, so rotation never deletes them. Weights frozen for the whole run (the LoRA base, a task's frozen
+models) are reloaded from their source (model.pretrained, or the initialisation from the run's seed) and checked
+against the fingerprint. `read(workdir, which)` is the one reader (evaluate, predict, export, tests).
+
+Orbax writes each step into a temporary directory and renames it when complete, so a killed save leaves the
+previous step intact; a step that does not restore (truncated file, missing item) is skipped by a resume with a
+warning and moved to <workdir>/broken_checkpoints/. The training batch at step t depends only on (seed, t), so a run
+resumed by another number of processes (whose iterator files do not match) restarts the data at the saved step.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from jaxvit import optim
 from jaxvit.data import pipeline
-from jaxvit.errors import MissingDataError
+from jaxvit.errors import DataError, MissingDataError, UserError
 
 log = logging.getLogger("jaxvit")
-INFERENCE = ("best", "final")
-OLD_NAMES = {"best": "best_acc"}  # the name an older workdir used
+ROLES = ("best", "final", "latest")
+
+
+class CheckpointError(UserError, OSError):
+    """A checkpoint that cannot be written (full disk, I/O error) or read (broken, missing, of an older layout)."""
+
+
+@dataclasses.dataclass
+class LoopState:
+    """What the loop needs besides the train state to continue exactly; JSON in each checkpoint."""
+
+    phase: int = 0  # index into the run's phases
+    phase_start: int = 0  # the step the phase began at
+    best: float | None = None  # best value of checkpoint.best_metric so far
+    best_step: int | None = None  # the step that reached it (kept by rotation)
+    since_best: int = 0  # evaluations without improvement (patience)
+    final_step: int | None = None  # set on the run's last checkpoint
+    history: list = dataclasses.field(default_factory=list)  # the rows of training_history.csv
+    sums: dict = dataclasses.field(default_factory=dict)  # train metric sums since the last evaluation
+    lr: float = 0.0  # learning rate of the last logged step
+    extra: dict = dataclasses.field(default_factory=dict)  # other JSON-able fields (e.g. a data fingerprint)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> LoopState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        extra = {**d.get("extra", {}), **{k: v for k, v in d.items() if k not in names}}
+        return cls(**{k: v for k, v in d.items() if k in names and k != "extra"}, extra=extra)
+
+
+# ------------------------------------------------------------------------------------------- frozen weights
+
+def cast_frozen(tree: dict, dtype: str) -> dict:
+    """Frozen matrices (ndim >= 2, floating) stored in model.frozen_dtype, as the train state holds them."""
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 2 else x, tree)
+
+
+def fingerprint(variables: dict, names: list[str], source: str, stored: bool = False) -> dict:
+    """{"source", "stored", "leaves": {name: [shape, dtype, crc32]}} of the leaves `names` of `variables` (as
+    loaded from `source`); `stored`: whether checkpoints store them anyway (checkpoint.store_frozen)."""
+    flat = {optim.path_str(k): v for k, v in traverse_util.flatten_dict(variables).items()}
+    leaves = {}
+    for n in names:
+        a = np.ascontiguousarray(jax.device_get(flat[n]))
+        leaves[n] = [list(a.shape), str(a.dtype), zlib.crc32(a.view(np.uint8).reshape(-1))]
+    return {"source": source, "stored": stored, "leaves": leaves}
+
+
+def check_fingerprint(saved: dict, now: dict) -> None:
+    """A one-line error when the frozen weights loaded now are not those the checkpoint was trained with."""
+    a, b = saved.get("leaves", {}), now.get("leaves", {})
+    differ = sorted(set(a) ^ set(b)) or [k for k in sorted(a) if a[k] != b[k]]
+    if differ:
+        raise DataError(f"the frozen weights loaded from {now['source']} differ from those the run was trained "
+                        f"with (from {saved['source']}): {len(differ)} of {len(a)} tensors, first {differ[0]!r}: "
+                        f"saved {a.get(differ[0])}, now {b.get(differ[0])}; restore the original weights file")
+
+
+def frozen_source(cfg) -> str:
+    """Where a run's weights frozen for the whole run come from, for messages."""
+    init = f"the initialisation of seed {cfg.seed}"
+    return f"model.pretrained={cfg.model.pretrained!r} (else {init})" if cfg.model.pretrained else init
+
+
+@dataclasses.dataclass
+class Source:
+    """The variables a run started from (`variables()` loads them), named for messages, and model.frozen_dtype."""
+
+    variables: Callable[[], dict]
+    name: str
+    frozen_dtype: str
+
+
+def _drop(tree: dict, names: list[str]) -> dict:
+    drop = {tuple(n.split("/")) for n in names}
+    return traverse_util.unflatten_dict({k: v for k, v in traverse_util.flatten_dict(tree).items()
+                                         if k not in drop})
+
+
+def lean(state: dict, frozen: dict) -> dict:
+    """The train state without the frozen leaves the fingerprint `frozen` lists (unless it says they are stored)."""
+    names = [] if frozen.get("stored", True) else list(frozen["leaves"])
+    return dict(state, frozen=_drop(state["frozen"], names)) if names else state
+
+
+def fill_frozen(state: dict, source_variables: dict, frozen_dtype: str) -> dict:
+    """A lean state completed with the frozen leaves of `source_variables` (cast as training cast them)."""
+    return dict(state, frozen=optim.combine(cast_frozen(source_variables, frozen_dtype), state["frozen"]))
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+def _nbytes(tree: Any) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "dtype"))
 
 
 def _abstract(tree: Any) -> Any:
     return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def _manager(root: Path, name: str, keep: int) -> ocp.CheckpointManager:
-    # Several processes: orbax names its barriers after the step ("5"), the same for every manager saving step 5
-    # at once; a per-manager prefix keeps them apart (else: a hang).
-    return ocp.CheckpointManager(root / name, options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True,
-        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)))
-
-
 class Checkpoints:
+    """A run's checkpoints (async orbax saves; errors of a save surface at the next save or `wait`)."""
+
     def __init__(self, root: str | Path, keep: int = 3):
         self.root = Path(root).absolute()  # orbax needs absolute paths
-        self.periodic = _manager(self.root, "periodic", keep)
-        self._inference: dict[str, ocp.CheckpointManager] = {}
+        _refuse_old_layout(self.root)
+        self.keep = keep
+        self.mngr = ocp.CheckpointManager(self.root, options=ocp.CheckpointManagerOptions(
+            create=True, cleanup_tmp_directories=True))  # a killed save's temporary directory is removed
+        self._pending: tuple[int, int] | None = None  # (step, bytes) of a save in flight
+        self._failed = False  # a save failed (and was reported): nothing more to wait for
 
-    def latest(self) -> int | None:
-        return self.periodic.latest_step()
+    def steps(self) -> list[int]:
+        return _steps(self.root)
 
-    def save(self, step: int, state: dict, data: Any, meta: dict) -> None:
-        """A resume point: state, the data iterator's position and the loop's metadata."""
-        if step in self.periodic.all_steps():
+    def save(self, step: int, state: dict, data: Any, loop: LoopState, frozen: dict) -> None:
+        """One step: the train state without the leaves `frozen` fingerprints, the iterator and the loop state;
+        older steps beyond `keep` that are neither best nor final are deleted."""
+        if step in self.mngr.all_steps():
             return
-        self.periodic.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         data=pipeline.iterator_save_args(data),
-                                                         meta=ocp.args.JsonSave(meta)))
+        stored = lean(state, frozen)
+        self.wait()  # the previous save's errors first
+        self._pending = (step, _nbytes(stored))
+        try:
+            self.mngr.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(stored), data=pipeline.iterator_save_args(data),
+                loop=ocp.args.JsonSave(loop.to_json()), frozen=ocp.args.JsonSave(frozen)))
+        except Exception as e:  # noqa: BLE001 - any write failure is reported the same way
+            raise self._write_error(e) from e
+        kept = set(sorted({*self.steps(), step})[-self.keep:]) | {loop.best_step, loop.final_step}
+        for old in self.mngr.all_steps():
+            if old not in kept:
+                self.mngr.delete(old)
 
-    def read_meta(self, step: int) -> dict:
-        return self.periodic.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    def wait(self) -> None:
+        """Completes the save in flight; a failure is a CheckpointError naming the directory and bytes needed."""
+        if self._failed:
+            return
+        try:
+            self.mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            raise self._write_error(e) from e
+        self._pending = None
 
-    def restore(self, step: int, template: dict, data: Any) -> dict:
-        """The state at `step`, shaped and sharded like `template`; the iterator is restored in place (from the
-        step alone when the checkpoint was written by another number of processes)."""
-        items = dict(state=ocp.args.StandardRestore(_abstract(template)))
-        own = self.root / "periodic" / str(step) / "data" / (
-            f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+    def _write_error(self, e: Exception) -> CheckpointError:
+        step, nbytes = self._pending or (None, 0)
+        self._pending, self._failed = None, True
+        free = shutil.disk_usage(self.root).free
+        previous = ([s for s in self.steps() if s != step] or ["none"])[-1]
+        return CheckpointError(
+            f"could not write checkpoint step {step} under {self.root} ({_reason(e)}): it needs about "
+            f"{nbytes / 1e6:.1f} MB, {free / 1e6:.1f} MB are free there; the previous checkpoint ({previous}) is "
+            "intact - free space (or lower checkpoint.keep) and run again to resume")
+
+    def restore_latest(self, template: Callable[[LoopState], dict], data: Any,
+                       frozen: dict) -> tuple[dict, LoopState] | None:
+        """(state, loop state) of the newest step that restores, shaped and sharded like `template(loop state)`
+        (whose frozen leaves fill what the checkpoint does not store; `frozen`: their fingerprint now); the iterator
+        is restored in place. Newer steps that do not restore are reported and moved to broken_checkpoints/.
+        None: no checkpoint."""
+        for step in reversed(self.steps()):
+            try:
+                out = self._restore(step, template, data, frozen)
+            except DataError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any unreadable step is skipped the same way
+                out, reason = None, _reason(e)
+            if _everywhere(out is not None):
+                return out
+            older = [s for s in self.steps() if s < step]
+            log.warning("checkpoint %s does not restore (%s); moved to broken_checkpoints/, resuming from %s",
+                        self.root / str(step), reason if out is None else "on another process",
+                        f"step {older[-1]}" if older else "the start")
+            self._set_aside(step)
+        return None
+
+    def _restore(self, step: int, template: Callable[[LoopState], dict], data: Any,
+                 frozen: dict) -> tuple[dict, LoopState]:
+        about = self.mngr.restore(step, args=ocp.args.Composite(frozen=ocp.args.JsonRestore(),
+                                                                loop=ocp.args.JsonRestore()))
+        if not about["frozen"].get("stored", True):
+            check_fingerprint(about["frozen"], frozen)
+        loop = LoopState.from_json(about["loop"])
+        template = template(loop)
+        items = dict(state=ocp.args.StandardRestore(_abstract(lean(template, about["frozen"]))))
+        own = self.root / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         if own.exists():
             items["data"] = pipeline.iterator_restore_args(data)
-        state = self.periodic.restore(step, args=ocp.args.Composite(**items))["state"]
+        out = self.mngr.restore(step, args=ocp.args.Composite(**items))
         if "data" not in items:
             log.info("checkpoint %d was written by another number of processes: data resume from its step", step)
             data.set_state({"step": step})
-        return state
+        state = dict(out["state"], frozen=optim.combine(template["frozen"], out["state"]["frozen"]))
+        return state, loop
 
-    def save_inference(self, name: str, step: int, variables: dict, info: dict) -> None:
-        """`name` (best | final) at `step`: evaluation variables and a JSON description; one kept per name."""
-        if name not in self._inference:
-            self._inference[name] = _manager(self.root, name, 1)
-        mngr = self._inference[name]
-        if step in mngr.all_steps():
-            return
-        mngr.save(step, args=ocp.args.Composite(variables=ocp.args.StandardSave(variables),
-                                                info=ocp.args.JsonSave(info)))
+    def _set_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            target = self.root.parent / "broken_checkpoints" / str(step)
+            target.parent.mkdir(exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
+            (self.root / str(step)).rename(target)
+        _everywhere(True)  # a barrier
+        self.mngr.reload()
 
-    def wait(self) -> None:
-        for m in [self.periodic, *self._inference.values()]:
-            m.wait_until_finished()
+
+def _everywhere(ok: bool) -> bool:
+    """`ok` on every process."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+def _reason(e: Exception) -> str:
+    text = str(e)
+    if "No space left on device" in text or getattr(e, "errno", None) == 28:
+        return "no space left on device"
+    return f"{type(e).__name__}: {(text.splitlines() or [''])[0][:200]}"
 
 
 # ------------------------------------------------------------------------------------------- reading
 
-def steps(directory: Path) -> list[int]:
-    """Finalised orbax steps under `directory` (temporary, unfinished saves have non-numeric names)."""
-    if not directory.is_dir():
+@dataclasses.dataclass
+class Saved:
+    """One checkpoint read back as numpy: the train state (frozen leaves filled from their source when asked),
+    the loop state and the frozen-weights fingerprint."""
+
+    step: int
+    which: str  # what was asked: best | final | latest | step
+    state: dict
+    loop: LoopState
+    frozen: dict
+    directory: Path
+
+    @property
+    def ema(self) -> bool:
+        return "ema" in self.state
+
+    def variables(self) -> dict:
+        return eval_variables(self.state)
+
+
+def steps(workdir: str | Path) -> list[int]:
+    """The saved steps of a run (finished or not, readable or not)."""
+    return _steps(Path(workdir).absolute() / "checkpoints")
+
+
+def _steps(root: Path) -> list[int]:
+    """Finalised steps (orbax's temporary directories have non-numeric names)."""
+    if not root.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and any(p.iterdir()))
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and p.is_dir())
 
 
-def find(workdir: str | Path, checkpoint: str | int = "best") -> tuple[str, int, Path]:
-    """(name, step, directory) of a checkpoint name (its newest step) or a step number (of any kind)."""
-    root = Path(workdir).absolute() / "checkpoints"
-    kinds = {d.name: steps(d) for d in sorted(root.iterdir())} if root.is_dir() else {}
-    available = ", ".join(f"{k} {v}" for k, v in kinds.items() if v) or "none"
-    spec = str(checkpoint)
-    if spec.isdigit():
-        step = int(spec)
-        name = next((k for k in ("periodic", *kinds) if step in kinds.get(k, [])), None)
-    else:
-        name = spec if kinds.get(spec) or spec not in OLD_NAMES else OLD_NAMES[spec]
-        step = (kinds.get(name) or [None])[-1]
-    if name is None or step is None:
-        raise MissingDataError(f"no checkpoint {spec!r} under {root}; available: {available}")
-    return name, step, root / name / str(step)
+def _refuse_old_layout(root: Path) -> None:
+    old = [n for n in ("periodic", "best", "final", "best_acc", "best_f1") if (root / n).is_dir()]
+    if old:
+        raise CheckpointError(f"{root} holds checkpoints of an older jaxvit ({', '.join(old)}/<step>); this version "
+                              "reads <workdir>/checkpoints/<step>: train the run again (or read it with the jaxvit "
+                              "release it was trained with)")
 
 
-def _restore_numpy(directory: Path, keys: tuple[str, ...] | None = None) -> dict:
-    """A saved pytree as numpy arrays (only `keys` of its top level, when given), on any number of devices."""
-    ckptr = ocp.PyTreeCheckpointer()
+def _read_step(directory: Path) -> tuple[dict, LoopState, dict]:
     absl_log = logging.getLogger("absl")  # orbax warns that the step's metadata is one directory up
     level, absl_log.level = absl_log.level, logging.ERROR
     try:
-        saved = ckptr.metadata(directory).item_metadata
-        item = {k: saved[k] for k in (keys or saved.keys()) if k in saved}
+        json_of = lambda item: ocp.JsonCheckpointHandler().restore(directory / item)  # noqa: E731
+        ckptr = ocp.PyTreeCheckpointer()
+        item = ckptr.metadata(directory / "state").item_metadata
         restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        return ckptr.restore(directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                                    partial_restore=True))
+        state = ckptr.restore(directory / "state", args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
+        return state, LoopState.from_json(json_of("loop")), json_of("frozen")
     finally:
         absl_log.level = level
 
 
-def read_variables(directory: Path) -> tuple[dict, int, bool]:
-    """(evaluation variables, step, whether they are EMA weights) of a checkpoint directory: an inference save,
-    or a resume point / older named checkpoint (its `state`, without the optimizer state)."""
-    if (directory / "variables").is_dir():
-        info = ocp.JsonCheckpointHandler().restore(directory / "info") if (directory / "info").is_dir() else {}
-        return _restore_numpy(directory / "variables"), int(directory.name), bool(info.get("ema", False))
-    state = _restore_numpy(directory / "state", ("step", "trainable", "frozen", "ema", "mutable"))
-    return eval_variables(state), int(directory.name), "ema" in state
+def _try_read(directory: Path) -> tuple[dict, LoopState, dict] | str:
+    try:
+        return _read_step(directory)
+    except Exception as e:  # noqa: BLE001 - an unreadable checkpoint, whatever the reason
+        return _reason(e)
+
+
+def read(workdir: str | Path, which: str | int = "best", source: Source | None = None) -> Saved:
+    """The checkpoint `which` of a run: "best" | "final" | "latest" (the newest that restores) | a step.
+    `source` (default: from the run's config.json) fills the frozen weights a lean checkpoint does not store;
+    they must match its fingerprint."""
+    root = Path(workdir).absolute() / "checkpoints"
+    _refuse_old_layout(root)
+    steps = _steps(root)
+    spec = str(which)
+    if spec not in ROLES and not spec.isdigit():
+        raise MissingDataError(f"checkpoint {spec!r}: use best, final, latest or a step number")
+    if not steps:
+        raise MissingDataError(f"no checkpoint under {root}: has the run saved one yet?")
+    newest, broken = None, []
+    for step in reversed(steps):  # the newest that restores: the latest, and the loop state naming best / final
+        got = _try_read(root / str(step))
+        if isinstance(got, str):
+            broken.append(f"{step} ({got})")
+            continue
+        newest = (step, got)
+        break
+    if newest is None:
+        raise CheckpointError(f"no checkpoint under {root} restores: " + "; ".join(broken))
+    if broken:
+        log.warning("checkpoint(s) %s under %s do not restore; the newest good one is step %d", ", ".join(broken),
+                    root, newest[0])
+    loop = newest[1][1]
+    step = dict(latest=newest[0], best=loop.best_step, final=loop.final_step).get(spec, int(spec) if
+                                                                                   spec.isdigit() else None)
+    good = lambda: [s for s in steps if s != step and not isinstance(_try_read(root / str(s)), str)]  # noqa: E731
+    if step is None and broken:
+        raise CheckpointError(f"checkpoint {spec!r} of {root}: the newest checkpoints, which would name it, do not "
+                              f"restore: {'; '.join(broken)}; good checkpoints: {', '.join(map(str, good()))} (pass "
+                              "one as the checkpoint)")
+    if step not in steps:
+        available = f"steps {', '.join(map(str, steps))}; best {loop.best_step}; final {loop.final_step}"
+        raise MissingDataError(f"no checkpoint {spec!r} under {root}; available: {available}")
+    got = newest[1] if step == newest[0] else _try_read(root / str(step))
+    if isinstance(got, str):
+        raise CheckpointError(f"checkpoint {spec} ({root / str(step)}) does not restore ({got}); good checkpoints: "
+                              f"{', '.join(map(str, good())) or 'none'} (pass one as the checkpoint)")
+    state, loop, frozen = got
+    if not frozen.get("stored", True):
+        if source is None:
+            from jaxvit import run_io
+            source = run_io.source_of(workdir)
+        try:
+            variables = source.variables()
+        except (OSError, ValueError) as e:
+            raise CheckpointError(
+                f"{root / str(step)} does not store the weights frozen for the whole run; they come from "
+                f"{source.name}, which does not load here ({_reason(e)}); point model.pretrained in config.json at a "
+                "copy of it (runs that must travel: checkpoint.store_frozen=True)") from e
+        names = list(frozen["leaves"])
+        check_fingerprint(frozen, fingerprint(variables, names, source.name))
+        picked = {k: v for k, v in traverse_util.flatten_dict(variables).items() if optim.path_str(k) in names}
+        state = fill_frozen(state, jax.device_get(traverse_util.unflatten_dict(picked)), source.frozen_dtype)
+        state = jax.tree_util.tree_map(np.asarray, state)
+    return Saved(step, spec if spec in ROLES else "step", state, loop, frozen, root / str(step))
 
 
 def eval_variables(state: dict) -> dict:

@@ -105,7 +105,8 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
 
     c.checkpoint = mlc.ConfigDict()
     c.checkpoint.every_steps = 0  # also save a resume point every N steps (0 = only at evaluations)
-    c.checkpoint.keep = 3  # resume points kept
+    c.checkpoint.keep = 3  # newest steps kept (besides the best and final ones)
+    c.checkpoint.store_frozen = False  # also store weights frozen for the whole run (else: reloaded from their source)
     c.checkpoint.best_metric = ""  # "<split>/<metric>" picking the best checkpoint; "" = the task's
     c.checkpoint.best_mode = ""  # max | min; "" = the task's
 

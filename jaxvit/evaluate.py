@@ -1,6 +1,6 @@
 """Evaluate a trained run (or an ensemble of runs of one task) on a split; writes the task's report files.
 
-    python -m jaxvit.evaluate --workdir=W --split=test [--checkpoint=best|final|periodic|STEP]
+    python -m jaxvit.evaluate --workdir=W --split=test [--checkpoint=best|final|latest|STEP]
         [--output_dir=D] [--batch_size=N] [--data_dir=DIR] [--tta=hflip,vflip,rot90,crops5]
     python -m jaxvit.evaluate --workdir=W1 --workdir=W2 ...      # ensemble: the runs' outputs averaged
 
@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m jaxvit.evaluate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", action="append", required=True, help="run directory; repeat for an ensemble")
     ap.add_argument("--split", default="test")
-    ap.add_argument("--checkpoint", default="best", help="best | final | periodic | a step")
+    ap.add_argument("--checkpoint", default="best", help="best | final | latest | a step")
     ap.add_argument("--output_dir", default=None, help="default: <workdir>/eval_<split>")
     ap.add_argument("--batch_size", type=int, default=None, help="default: the run's eval.batch_size")
     ap.add_argument("--data_dir", default=None, help="default: the run's data.data_dir")

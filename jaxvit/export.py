@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     ap = argparse.ArgumentParser(prog="python -m jaxvit.export", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--output", required=True, help="export directory")
-    ap.add_argument("--checkpoint", default="best", help="best | final | periodic | a step")
+    ap.add_argument("--checkpoint", default="best", help="best | final | latest | a step")
     ap.add_argument("--no_check", action="store_true", help="skip reloading the export with torch/transformers")
     ap.add_argument("--tolerance", type=float, default=1e-4,
                     help="largest accepted relative difference in the check")

@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     src.add_argument("--image", help="one image: writes JSON")
     src.add_argument("--image_dir", help="every image below this directory: writes CSV")
     ap.add_argument("--output", required=True, help="R.json for --image, R.csv for --image_dir")
-    ap.add_argument("--checkpoint", default="best", help="best | final | periodic | a step")
+    ap.add_argument("--checkpoint", default="best", help="best | final | latest | a step")
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--attention_dir", default=None, help="also write attention-map overlays (PNG) here")
     ap.add_argument("--attention_max", type=int, default=16, help="at most this many overlays")

@@ -1,12 +1,11 @@
 """Reading a training run's outputs: config, task, model and the weights of one checkpoint.
 
-    run = load_run("runs/gz2", "best")     # or "final", "periodic" (newest resume point), or a step: 1200
+    run = load_run("runs/gz2", "best")     # or "final", "latest" (newest checkpoint), or a step: 1200
     logits = run.model.apply(run.variables, images)
 
 `variables` are the evaluation weights ({"params": {"backbone", "head"}[, "lora"][, other collections]}): the
-EMA weights when the run used EMA, exactly as the train loop evaluates. Workdirs written before the task
-redesign (checkpoints `best_acc` / `best_f1` / `final` with a full train state) load too; "best" finds their
-`best_acc`.
+EMA weights when the run used EMA, exactly as the train loop evaluates; weights frozen for the whole run come
+from their source (model.pretrained), checked against the checkpoint's fingerprint (`jaxvit.checkpoint.read`).
 """
 from __future__ import annotations
 
@@ -37,7 +36,7 @@ class Run:
     task: Task
     model: Any
     variables: dict
-    checkpoint: str  # "<name>/<step>", e.g. "best/1200"
+    checkpoint: str  # "<which>/<step>", e.g. "best/1200", "step/600"
     step: int
     ema: bool  # whether `variables` hold EMA weights
 
@@ -136,21 +135,37 @@ def _check_matches(template: dict, variables: dict, where: str) -> None:
                          + "\n  ".join(problems[:20]))
 
 
-def load_run(workdir: str | Path, checkpoint_name: str | int = "best", data_dir: str | None = None) -> Run:
-    """Config, task, model and evaluation variables of a checkpoint (see `jaxvit.checkpoint.find`).
-    `data_dir` replaces the data directory recorded in the config."""
-    workdir = Path(workdir).absolute()
+def _task_of(workdir: Path, data_dir: str | None = None) -> tuple[mlc.ConfigDict, Task]:
     cfg = load_config(workdir)
     if data_dir:
         cfg.data.data_dir = str(data_dir)
     cfg.data.demo = ""  # never re-write a data set when only reading a run
-    task = tasks.create(cfg, workdir)
-    name, step, directory = checkpoint.find(workdir, checkpoint_name)
+    return cfg, tasks.create(cfg, workdir)
+
+
+def _source(cfg: mlc.ConfigDict, task: Task) -> checkpoint.Source:
+    def build() -> dict:
+        with _quiet(log, logging.WARNING):
+            return task.build(jax.random.key(cfg.seed))[1]
+    return checkpoint.Source(build, checkpoint.frozen_source(cfg), cfg.model.frozen_dtype)
+
+
+def source_of(workdir: str | Path) -> checkpoint.Source:
+    """What the run started from (pretrained weights, the seed's initialisation), for `checkpoint.read`."""
+    return _source(*_task_of(Path(workdir).absolute()))
+
+
+def load_run(workdir: str | Path, which: str | int = "best", data_dir: str | None = None) -> Run:
+    """Config, task, model and evaluation variables of a checkpoint (best | final | latest | a step, see
+    `jaxvit.checkpoint.read`). `data_dir` replaces the data directory recorded in the config."""
+    workdir = Path(workdir).absolute()
+    cfg, task = _task_of(workdir, data_dir)
+    saved = checkpoint.read(workdir, which, _source(cfg, task))
     model, template = build_for_run(cfg, task)
-    variables, step, ema = checkpoint.read_variables(directory)
-    _check_matches(template, variables, str(directory))
-    log.info("loaded %s (%s, step %d%s)", workdir, name, step, ", EMA weights" if ema else "")
-    return Run(workdir, cfg, task, model, variables, f"{name}/{step}", step, ema)
+    variables = saved.variables()
+    _check_matches(template, variables, str(saved.directory))
+    log.info("loaded %s (%s, step %d%s)", workdir, saved.which, saved.step, ", EMA weights" if saved.ema else "")
+    return Run(workdir, cfg, task, model, variables, f"{saved.which}/{saved.step}", saved.step, saved.ema)
 
 
 def describe(run: Run) -> dict[str, Any]:

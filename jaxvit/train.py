@@ -24,11 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from clu import parameter_overview
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxvit import config as config_lib
 from jaxvit import debug_nans, lora, optim, sharding, tasks, xla_options
-from jaxvit.checkpoint import Checkpoints, eval_variables, find, read_variables
+from jaxvit import checkpoint
+from jaxvit.checkpoint import Checkpoints, LoopState, cast_frozen, eval_variables
 from jaxvit.data import pipeline
 from jaxvit.errors import ConfigError
 from jaxvit.files import atomic_write, write_csv
@@ -94,9 +96,9 @@ def init_state(cfg, variables: dict, rule: Callable[[str], bool], tx: optax.Grad
     """(state, its shardings): created straight into the mesh layout (FSDP / tensor parallel from config.mesh).
     Trainable leaves are float32; frozen matrices are stored in model.frozen_dtype."""
     trainable, frozen, mutable = partition(variables, rule)
-    cast = lambda tree, dt, ndim: jax.tree_util.tree_map(
-        lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= ndim else x, tree)
-    trainable, frozen = cast(trainable, jnp.float32, 0), cast(frozen, jnp.dtype(cfg.model.frozen_dtype), 2)
+    trainable = jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, trainable)
+    frozen = cast_frozen(frozen, cfg.model.frozen_dtype)
 
     def init(trainable, frozen, mutable):
         state = dict(step=jnp.asarray(step, jnp.int32), rng=jax.random.key_data(jax.random.key(cfg.seed + 1)),
@@ -204,6 +206,16 @@ class Trainer:
         self.best_sign = 1.0 if (cfg.checkpoint.best_mode or self.task.best_mode) == "max" else -1.0
         self.writer = create_writer(self.workdir, self.is_main)
         self.ckpts = Checkpoints(self.workdir / "checkpoints", keep=cfg.checkpoint.keep)
+        self.frozen = self._frozen_fingerprint()
+
+    def _frozen_fingerprint(self) -> dict:
+        """The fingerprint of the weights no phase trains (not stored in checkpoints unless store_frozen)."""
+        c = self.cfg
+        rules = [optim.trainable_rule(p.trainable, c, self.task.head, self.task.frozen) for p in self.phases]
+        params = {k: v for k, v in self.variables.items() if k in PARAM_COLLECTIONS}
+        names = [optim.path_str(k) for k in traverse_util.flatten_dict(params)
+                 if not any(rule(optim.path_str(k)) for rule in rules)]
+        return checkpoint.fingerprint(self.variables, names, checkpoint.frozen_source(c), c.checkpoint.store_frozen)
 
     def _preflight(self) -> None:
         c = self.cfg
@@ -236,11 +248,11 @@ class Trainer:
                                    out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
         return state, compiled, mults
 
-    def _phase_over(self, meta: dict, step: int) -> bool:
-        phase, last = self.phases[meta["phase"]], meta["phase"] == len(self.phases) - 1
+    def _phase_over(self, loop: LoopState, step: int) -> bool:
+        phase, last = self.phases[loop.phase], loop.phase == len(self.phases) - 1
         by_length = not last and phase.length(self.steps_per_epoch) and (
-            step - meta["phase_start"] >= phase.length(self.steps_per_epoch))
-        patience_over = phase.patience and meta["since_best"] >= phase.patience and step >= self.cfg.train.min_steps
+            step - loop.phase_start >= phase.length(self.steps_per_epoch))
+        patience_over = phase.patience and loop.since_best >= phase.patience and step >= self.cfg.train.min_steps
         return bool(by_length or patience_over)
 
     # -- evaluation
@@ -258,29 +270,45 @@ class Trainer:
                 (self.workdir / name).write_text(json.dumps(content, indent=2))
         data = pipeline.train_iterator(self.train_src, self.task.train_transform(), c.data, global_batch=t.batch_size,
                                        seed=c.seed, batch_transform=self.task.batch_transform())
-        meta = dict(phase=0, phase_start=0, best=None, since_best=0, history=[], sums={}, lr=0.0)
-        latest = self.ckpts.latest()
-        if latest is not None:
-            meta = self.ckpts.read_meta(latest)
-        state, step_fn, mults = self._phase_setup(meta["phase"], self.variables, meta["phase_start"])
-        if latest is not None:
-            state = self.ckpts.restore(latest, state, data)
-            log.info("resumed from step %d (phase %s)", latest, self.phases[meta["phase"]].name)
+        setup = {}
+
+        def template(loop: LoopState) -> dict:  # the state of the checkpoint's phase, to restore into
+            setup["phase"] = self._phase_setup(loop.phase, self.variables, loop.phase_start)
+            return setup["phase"][0]
+        resumed = self.ckpts.restore_latest(template, data, self.frozen)
+        state, loop = resumed or (template(LoopState()), LoopState())
+        _, step_fn, mults = setup["phase"]
+        if resumed:
+            step = int(state["step"])
+            log.info("resumed from step %d (phase %s)", step, self.phases[loop.phase].name)
+            last = loop.phase == len(self.phases) - 1
+            if step < self.total_steps and not (last and self._phase_over(loop, step)):
+                loop.final_step = None  # a finished run given more steps (not one that stopped early)
+            if loop.final_step is None and self._phase_over(loop, step) and not last:
+                state, step_fn = self._next_phase(state, loop, step)  # saved just before its phase switch
         self._log_overview(state, mults)
-        if c.eval.at_start and latest is None and c.eval.val_split:
-            self._eval_point(state, meta, 0, 0.0)  # the starting point of the curves (k-NN of the initial teacher)
+        if c.eval.at_start and not resumed and c.eval.val_split:
+            self._eval_point(state, loop, 0, 0.0)  # the starting point of the curves (k-NN of the initial teacher)
+            if loop.best_step == 0:
+                self.save(0, state, data, loop)
         try:
-            state, step = self._loop(state, step_fn, data, meta)
-            self.ckpts.save_inference("final", step, eval_variables(state), self._info(step, meta))
+            if loop.final_step is None:
+                state = self._loop(state, step_fn, data, loop)
         finally:  # a run that stops on an error still completes the checkpoints it started
-            self.ckpts.wait()
-            data.close()
-        if self.is_main and meta["history"]:
+            try:
+                self.ckpts.wait()
+            finally:
+                data.close()
+        if self.is_main and loop.history:
             plot_training_curves(self.workdir / "training_history.csv", self.workdir / "training_curves.png")
         return self._final_test(state)
 
-    def _loop(self, state: dict, step_fn: Callable, data: Any, meta: dict) -> tuple[dict, int]:
-        """Steps until the end (or an early stop): logs, evaluations, phase switches, resume points."""
+    def save(self, step: int, state: dict, data: Any, loop: LoopState) -> None:
+        """A resume point: the train state (without weights frozen for the whole run), data position, loop state."""
+        self.ckpts.save(step, state, data, loop, self.frozen)
+
+    def _loop(self, state: dict, step_fn: Callable, data: Any, loop: LoopState) -> dict:
+        """Steps until the end (or an early stop): logs, evaluations, resume points, phase switches."""
         c, t = self.cfg, self.cfg.train
         step = int(state["step"])
         pending, t_log, n_log, t_eval, step_eval = [], time.time(), 0, time.time(), step
@@ -297,36 +325,38 @@ class Trainer:
             save_now = c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0
             if step % t.log_every_steps == 0 or at_eval or save_now:
                 ips = n_log * t.batch_size / (time.time() - t_log)
-                self._log_train(jax.device_get(pending), meta, step, ips)  # the one host sync per log period
+                self._log_train(jax.device_get(pending), loop, step, ips)  # the one host sync per log period
                 pending, t_log, n_log = [], time.time(), 0
             if at_eval:
-                self._eval_point(state, meta, step, (step - step_eval) * t.batch_size / (time.time() - t_eval))
+                self._eval_point(state, loop, step, (step - step_eval) * t.batch_size / (time.time() - t_eval))
                 t_eval, step_eval = time.time(), step
-            stop = self._phase_over(meta, step) and meta["phase"] == len(self.phases) - 1
+            stop = self._phase_over(loop, step) and loop.phase == len(self.phases) - 1
             if stop:
                 log.info("stopping early at step %d: %s has not improved for %d evaluations", step,
-                         self.best_metric, meta["since_best"])
-            elif self._phase_over(meta, step):
-                state, step_fn = self._next_phase(state, meta, step)
-            if at_eval or save_now or stop:
-                self.ckpts.save(step, state, data, meta)
-            if stop:
+                         self.best_metric, loop.since_best)
+            if stop or step == self.total_steps:
+                loop.final_step = step
+            if at_eval or save_now or loop.final_step:  # before a phase switch: the state just evaluated
+                self.save(step, state, data, loop)
+            if loop.final_step:
                 break
-        return state, step
+            if self._phase_over(loop, step):
+                state, step_fn = self._next_phase(state, loop, step)
+        return state
 
-    def _eval_point(self, state: dict, meta: dict, step: int, ips: float) -> None:
-        """Validation, a history row, the best checkpoint."""
+    def _eval_point(self, state: dict, loop: LoopState, step: int, ips: float) -> None:
+        """Validation, a history row, the best step."""
         c = self.cfg
         val = self.evaluate(state, c.eval.val_split) if c.eval.val_split else {}
-        sums = meta["sums"]
+        sums = loop.sums
         n = max(sums.pop("steps", 0), 1)
-        row = dict(epoch=_epochs(step, self.steps_per_epoch), step=step, phase=self.phases[meta["phase"]].name,
+        row = dict(epoch=_epochs(step, self.steps_per_epoch), step=step, phase=self.phases[loop.phase].name,
                    **{f"train_{k}": v / n for k, v in sums.items()},
                    **{f"val_{k}": val[k] for k in self.task.history_metrics if k in val},
-                   lr=meta["lr"], images_per_s=ips)
-        meta["sums"] = {}
-        meta["history"].append(row)
-        self._write_history(meta["history"])
+                   lr=loop.lr, images_per_s=ips)
+        loop.sums = {}
+        loop.history.append(row)
+        self._write_history(loop.history)
         self.writer.write_scalars(step, {f"eval/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
         log.info("step %d (epoch %s): %s", step, row["epoch"], ", ".join(
             f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_")))
@@ -334,21 +364,15 @@ class Trainer:
         value = {"val": val}.get(split, {}).get(key)
         if value is None:
             return
-        improved = meta["best"] is None or self.best_sign * (value - meta["best"]) > 0
-        meta["since_best"] = 0 if improved else meta["since_best"] + 1
+        improved = loop.best is None or self.best_sign * (value - loop.best) > 0
+        loop.since_best = 0 if improved else loop.since_best + 1
         if improved:
-            meta["best"] = float(value)
-            self.ckpts.save_inference("best", step, eval_variables(state), self._info(step, meta))
+            loop.best, loop.best_step = float(value), step
 
-    def _info(self, step: int, meta: dict) -> dict:
-        """What an inference checkpoint says about itself (the config makes it self-contained)."""
-        return dict(step=step, task=self.cfg.task, metric=self.best_metric, best=meta["best"],
-                    ema=bool(self.cfg.train.ema_decay), config=json.loads(self.cfg.to_json_best_effort()))
-
-    def _next_phase(self, state: dict, meta: dict, step: int):
-        index = meta["phase"] + 1
+    def _next_phase(self, state: dict, loop: LoopState, step: int):
+        index = loop.phase + 1
         log.info("phase %r from step %d", self.phases[index].name, step)
-        meta.update(phase=index, phase_start=step, since_best=0)
+        loop.phase, loop.phase_start, loop.since_best = index, step, 0
         variables = optim.combine(optim.combine(state["trainable"], state["frozen"]), state.get("mutable", {}))
         state, step_fn, mults = self._phase_setup(index, variables, step)  # EMA restarts from the weights
         self._log_overview(state, mults)
@@ -362,7 +386,8 @@ class Trainer:
         if name == "final":
             variables = eval_variables(state)
         else:
-            variables = read_variables(find(self.workdir, name)[2])[0]
+            source = checkpoint.Source(lambda: self.variables, checkpoint.frozen_source(c), c.model.frozen_dtype)
+            variables = checkpoint.read(self.workdir, name, source).variables()
             variables = jax.device_put(variables, sharding.state_shardings(variables, self.mesh,
                                                                            c.mesh.fsdp_min_size))
         results = self.task.evaluate(self.model, variables, c.eval.test_split, self.mesh,
@@ -376,23 +401,23 @@ class Trainer:
     def _global_batch(self, local: dict) -> dict:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
 
-    def _log_train(self, ms: list[dict], meta: dict, step: int, ips: float) -> None:
-        """Console + TensorBoard for one log period; sums since the last evaluation go into `meta`, so a resumed
-        run reports the same means."""
+    def _log_train(self, ms: list[dict], loop: LoopState, step: int, ips: float) -> None:
+        """Console + TensorBoard for one log period; sums since the last evaluation go into the loop state, so a
+        resumed run reports the same means."""
         names = [k for k in ms[0] if k not in ("nonfinite", "bad", "lr", "grad_norm")]
-        sums = meta["sums"]
+        sums = loop.sums
         for m in ms:
             for k in names:
                 sums[k] = sums.get(k, 0.0) + (float(m[k]) if np.isfinite(m[k]) else 0.0)
             sums["steps"] = sums.get("steps", 0) + 1
-        meta["lr"] = float(ms[-1]["lr"])
+        loop.lr = float(ms[-1]["lr"])
         agg = {k: float(np.mean([m[k] for m in ms])) for k in (*names, "grad_norm")}
         nonfinite, bad = int(sum(m["nonfinite"] for m in ms)), int(sum(m["bad"] for m in ms))
         self.writer.write_scalars(step, {"train/" + k: v for k, v in agg.items()} | {
-            "train/lr": meta["lr"], "train/images_per_s": ips})
+            "train/lr": loop.lr, "train/images_per_s": ips})
         eta = (self.total_steps - step) * self.cfg.train.batch_size / ips
         log.info("step %d/%d (epoch %s) %s lr %.2e %.1f img/s ETA %s%s", step, self.total_steps,
-                 _epochs(step, self.steps_per_epoch), " ".join(f"{k} {agg[k]:.4f}" for k in names), meta["lr"],
+                 _epochs(step, self.steps_per_epoch), " ".join(f"{k} {agg[k]:.4f}" for k in names), loop.lr,
                  ips, _hms(eta), f" ({bad} unreadable examples replaced)" if bad else "")
         if nonfinite:
             msg = (f"{nonfinite} step(s) before step {step} had a non-finite loss or gradient; their updates were "

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers.tiny import ROOT, tiny_config
 
-from jaxvit import inference, run_io
+from jaxvit import checkpoint, inference, run_io
 from jaxvit.tasks.biomass import maths
 from jaxvit.train import Trainer
 
@@ -88,12 +88,12 @@ def test_biomass_trains_with_aux_heads_and_writes_a_submission(pasture_dir, tmp_
                                               for r in sub)
     # An ensemble of the run and a copy whose best is another resume point averages their masses.
     import shutil
-    from jaxvit import checkpoint, evaluate
-    other = next(s for s in checkpoint.steps(tmp_path / "run" / "checkpoints" / "periodic") if s != run.step)
+    from jaxvit import evaluate
+    from helpers.tiny import set_best_step
+    other = next(s for s in checkpoint.steps(tmp_path / "run") if s != run.step)
     copy = tmp_path / "copy"
     shutil.copytree(tmp_path / "run", copy)
-    shutil.rmtree(copy / "checkpoints" / "best")
-    shutil.copytree(copy / "checkpoints" / "periodic" / str(other), copy / "checkpoints" / "best" / str(other))
+    set_best_step(copy, other)
     members = [run_io.load_run(w, "best") for w in (tmp_path / "run", copy)]
     assert members[0].step != members[1].step
     outs = [m.task.outputs(m.model, m.variables, m.task.source("test"), mesh)[0] for m in members]
@@ -210,7 +210,7 @@ def test_cross_validation_over_grouped_folds(pasture_dir, tmp_path):
         train, val = tasks.create(c).source("train"), tasks.create(c).source("val")
         assert not set(train.paths) & set(val.paths) and len(train) + len(val) == len(records)
         assert len(val) == int((folds == k).sum()) and result["folds"][k]["images"] == len(val)
-        assert (tmp_path / f"fold_{k}" / "checkpoints" / "best").is_dir()
+        assert checkpoint.read(tmp_path / f"fold_{k}", "best").step in checkpoint.steps(tmp_path / f"fold_{k}")
     saved = json.loads((tmp_path / "cv_results.json").read_text())
     r2 = [saved["folds"][str(k)]["val"]["weighted_r2"] for k in (0, 2)]
     assert saved["mean"]["weighted_r2"] == pytest.approx(np.mean(r2)) and saved["std"]["weighted_r2"] >= 0

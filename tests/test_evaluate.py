@@ -13,6 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import torch
+from flax import traverse_util
 from PIL import Image
 from scipy import ndimage
 from sklearn import metrics as skm
@@ -20,7 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from transformers import Dinov2Model
 
-from helpers.tiny import ROOT
+from helpers.tiny import ROOT, set_best_step
 from helpers.torch_models import tiny_hf_dinov2
 from jaxvit import checkpoint, evaluate, inference, optim, predict, probe, robustness, run_io
 from jaxvit.demos import write_digits
@@ -97,7 +98,7 @@ def test_evaluate_cli_writes_report_that_agrees_with_sklearn(lora_run, tmp_path)
     # The end-of-training test evaluation used the same (best) checkpoint, restored another way.
     at_end = json.loads((workdir / "eval_test" / "test_results.json").read_text())
     assert at_end["accuracy"] == saved["accuracy"] and at_end["loss"] == pytest.approx(saved["loss"], rel=1e-6)
-    _, best_step, _ = checkpoint.find(workdir, "best")
+    best_step = checkpoint.read(workdir, "best").step
     assert saved["models"] == [{"workdir": str(workdir), "checkpoint": f"best/{best_step}", "ema": True}]
     assert saved["split"] == "test"
 
@@ -107,12 +108,11 @@ def test_ensemble_averages_probabilities(lora_run, tmp_path):
     """An ensemble of the run and a copy whose `best` is an earlier resume point: the mean of their probabilities."""
     workdir, _ = lora_run
     classes = classes_of(workdir)
-    _, best_step, _ = checkpoint.find(workdir, "best")
-    other = next(s for s in checkpoint.steps(workdir / "checkpoints" / "periodic") if s != best_step)
+    best_step = checkpoint.read(workdir, "best").step
+    other = next(s for s in checkpoint.steps(workdir) if s != best_step)
     copy = tmp_path / "copy"
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("eval_*"))
-    shutil.rmtree(copy / "checkpoints" / "best")
-    shutil.copytree(workdir / "checkpoints" / "periodic" / str(other), copy / "checkpoints" / "best" / str(other))
+    set_best_step(copy, other)
     single = read_predictions(workdir / "eval_test" / "test_predictions.csv", classes)
     evaluate.main([f"--workdir={copy}", f"--output_dir={tmp_path / 'copy_eval'}"])
     member = read_predictions(tmp_path / "copy_eval" / "test_predictions.csv", classes)
@@ -133,32 +133,34 @@ def test_ensemble_averages_probabilities(lora_run, tmp_path):
 
 @pytest.mark.integration
 def test_load_run_restores_the_ema_weights_of_a_checkpoint(lora_run):
-    workdir, _ = lora_run
-    name, step, directory = checkpoint.find(workdir, "final")
-    assert (name, directory) == ("final", workdir / "checkpoints" / "final" / str(step))
+    workdir, cfg = lora_run
+    step = max(checkpoint.steps(workdir))
     by_name = run_io.load_run(workdir, "final")
-    by_step = run_io.load_run(workdir, step)  # a step number: the resume point of that step
-    assert by_name.checkpoint == f"final/{step}" and by_step.checkpoint == f"periodic/{step}"
+    by_step = run_io.load_run(workdir, step)  # a step number
+    assert by_name.checkpoint == f"final/{step}" and by_step.checkpoint == f"step/{step}"
     assert by_step.step == by_name.step == step and by_name.ema and by_step.ema
-    # The reference: the whole train state of the resume point, read with orbax directly.
-    mngr = ocp.CheckpointManager(workdir / "checkpoints" / "periodic")
+    # The reference: the stored (lean) train state read with orbax directly; the LoRA base, not stored, equals
+    # the pretrained weights it came from.
+    mngr = ocp.CheckpointManager(workdir / "checkpoints")
     full = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    want = optim.combine(full["ema"], full["frozen"])
-    leaves = lambda t: jax.tree_util.tree_leaves_with_path(t)
-    assert len(leaves(want)) == len(leaves(by_name.variables)) == len(leaves(by_step.variables))
-    for (path, a), (pb, b), (pc, c) in zip(leaves(want), leaves(by_name.variables), leaves(by_step.variables)):
-        assert path == pb == pc
-        np.testing.assert_array_equal(a, b, err_msg=str(path))
-        np.testing.assert_array_equal(a, c, err_msg=str(path))
+    want = {"/".join(k): v for k, v in traverse_util.flatten_dict(optim.combine(full["ema"], full["frozen"])).items()}
+    base = {"params/backbone/" + "/".join(k): v for k, v in traverse_util.flatten_dict(
+        load_pretrained(cfg.model.pretrained)[1]).items()}
+    assert not want.keys() & base.keys()
+    for run in (by_name, by_step):
+        got = {"/".join(k): v for k, v in traverse_util.flatten_dict(run.variables).items()}
+        assert got.keys() == want.keys() | base.keys()
+        for k, v in {**want, **base}.items():
+            np.testing.assert_array_equal(got[k], v, err_msg=k)
     ema_head, raw_head = (full[k]["params"]["head"]["out"]["kernel"] for k in ("ema", "trainable"))
     assert np.abs(ema_head - raw_head).max() > 0  # EMA weights, not the raw ones
     # "best" is the evaluation with the highest val accuracy (the first of equals).
     rows = history(workdir)
     acc = [float(r["val_accuracy"]) for r in rows]
     assert run_io.load_run(workdir, "best").step == int(rows[int(np.argmax(acc))]["step"])
-    for missing in ("best_loss", "best_f1", 999):
-        with pytest.raises(FileNotFoundError, match="available: .*final"):
-            checkpoint.find(workdir, missing)
+    for missing, message in (("best_loss", "use best, final, latest or a step"), (999, "available: steps .*final")):
+        with pytest.raises(FileNotFoundError, match=message):
+            checkpoint.read(workdir, missing)
 
 
 @pytest.mark.integration
@@ -194,7 +196,7 @@ def test_predict_cli_directory_with_corrupt_file(lora_run, tmp_path):
     assert one["class"] == classes[int(probs[0].argmax())] and one["class_index"] == int(probs[0].argmax())
     assert one["confidence"] == pytest.approx(probs[0].max(), abs=1e-5)
     np.testing.assert_allclose([one["probabilities"][c] for c in classes], probs[0], atol=1e-5)
-    _, best_step, _ = checkpoint.find(workdir, "best")
+    best_step = checkpoint.read(workdir, "best").step
     assert one["model"] == {"workdir": str(workdir), "checkpoint": f"best/{best_step}", "ema": True}
 
 
@@ -295,7 +297,7 @@ def test_probe_of_a_run_scores_its_own_head_as_evaluate_does(lora_run):
     workdir, _ = lora_run
     result = probe.main([f"--workdir={workdir}", "--num_workers=0", "--k=1", "--l2=1e-2", "--steps=10",
                          "--pool=cls_mean"])
-    _, best_step, _ = checkpoint.find(workdir, "best")
+    best_step = checkpoint.read(workdir, "best").step
     assert result["backbone"] == {"workdir": str(workdir), "checkpoint": f"best/{best_step}", "ema": True}
     assert result["classes"] == classes_of(workdir)
     assert {r: s["split"] for r, s in result["splits"].items()} == {"train": "train", "eval": "test", "val": "val"}

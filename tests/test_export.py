@@ -2,6 +2,7 @@
 reloaded with the real torch / transformers / peft packages. DINOv2 is the session's `lora_run` (conftest);
 DINOv3 trains its own tiny run here."""
 import json
+from pathlib import Path
 import jax
 import shutil
 
@@ -71,7 +72,7 @@ def test_export_reloads_in_pytorch_and_peft(family_run, gz2_dir, tmp_path):
     cfg = json.loads((out / "head_config.json").read_text())
     assert cfg["task"] == "classification" and cfg["classes"] == predictor.task.classes
     assert cfg["num_outputs"] == 5 and (cfg["hidden"], cfg["pool"]) == (list(spec["head_hidden"]), spec["pool"])
-    _, final_step, _ = checkpoint.find(workdir, "final")
+    final_step = max(checkpoint.steps(workdir))
     assert cfg["source"] == {"workdir": str(workdir), "checkpoint": f"final/{final_step}",
                              "ema": family == "dinov2"}  # the dinov2 run trains with EMA
     widths = [cfg["in_features"], *cfg["hidden"], cfg["num_outputs"]]
@@ -120,15 +121,30 @@ def test_export_reloads_in_pytorch_and_peft(family_run, gz2_dir, tmp_path):
 
 
 @pytest.mark.integration
-def test_load_run_without_the_pretrained_weights(family_run, tmp_path, caplog):
-    """A run copied where its pretrained checkpoint is missing still loads (the architecture from the config)."""
-    _, workdir, _ = family_run
-    copy = tmp_path / "moved"
-    shutil.copytree(workdir, copy)
-    cfg = json.loads((copy / "config.json").read_text())
-    cfg["model"]["pretrained"] = str(tmp_path / "not_here")
-    (copy / "config.json").write_text(json.dumps(cfg))
-    a, b = run_io.load_run(workdir, "final"), run_io.load_run(copy, "final")
+def test_load_run_without_the_pretrained_weights(family_run, gz2_dir, tmp_path, caplog):
+    """A run copied where its pretrained checkpoint is missing: a lean checkpoint (the LoRA base not stored) is a
+    one-line error naming the source; with checkpoint.store_frozen=True it loads (the architecture from the config)."""
+    family, workdir, _ = family_run
+
+    def moved(run: Path) -> Path:
+        copy = tmp_path / f"moved_{run.name}"
+        shutil.copytree(run, copy)
+        cfg = json.loads((copy / "config.json").read_text())
+        cfg["model"]["pretrained"] = str(tmp_path / "not_here")
+        (copy / "config.json").write_text(json.dumps(cfg))
+        return copy
+
+    with pytest.raises(checkpoint.CheckpointError, match=r"does not store the weights frozen .* from "
+                                                         r"model.pretrained='.*not_here'.* does not load here") as e:
+        run_io.load_run(moved(workdir), "final")
+    assert "\n" not in str(e.value)
+    if family == "dinov3":
+        return  # one stored run is enough
+    c = run_io.load_config(workdir)
+    c.data.data_dir, c.train.epochs, c.eval.test_split = str(gz2_dir), 1, ""
+    c.checkpoint.store_frozen = True
+    Trainer(c, tmp_path / "stored").run()
+    a, b = run_io.load_run(tmp_path / "stored", "final"), run_io.load_run(moved(tmp_path / "stored"), "final")
     assert "not available" in caplog.text
     assert a.model == b.model
     x = np.zeros((1, 32, 32, 3), np.float32)
@@ -148,9 +164,9 @@ def test_batchnorm_head_exports_to_torch_and_resumes_exactly(gz2_dir, tmp_path):
     Trainer(c, tmp_path / "whole").run()
     # The same run "killed" after step 3: its later checkpoints removed, then resumed.
     shutil.copytree(tmp_path / "whole", tmp_path / "resumed")
-    for d in (tmp_path / "resumed" / "checkpoints").glob("*/*"):
-        if d.parent.name != "periodic" or int(d.name) > 3:
-            shutil.rmtree(d)
+    for step in checkpoint.steps(tmp_path / "resumed"):
+        if step > 3:
+            shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(step))
     Trainer(c, tmp_path / "resumed").run()
     whole, resumed = (run_io.load_run(tmp_path / d, "final") for d in ("whole", "resumed"))
     stats = whole.variables["batch_stats"]["head"]

@@ -308,12 +308,12 @@ def _script(data_dir: Path, root: Path) -> None:
     a = Setup(MESHES["fsdp"])
     first = a.train(4)
     ckpts = checkpoint.Checkpoints(ckpt_root, keep=2)
-    ckpts.save(4, a.state, a.data, {"step": 4})
+    ckpts.save(4, a.state, a.data, checkpoint.LoopState(), {})
     ckpts.wait()
     saved = flat(a.state["trainable"])
     b = Setup(MESHES["tensor"])
     again = checkpoint.Checkpoints(ckpt_root, keep=2)
-    b.state = again.restore(4, b.state, b.data)
+    b.state = again.restore_latest(lambda loop: b.state, b.data, {})[0]
     got = [x.sharding for x in jax.tree_util.tree_leaves(b.state)]
     want = jax.tree_util.tree_leaves(b.shardings)
     values_equal = all(np.array_equal(saved[k], v) for k, v in flat(b.state["trainable"]).items())
@@ -332,8 +332,7 @@ def _script(data_dir: Path, root: Path) -> None:
     c.eval.test_checkpoint = "final"
     workdir = root / "lora"
     results = Trainer(c, workdir).run()
-    periodic = workdir / "checkpoints" / "periodic"
-    state = checkpoint._restore_numpy(periodic / str(max(checkpoint.steps(periodic))) / "state")
+    state = checkpoint.read(workdir, "latest").state
     run = run_io.load_run(workdir, "final")
     one = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1))
     reevaluated = run.task.evaluate(run.model, inference.place(run.variables, one, run.cfg), "test", one)

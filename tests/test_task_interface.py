@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_VIT, tiny_config
+from helpers.tiny import ROOT, TINY_VIT, tiny_config
 from jaxvit import export, predict, run_io, tasks
 from jaxvit.config import load_config_file
 from jaxvit.data.sources import find_split_dir

@@ -30,9 +30,7 @@ def flat(tree):
 
 def saved_state(workdir: Path, step: int | None = None) -> dict:
     """The train state of a resume point (default: the newest), read back from disk as numpy."""
-    directory = Path(workdir) / "checkpoints" / "periodic"
-    step = max(checkpoint.steps(directory)) if step is None else step
-    return checkpoint._restore_numpy(directory / str(step) / "state")
+    return checkpoint.read(workdir, "latest" if step is None else step).state
 
 
 def history(workdir: Path) -> list[dict]:
@@ -56,13 +54,12 @@ def test_lora_run_trains_adapters_and_head_only(lora_run):
     # Phase "head" (epoch 1) left the adapters at their start (B = 0); phase "all" trained them.
     rows = history(workdir)
     assert [r["phase"] for r in rows] == ["head", "all", "all"]
-    at_switch = saved_state(workdir, int(rows[0]["step"]))  # saved just after the switch to phase "all"
+    at_switch = saved_state(workdir, int(rows[0]["step"]))  # saved just before the switch to phase "all"
     after_head = flat(optim.combine(at_switch["trainable"], at_switch["frozen"])["lora"])
     assert not any(v.any() for k, v in after_head.items() if k.endswith("lora_b"))
     assert np.abs(flat(state["trainable"]["lora"])["backbone/encoder/layer_0/attention/query/lora_b"]).max() > 0
-    # Inference checkpoints hold the evaluation variables and no optimizer state.
-    variables, _, ema = checkpoint.read_variables(checkpoint.find(workdir, "best")[2])
-    assert ema and set(variables) == {"params", "lora"}
+    best = checkpoint.read(workdir, "best")
+    assert best.ema and set(best.variables()) == {"params", "lora"}
     assert (workdir / "eval_test" / "test_results.json").exists()
 
 
@@ -222,7 +219,7 @@ def test_nonfinite_loss_stops_with_checkpoint_intact(gz2_dir, tmp_path):
     c.checkpoint.every_steps = 1
     with pytest.raises(FloatingPointError, match="non-finite"):
         Trainer(c, tmp_path).run()
-    saved = checkpoint.steps(tmp_path / "checkpoints" / "periodic")
+    saved = checkpoint.steps(tmp_path)
     assert saved
     for step in saved:  # what was saved is finite
         assert all(np.isfinite(v).all() for v in flat(saved_state(tmp_path, step)["trainable"]).values())
@@ -302,22 +299,19 @@ def test_killed_run_resumes_to_the_same_result(gz2_dir, tmp_path):
 
 
 @pytest.mark.integration
-def test_workdir_of_the_old_layout_still_loads(lora_run, tmp_path):
-    """Before the redesign, `best_acc/<step>/state` held the whole train state; it still evaluates as "best"."""
+def test_workdir_of_the_old_layout_is_refused_in_one_line(lora_run, tmp_path):
+    """Before the one-manager layout, checkpoints/{periodic,best,final}/<step>: a clear error, not a misread."""
     import shutil
     workdir, _ = lora_run
     old = tmp_path / "old"
-    shutil.copytree(workdir, old, ignore=shutil.ignore_patterns("best", "final"))
-    step = max(checkpoint.steps(old / "checkpoints" / "periodic"))
-    state = saved_state(old, step)
-    mngr = ocp.CheckpointManager(old / "checkpoints" / "best_acc", options=ocp.CheckpointManagerOptions(create=True))
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
-    mngr.wait_until_finished()
-    run = run_io.load_run(old, "best")
-    assert run.checkpoint == f"best_acc/{step}" and run.ema
-    want = checkpoint.eval_variables(state)
-    for k, v in flat(want).items():
-        np.testing.assert_array_equal(flat(run.variables)[k], v, err_msg=k)
+    shutil.copytree(workdir, old, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(workdir / "checkpoints", old / "checkpoints" / "periodic")
+    with pytest.raises(checkpoint.CheckpointError, match="older jaxvit.*periodic/<step>.*train the run again"):
+        run_io.load_run(old, "best")
+    proc = subprocess.run([sys.executable, "-m", "jaxvit.evaluate", f"--workdir={old}"], cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "older jaxvit" in proc.stderr
 
 
 # ------------------------------------------------------------------------------------------- user mistakes
@@ -370,7 +364,7 @@ def test_corrupt_image_is_reported_by_path(gz2_dir, tmp_path):
     # Skipped by default: the run trains, replaces it and counts it.
     c.data.skip_bad_images, c.train.epochs = True, 1
     Trainer(c, tmp_path / "w2").run()
-    assert (tmp_path / "w2" / "checkpoints" / "final").is_dir()
+    assert checkpoint.read(tmp_path / "w2", "final").step == max(checkpoint.steps(tmp_path / "w2"))
 
 
 # ------------------------------------------------------------------------------------------- task-owned state
@@ -407,7 +401,7 @@ def test_task_state_is_updated_checkpointed_and_resumed(gz2_dir, tmp_path, monke
     data = pipeline.train_iterator(trainer.train_src, trainer.task.train_transform(), c.data, global_batch=8,
                                    seed=c.seed)
     assert float(state["mutable"]["counts"]["labels"]) == sum(int(next(data)["label"].sum()) for _ in range(10))
-    final, _, _ = checkpoint.read_variables(checkpoint.find(tmp_path, "final")[2])
+    final = checkpoint.read(tmp_path, "final").variables()
     assert float(final["counts"]["seen"]) == 80  # evaluation variables include the task state
 
 

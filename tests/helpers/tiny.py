@@ -50,3 +50,11 @@ def tiny_ssl_config(data_dir, **train):
     for k, v in train.items():
         c.train[k] = v
     return c
+
+
+def set_best_step(workdir: Path, step: int) -> None:
+    """Records `step` as the run's best in the loop state of its newest checkpoint (orbax's JSON on disk)."""
+    import json
+    from jaxvit import checkpoint
+    path = Path(workdir) / "checkpoints" / str(max(checkpoint.steps(workdir))) / "loop" / "metadata"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), best_step=step)))
