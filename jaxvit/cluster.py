@@ -40,6 +40,9 @@ class StopSignals:
         self.received: str | None = None
         self.check_every = max(int(check_every), 1)
         self._previous = {}
+        if threading.current_thread() is not threading.main_thread():  # Python installs handlers there only
+            log.warning("training outside the main thread: %s will not stop it cleanly", ", ".join(names))
+            names = ()
         for name in names:
             sig = getattr(signal, name, None)
             if not isinstance(sig, signal.Signals):
