@@ -267,9 +267,10 @@ class Trainer:
         latest = self.ckpts.latest()
         if latest is not None:
             meta = self.ckpts.read_meta(latest)
-        splits = {s: self.task.source(s) for s in (c.eval.val_split, c.eval.test_split) if s}
-        if changes.check(self.workdir, changes.describe({c.data.train_split: self.train_src, **splits}, c.data.data_dir),
-                         latest, c.data.allow_changed, self.is_main):
+        splits = {c.data.train_split: self.train_src,
+                  **{s: self.task.source(s) for s in (c.eval.val_split, c.eval.test_split) if s}}
+        if changes.check(self.workdir, changes.describe(splits, c.data.data_dir), latest, c.data.allow_changed,
+                         self.is_main):
             log.warning("data.allow_changed=True: resuming on changed data, the data order restarts at step %d", latest)
         state, step_fn, mults = self._phase_setup(meta["phase"], self.variables, meta["phase_start"])
         if latest is not None:
@@ -312,7 +313,8 @@ class Trainer:
             save_now = c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0 or preempt
             if step % t.log_every_steps == 0 or at_eval or save_now:
                 ips = n_log * t.batch_size / (time.time() - t_log)
-                self._log_train(jax.device_get(pending), meta, step, ips, state["trainable"])  # the one host sync per log period
+                # the one host sync per log period
+                self._log_train(jax.device_get(pending), meta, step, ips, state["trainable"])
                 pending, t_log, n_log = [], time.time(), 0
             if at_eval:
                 self._eval_point(state, meta, step, (step - step_eval) * t.batch_size / (time.time() - t_eval))

@@ -11,11 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
-from jaxvit import cluster, tasks
+from jaxvit import checkpoint, cluster, tasks
 from jaxvit.data import changes
 from jaxvit.errors import DataError, UserError
 from test_multihost import HISTORY, LOCAL, RTOL, _args, _free_port, _rows
@@ -261,7 +262,5 @@ def test_nonfinite_run_stops_after_the_limit_in_one_line(gz2_dir, env, tmp_path)
     periodic = tmp_path / "run" / "checkpoints" / "periodic"
     saved = sorted(int(p.name) for p in periodic.iterdir())
     assert saved and max(saved) < stopped  # the resume points before the limit, none after
-    from jaxvit import checkpoint
     state = checkpoint._restore_numpy(periodic / str(max(saved)) / "state")
-    import jax
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state["trainable"]))

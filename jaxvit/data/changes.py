@@ -42,7 +42,8 @@ def differences(old: dict, new: dict) -> list[str]:
         for label, names in (("removed", [p for p in was if p not in now]), ("added", [p for p in now if p not in was]),
                              ("resized", [p for p in was if p in now and was[p] != now[p]])):
             if names:
-                what.append(f"{label} {', '.join(names[:3])}" + (f" (+{len(names) - 3} more)" if len(names) > 3 else ""))
+                more = f" (+{len(names) - 3} more)" if len(names) > 3 else ""
+                what.append(f"{label} {', '.join(names[:3])}{more}")
         out.append(f"{split}: " + "; ".join(what))
     return out
 
