@@ -416,6 +416,8 @@ class Trainer:
                  ips, _hms(eta), f" ({bad} unreadable examples replaced)" if bad else "")
         if nonfinite:
             self._check_nonfinite(ms, step, trainable)
+        else:
+            self.nonfinite_run = 0
 
     def _check_nonfinite(self, ms: list[dict], step: int, trainable: dict) -> None:
         """Warn about skipped non-finite steps; stop at the first (train.skip_nonfinite=False) or after
