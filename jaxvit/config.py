@@ -61,6 +61,10 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     c.train.cutmix_alpha = 0.0  # CutMix Beta(alpha, alpha); 0 = off (with both on, one is picked per batch)
     c.train.ema_decay = 0.0  # EMA of trainable params, used for evaluation when > 0
     c.train.skip_nonfinite = False  # True: skip a step with a non-finite loss/grad; False: stop the run
+    c.train.max_nonfinite_steps = 50  # with skip_nonfinite: stop after this many non-finite steps in a row
+    c.train.preempt_signals = ("SIGTERM", "SIGUSR1")  # save a resume point and exit 75 (docs/cluster.md)
+    c.train.preempt_check_every = 1  # several processes: agree on a stop every N steps (a tiny all-gather)
+    c.train.lock_stale_s = 600  # a workdir lock whose heartbeat is older than this is taken over
     c.train.debug_nans = False  # stop at the first non-finite value, naming the operation and parameters (slow)
     c.train.min_steps = 0  # patience never ends the last phase before this step
     c.train.log_every_steps = 20  # console / TensorBoard period (the only host sync of the metrics)
@@ -180,7 +184,8 @@ _CHOICES = {
     "eval.test_checkpoint": ("best", "final"), "checkpoint.best_mode": ("", "max", "min"),
 }
 _POSITIVE = ("train.batch_size", "eval.batch_size", "train.grad_accum", "train.log_every_steps", "data.image_size",
-             "checkpoint.keep", "lora.rank", "optim.lr", "data.preflight_sample")
+             "checkpoint.keep", "lora.rank", "optim.lr", "data.preflight_sample",
+             "train.max_nonfinite_steps", "train.preempt_check_every", "train.lock_stale_s")
 _NON_NEGATIVE = ("seed", "train.epochs", "train.steps", "train.freeze_first_n_layers", "train.stage1_epochs",
                  "train.stage1_patience", "train.mixup_alpha", "train.cutmix_alpha", "optim.weight_decay",
                  "optim.warmup_steps", "optim.grad_clip", "model.drop_path", "data.num_workers", "data.prefetch",

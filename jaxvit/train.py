@@ -28,11 +28,10 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxvit import config as config_lib
-from jaxvit import debug_nans, lora, optim, sharding, tasks, xla_options
-from jaxvit import checkpoint
+from jaxvit import checkpoint, cluster, debug_nans, lora, optim, sharding, tasks, xla_options
 from jaxvit.checkpoint import Checkpoints, LoopState, cast_frozen, eval_variables
-from jaxvit.data import pipeline
-from jaxvit.errors import ConfigError
+from jaxvit.data import changes, pipeline
+from jaxvit.errors import ConfigError, NonFiniteError, Preempted
 from jaxvit.files import atomic_write, write_csv
 from jaxvit.report import plot_training_curves, stem
 from jaxvit.writers import create_writer
@@ -152,7 +151,8 @@ def make_step(task, model, cfg, tx: optax.GradientTransformation, lr_schedule: C
         loss = losses.mean()
         new_updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], new_updates)
-        grad_norm = optax.tree.norm(grads)
+        sq_norms = jax.tree_util.tree_map(lambda g: jnp.sum(jnp.square(g)), grads)  # per leaf: which are not finite
+        grad_norm = jnp.sqrt(optax.tree.sum(sq_norms))
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
         new = dict(state, step=state["step"] + 1, trainable=keep(trainable, state["trainable"]),
@@ -166,7 +166,8 @@ def make_step(task, model, cfg, tx: optax.GradientTransformation, lr_schedule: C
             new["ema"] = keep(optim.ema_update(state["ema"], current, t.ema_decay), state["ema"])
         out = {k: jnp.mean(v) for k, v in metrics.items()}
         out.update(loss=loss, grad_norm=grad_norm, nonfinite=1 - finite.astype(jnp.int32),
-                   bad=jnp.sum(batch["bad"]) if "bad" in batch else jnp.int32(0), lr=lr_schedule(state["step"]))
+                   bad=jnp.sum(batch["bad"]) if "bad" in batch else jnp.int32(0), lr=lr_schedule(state["step"]),
+                   grad_finite=jnp.stack([jnp.isfinite(x) for x in jax.tree_util.tree_leaves(sq_norms)]))
         return new, out
 
     return step
@@ -181,6 +182,9 @@ class Trainer:
         config_lib.validate(cfg)
         self.cfg, self.workdir = cfg, Path(workdir).absolute()
         self.is_main = jax.process_index() == 0
+        self.lock = cluster.lock_workdir(self.workdir, cfg.train.lock_stale_s)
+        self.stop_signals = cluster.StopSignals(cfg.train.preempt_signals, cfg.train.preempt_check_every)
+        self.nonfinite_run = 0  # non-finite steps in a row
         self.task = tasks.create(cfg, self.workdir)
         self.mesh = sharding.make_mesh(cfg.mesh)
         self.replicated = NamedSharding(self.mesh, P())
@@ -278,6 +282,14 @@ class Trainer:
         resumed = self.ckpts.restore_latest(template, data, self.frozen)
         state, loop = resumed or (template(LoopState()), LoopState())
         _, step_fn, mults = setup["phase"]
+        splits = {c.data.train_split: self.train_src,
+                  **{s: self.task.source(s) for s in (c.eval.val_split, c.eval.test_split) if s}}
+        resumed_step = int(state["step"]) if resumed else None
+        if changes.check(self.workdir, changes.describe(splits, c.data.data_dir), resumed_step, c.data.allow_changed,
+                         self.is_main):
+            log.warning("data.allow_changed=True: resuming on changed data, the data order restarts at step %d",
+                        resumed_step)
+            data.set_state({"step": resumed_step})  # the same on every process, whether or not this one saw it
         if resumed:
             step = int(state["step"])
             log.info("resumed from step %d (phase %s)", step, self.phases[loop.phase].name)
@@ -294,11 +306,14 @@ class Trainer:
         try:
             if loop.final_step is None:
                 state = self._loop(state, step_fn, data, loop)
-        finally:  # a run that stops on an error still completes the checkpoints it started
+        finally:  # a run that stops on an error or a signal still completes the checkpoints it started
             try:
                 self.ckpts.wait()
             finally:
                 data.close()
+                self.stop_signals.restore()
+                if self.lock:
+                    self.lock.release()
         if self.is_main and loop.history:
             plot_training_curves(self.workdir / "training_history.csv", self.workdir / "training_curves.png")
         return self._final_test(state)
@@ -322,10 +337,12 @@ class Trainer:
             step += 1
             n_log += 1
             at_eval = step % self.eval_every == 0 or step == self.total_steps
-            save_now = c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0
+            preempt = self.stop_signals.requested(step)  # every process gets the same answer
+            save_now = c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0 or preempt
             if step % t.log_every_steps == 0 or at_eval or save_now:
                 ips = n_log * t.batch_size / (time.time() - t_log)
-                self._log_train(jax.device_get(pending), loop, step, ips)  # the one host sync per log period
+                # the one host sync per log period
+                self._log_train(jax.device_get(pending), loop, step, ips, state["trainable"])
                 pending, t_log, n_log = [], time.time(), 0
             if at_eval:
                 self._eval_point(state, loop, step, (step - step_eval) * t.batch_size / (time.time() - t_eval))
@@ -340,6 +357,9 @@ class Trainer:
                 self.save(step, state, data, loop)
             if loop.final_step:
                 break
+            if preempt:
+                raise Preempted(f"{self.stop_signals.received or 'a signal to another process'}: stopped after step "
+                                f"{step} with a resume point; run the same command again to continue")
             if self._phase_over(loop, step):
                 state, step_fn = self._next_phase(state, loop, step)
         return state
@@ -401,10 +421,10 @@ class Trainer:
     def _global_batch(self, local: dict) -> dict:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
 
-    def _log_train(self, ms: list[dict], loop: LoopState, step: int, ips: float) -> None:
+    def _log_train(self, ms: list[dict], loop: LoopState, step: int, ips: float, trainable: dict) -> None:
         """Console + TensorBoard for one log period; sums since the last evaluation go into the loop state, so a
         resumed run reports the same means."""
-        names = [k for k in ms[0] if k not in ("nonfinite", "bad", "lr", "grad_norm")]
+        names = [k for k in ms[0] if k not in ("nonfinite", "bad", "lr", "grad_norm", "grad_finite")]
         sums = loop.sums
         for m in ms:
             for k in names:
@@ -420,12 +440,30 @@ class Trainer:
                  _epochs(step, self.steps_per_epoch), " ".join(f"{k} {agg[k]:.4f}" for k in names), loop.lr,
                  ips, _hms(eta), f" ({bad} unreadable examples replaced)" if bad else "")
         if nonfinite:
-            msg = (f"{nonfinite} step(s) before step {step} had a non-finite loss or gradient; their updates were "
-                   "not applied")
-            if not self.cfg.train.skip_nonfinite:
-                raise FloatingPointError(msg + ". The last checkpoint is intact; lower optim.lr or set "
-                                         "train.skip_nonfinite=True to skip such steps.")
-            log.warning(msg)
+            self._check_nonfinite(ms, step, trainable)
+        else:
+            self.nonfinite_run = 0
+
+    def _check_nonfinite(self, ms: list[dict], step: int, trainable: dict) -> None:
+        """Warn about skipped non-finite steps; stop at the first (train.skip_nonfinite=False) or after
+        train.max_nonfinite_steps in a row, in one line naming the step, the loss and the first bad paths."""
+        t = self.cfg.train
+        limit = t.max_nonfinite_steps if t.skip_nonfinite else 1
+        for i, m in enumerate(ms):
+            self.nonfinite_run = self.nonfinite_run + 1 if m["nonfinite"] else 0
+            if self.nonfinite_run >= limit:
+                at = step - len(ms) + i + 1
+                leaves = jax.tree_util.tree_leaves_with_path(trainable)
+                grads = [jax.tree_util.keystr(p) for (p, _), ok in zip(leaves, m["grad_finite"]) if not ok]
+                params = [jax.tree_util.keystr(p) for p, x in leaves if not bool(jnp.isfinite(x).all())]
+                raise NonFiniteError(
+                    f"{self.nonfinite_run} non-finite step(s) in a row up to step {at} (loss {float(m['loss'])}); "
+                    f"non-finite gradients: {', '.join(grads[:3]) or 'none'}{' ...' if len(grads) > 3 else ''}; "
+                    f"non-finite parameters: {', '.join(params[:3]) or 'none'}; the resume points saved before are "
+                    "intact: lower optim.lr" + ("" if t.skip_nonfinite else
+                                                " or set train.skip_nonfinite=True to skip such steps"))
+        log.warning("%d step(s) before step %d had a non-finite loss or gradient; their updates were not applied",
+                    sum(int(m["nonfinite"]) for m in ms), step)
 
     def _log_overview(self, state: dict, mults: dict) -> None:
         n_train = lora.count(state["trainable"])

@@ -6,7 +6,8 @@
 # Each process gets JAX_COORDINATOR_ADDRESS (localhost, a free port), JAX_NUM_PROCESSES and JAX_PROCESS_ID, which
 # jaxvit/distributed.py passes to jax.distributed.initialize; CPU collectives go through gloo. Output lines are
 # prefixed with the process index. If one process fails, the others are killed and the script exits with its
-# status. Environment: PYTHON (interpreter, default: python on PATH), LOCAL_DEVICES (CPU devices per process,
+# status. SIGTERM / SIGUSR1 are forwarded to every process (they save a resume point and exit 75, which is not a
+# failure: the others are left to finish theirs); SIGINT stops them. Environment: PYTHON (interpreter, default: python on PATH), LOCAL_DEVICES (CPU devices per process,
 # default 1), JAX_PORT (coordinator port, default: a free one), JAX_PLATFORMS (default cpu).
 set -u
 
@@ -31,7 +32,9 @@ stop() {  # kill the processes still running (ours only, by pid)
   sleep 2
   for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null; done
 }
-trap 'stop; exit 130' INT TERM
+trap 'stop; exit 130' INT
+trap 'for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null; done' TERM
+trap 'for pid in "${pids[@]}"; do kill -USR1 "$pid" 2>/dev/null; done' USR1
 
 for ((i = 0; i < n; i++)); do
   JAX_PROCESS_ID=$i "$python" "$@" > >(awk -v p="[$i] " '{ print p $0; fflush() }') 2>&1 &
@@ -41,12 +44,16 @@ done
 status=0
 running=("${pids[@]}")
 while [[ ${#running[@]} -gt 0 ]]; do
+  done=""
   wait -n -p done "${running[@]}"  # bash >= 5.1
   rc=$?
+  [[ -z "$done" ]] && continue  # wait was interrupted by a forwarded signal
   left=()
   for pid in "${running[@]}"; do [[ $pid != "$done" ]] && left+=("$pid"); done
   running=("${left[@]}")
-  if [[ $rc -ne 0 ]]; then
+  if [[ $rc -eq 75 ]]; then  # preempted after a resume point: the others stop at the same step
+    status=75
+  elif [[ $rc -ne 0 ]]; then
     echo "local.sh: a process exited with status $rc; stopping the others" >&2
     status=$rc
     stop

@@ -66,6 +66,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.skip_bad_images = True  # an unreadable training image is logged and replaced; False: fatal
     cfg.preflight = "auto"  # full (decode every file) | sample (headers + a decoded sample) | auto | off
     cfg.preflight_sample = 1000  # files decoded by the sample check
+    cfg.allow_changed = False  # resume on splits that changed since the run started (data order restarts there)
     from jaxvit.data.jump import CONFIG_DEFAULTS  # data.source="jump": load_data, channels, label_column, ...
     cfg.update(CONFIG_DEFAULTS)
     cfg.aug = ml_collections.ConfigDict()
