@@ -37,7 +37,7 @@ from jaxvit import run_io, tta as tta_views, xla_options
 from jaxvit.data.sources import ImageLoadError, list_images, load_image
 from jaxvit.data.transforms import TransformConfig
 from jaxvit.errors import exit_on_user_error
-from jaxvit.models import ViT
+from jaxvit.evals import features
 from jaxvit.models.heads import Classifier
 from jaxvit.tasks.base import Task
 
@@ -70,13 +70,8 @@ class Predictor:
         self.variables = jax.device_put(variables)
         self.info = info or {}
         self._outputs = xla_options.jit(task.predict_fn(model))
-        vit = ViT(model.backbone)
-        prefix = model.backbone.num_prefix
-
-        def cls_attention(v, x):  # last block, CLS query, patch keys: [B, heads, patches]
-            out = vit.apply(run_io.backbone_variables(v), x, return_attention=True)
-            return out["attentions"][-1][:, :, 0, prefix:]
-        self._attention = xla_options.jit(cls_attention)
+        attention = features.attention_fn(model.backbone)
+        self._attention = lambda v, x: attention(run_io.backbone_variables(v), x)
 
     @classmethod
     def from_workdir(cls, workdir: str | Path, checkpoint: str | int = "best", batch_size: int = 32,
@@ -169,9 +164,7 @@ class Predictor:
     # -- attention
     def attention_maps(self, xs: np.ndarray) -> np.ndarray:
         """Last-block CLS attention of each head over the patch grid: [N, heads, S/p, S/p]."""
-        grid = self.tcfg.image_size // self.model.backbone.patch_size
-        maps = self._batched(self._attention, xs)
-        return maps.reshape(len(xs), maps.shape[1], grid, grid)
+        return self._batched(self._attention, xs)
 
     def save_attention(self, image: ImageLike, path: str | Path, title: str = "") -> np.ndarray:
         """PNG of the image with its mean and per-head attention maps overlaid; returns the maps."""

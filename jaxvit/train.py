@@ -28,10 +28,9 @@ from clu import parameter_overview
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxvit import config as config_lib
-from jaxvit import debug_nans, lora, optim, sharding, tasks, xla_options
+from jaxvit import debug_nans, evals, lora, optim, sharding, tasks, xla_options
 from jaxvit.checkpoint import Checkpoints, eval_variables, find, read_variables
 from jaxvit.data import pipeline
-from jaxvit.errors import ConfigError
 from jaxvit.report import plot_training_curves, stem
 from jaxvit.writers import create_writer
 
@@ -197,11 +196,11 @@ class Trainer:
         self.task.set_run_length(self.total_steps, self.steps_per_epoch)
         self.model, self.variables = self.task.build(jax.random.key(cfg.seed))
         self.depth = self.task.depth(self.model)
+        self.evals = evals.declared(cfg)  # name -> Evaluator (jaxvit.evals): run at the evaluation points
         self.best_metric = cfg.checkpoint.best_metric or self.task.best_metric
-        if self.best_metric.split("/", 1)[1] not in self.task.history_metrics:
-            raise ConfigError(f"checkpoint.best_metric={self.best_metric!r}: the {cfg.task} task reports "
-                              + ", ".join(f"val/{m}" for m in self.task.history_metrics))
-        self.best_sign = 1.0 if (cfg.checkpoint.best_mode or self.task.best_mode) == "max" else -1.0
+        best_eval = self.evals.get(self.best_metric.split("/", 1)[0])
+        mode = self.task.best_mode if best_eval is None or best_eval.kind == "task" else best_eval.mode
+        self.best_sign = 1.0 if (cfg.checkpoint.best_mode or mode) == "max" else -1.0
         self.writer = create_writer(self.workdir, self.is_main)
         self.ckpts = Checkpoints(self.workdir / "checkpoints", keep=cfg.checkpoint.keep)
 
@@ -244,9 +243,15 @@ class Trainer:
         return bool(by_length or patience_over)
 
     # -- evaluation
-    def evaluate(self, state: dict, split: str, out_dir: Path | None = None) -> dict:
-        return self.task.evaluate(self.model, eval_variables(state), split, self.mesh,
-                                  out_dir if self.is_main else None)
+    def _due(self, step: int) -> list[evals.Evaluator]:
+        """The evaluators due at `step` (each on its schedule; all at step 0 and at the last step)."""
+        return [e for e in self.evals.values() if step == 0 or e.due(step, self.eval_every, self.total_steps)]
+
+    def evaluate(self, state: dict, due: list[evals.Evaluator]) -> dict[str, dict]:
+        """{evaluator name: its results} of the evaluators due."""
+        variables = eval_variables(state)
+        return {e.name: e.run(self.task, self.model, variables, self.mesh, self.workdir if self.is_main else None)
+                for e in due}
 
     # -- the loop
     def run(self) -> dict:
@@ -267,7 +272,7 @@ class Trainer:
             state = self.ckpts.restore(latest, state, data)
             log.info("resumed from step %d (phase %s)", latest, self.phases[meta["phase"]].name)
         self._log_overview(state, mults)
-        if c.eval.at_start and latest is None and c.eval.val_split:
+        if c.eval.at_start and latest is None and self.evals:
             self._eval_point(state, meta, 0, 0.0)  # the starting point of the curves (k-NN of the initial teacher)
         try:
             state, step = self._loop(state, step_fn, data, meta)
@@ -293,14 +298,15 @@ class Trainer:
             pending.append(m)
             step += 1
             n_log += 1
-            at_eval = step % self.eval_every == 0 or step == self.total_steps
+            due = self._due(step)
+            at_eval = step % self.eval_every == 0 or step == self.total_steps or bool(due)
             save_now = c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0
             if step % t.log_every_steps == 0 or at_eval or save_now:
                 ips = n_log * t.batch_size / (time.time() - t_log)
                 self._log_train(jax.device_get(pending), meta, step, ips)  # the one host sync per log period
                 pending, t_log, n_log = [], time.time(), 0
             if at_eval:
-                self._eval_point(state, meta, step, (step - step_eval) * t.batch_size / (time.time() - t_eval))
+                self._eval_point(state, meta, step, (step - step_eval) * t.batch_size / (time.time() - t_eval), due)
                 t_eval, step_eval = time.time(), step
             stop = self._phase_over(meta, step) and meta["phase"] == len(self.phases) - 1
             if stop:
@@ -314,24 +320,24 @@ class Trainer:
                 break
         return state, step
 
-    def _eval_point(self, state: dict, meta: dict, step: int, ips: float) -> None:
-        """Validation, a history row, the best checkpoint."""
-        c = self.cfg
-        val = self.evaluate(state, c.eval.val_split) if c.eval.val_split else {}
+    def _eval_point(self, state: dict, meta: dict, step: int, ips: float, due: list | None = None) -> None:
+        """The evaluators due, a history row (their metrics as <name>_<metric>), the best checkpoint."""
+        results = self.evaluate(state, self._due(step) if due is None else due)
+        scalars = {f"{name}/{k}": r[k] for name, r in results.items()
+                   for k in self.evals[name].metrics(type(self.task)) if r.get(k) is not None}
         sums = meta["sums"]
         n = max(sums.pop("steps", 0), 1)
+        train = {f"train_{k}": v / n for k, v in sums.items()}
         row = dict(epoch=_epochs(step, self.steps_per_epoch), step=step, phase=self.phases[meta["phase"]].name,
-                   **{f"train_{k}": v / n for k, v in sums.items()},
-                   **{f"val_{k}": val[k] for k in self.task.history_metrics if k in val},
-                   lr=meta["lr"], images_per_s=ips)
+                   **train, **{tag.replace("/", "_", 1): v for tag, v in scalars.items()}, lr=meta["lr"],
+                   images_per_s=ips)
         meta["sums"] = {}
         meta["history"].append(row)
         self._write_history(meta["history"])
-        self.writer.write_scalars(step, {f"eval/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
-        log.info("step %d (epoch %s): %s", step, row["epoch"], ", ".join(
-            f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_")))
-        split, key = self.best_metric.split("/", 1)
-        value = {"val": val}.get(split, {}).get(key)
+        loop = ("epoch", *train, "lr", "images_per_s")  # TensorBoard: eval/<column>; evaluators: <name>/<metric>
+        self.writer.write_scalars(step, {f"eval/{k}": row[k] for k in loop} | scalars)
+        log.info("step %d (epoch %s): %s", step, row["epoch"], ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+        value = scalars.get(self.best_metric)
         if value is None:
             return
         improved = meta["best"] is None or self.best_sign * (value - meta["best"]) > 0
