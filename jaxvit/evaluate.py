@@ -4,6 +4,10 @@
         [--output_dir=D] [--batch_size=N] [--data_dir=DIR] [--tta=hflip,vflip,rot90,crops5]
     python -m jaxvit.evaluate --workdir=W1 --workdir=W2 ...      # ensemble: the runs' outputs averaged
 
+Every task scores through `Task.outputs` -> `Task.score` (the path of the training loop's `task` evaluator, see
+docs/evaluators.md); an ensemble's outputs come from `Task.ensemble_outputs` (cell_distance: the members' maps
+averaged inside each batch; sar_grounding runs cannot form one).
+
 Classification writes `<split>_results.json`, `<split>_confusion_matrix.png` (row-normalised),
 `<split>_confusion_matrix_raw.png`, `<split>_per_class_metrics.png` and `<split>_predictions.csv` to
 `W/eval_<split>/` (ensembles: `W1/eval_<split>_ensemble/`), and `W/training_curves.png` from the history;

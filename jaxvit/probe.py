@@ -20,7 +20,8 @@ split. k-NN (the seed's protocol is the default: k=3 among 3,10,20, cosine, both
 cosine-similar training images vote, each with weight exp(similarity / temperature), as DINO does
 (--temperature=0: one vote each, scikit-learn's majority vote). Linear probe: multinomial logistic regression on
 standardised features, L-BFGS (optax), L2 penalty chosen on the val split when there is one (otherwise the middle
-of --l2). For a run, its own fine-tuned head is scored on the same features for comparison.
+of --l2). For a run, its own fine-tuned head is scored on the same features for comparison. The k-NN, the linear
+probe and the features are `jaxvit.evals`' (which the training loop also runs as `knn` / `linear_probe` evaluators).
 """
 from __future__ import annotations
 

@@ -273,7 +273,7 @@ class Trainer:
             log.info("resumed from step %d (phase %s)", latest, self.phases[meta["phase"]].name)
         self._log_overview(state, mults)
         if c.eval.at_start and latest is None and self.evals:
-            self._eval_point(state, meta, 0, 0.0)  # the starting point of the curves (k-NN of the initial teacher)
+            self._eval_point(state, meta, 0, 0.0, self._due(0))  # the curves' start (k-NN of the initial teacher)
         try:
             state, step = self._loop(state, step_fn, data, meta)
             self.ckpts.save_inference("final", step, eval_variables(state), self._info(step, meta))
@@ -320,9 +320,9 @@ class Trainer:
                 break
         return state, step
 
-    def _eval_point(self, state: dict, meta: dict, step: int, ips: float, due: list | None = None) -> None:
+    def _eval_point(self, state: dict, meta: dict, step: int, ips: float, due: list[evals.Evaluator]) -> None:
         """The evaluators due, a history row (their metrics as <name>_<metric>), the best checkpoint."""
-        results = self.evaluate(state, self._due(step) if due is None else due)
+        results = self.evaluate(state, due)
         scalars = {f"{name}/{k}": r[k] for name, r in results.items()
                    for k in self.evals[name].metrics(type(self.task)) if r.get(k) is not None}
         sums = meta["sums"]

@@ -143,7 +143,8 @@ class Robustness(Evaluator):
             "is not one"]
         unknown = sorted(set(self.opts["corruptions"]) - set(robustness.SEVERITY))
         if unknown:
-            out.append(f"evals.{self.name}.corruptions: unknown {unknown}; use some of {', '.join(robustness.SEVERITY)}")
+            out.append(f"evals.{self.name}.corruptions: unknown {unknown}; use some of "
+                       + ", ".join(robustness.SEVERITY))
         if not all(s in (1, 2, 3, 4, 5) for s in self.opts["severities"]):
             out.append(f"evals.{self.name}.severities={tuple(self.opts['severities'])}: each in 1..5")
         return out
