@@ -71,13 +71,14 @@ def test_evaluators_on_tasks_that_cannot_have_them(tmp_path):
 
 @pytest.mark.slow  # a Trainer run (~1 min on 2 CPU cores)
 def test_declared_evaluators_run_on_their_schedules(gz2_dir, tmp_path):
-    """2 epochs of 5 steps; the task's metrics each epoch, k-NN every 3 steps, a linear probe and attention maps
-    at the epochs; every evaluator at the end. The best checkpoint follows knn/accuracy."""
+    """2 epochs of 5 steps; the task's metrics each epoch, k-NN every 3 steps, a linear probe, a corruption and
+    attention maps at the epochs; every evaluator at the end. The best checkpoint follows knn/accuracy."""
     c = tiny_config(gz2_dir)
     c.evals.val = dict(type="task")
     c.evals.knn = dict(type="knn", every_steps=3, k=5)
     c.evals.probe = dict(type="linear_probe", l2=(1e-3,), steps=10)
     c.evals.attn = dict(type="attention", images=2)
+    c.evals.rob = dict(type="robustness", corruptions=("contrast",), severities=(5,))
     c.checkpoint.best_metric = "knn/accuracy"
     from jaxvit.train import Trainer
     Trainer(c, tmp_path / "run").run()
@@ -85,7 +86,9 @@ def test_declared_evaluators_run_on_their_schedules(gz2_dir, tmp_path):
     assert [int(r["step"]) for r in rows] == [3, 5, 6, 9, 10]
     has = lambda col: [int(r["step"]) for r in rows if r[col] != ""]
     assert has("knn_accuracy") == has("knn_f1_macro") == [3, 6, 9, 10]
-    assert has("val_accuracy") == has("val_loss") == has("probe_accuracy") == [5, 10]
+    assert has("val_accuracy") == has("val_loss") == has("probe_accuracy") == has("rob_mean_contrast") == [5, 10]
+    for r in rows[1::3]:  # the same weights and split: the clean accuracy under corruptions is the task's accuracy
+        assert float(r["rob_clean"]) == pytest.approx(float(r["val_accuracy"]))
     assert not any(k.startswith("attn_") for k in rows[0])  # attention maps have no metrics
 
     knn = {int(r["step"]): float(r["knn_accuracy"]) for r in rows if r["knn_accuracy"]}
