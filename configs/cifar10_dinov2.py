@@ -53,7 +53,20 @@ def get_config(arg: str = ""):
     c.optim.grad_clip = 1.0
     c.optim.weight_decay = 0.05
     c.eval.batch_size = 128
-    return apply_variant(c, arg, "cifar10_dinov2.py", demo=demo)
+    c.evals.val = dict(type="task")  # accuracy, F1 and loss on eval.val_split each epoch (picks `best`)
+    return apply_variant(c, arg, "cifar10_dinov2.py", demo=demo, probes=probes)
+
+
+def probes(c):
+    """`:probes`: also, during training, the CIFAR-10 project's embedding study and corruption table (off by
+    default: each adds minutes per evaluation at ViT-B size): k-NN and a linear probe on the backbone's frozen
+    CLS + mean patch features every 5 epochs, accuracy under corruptions every 10 (the end of phase 1, ...)."""
+    epoch = 50000 // c.train.batch_size  # steps of one epoch of CIFAR-10's 50,000 training images
+    every = 5 * epoch
+    c.evals.knn = dict(type="knn", every_steps=every, k=20, pool="cls_mean", max_train=10000)
+    c.evals.linear = dict(type="linear_probe", every_steps=every, pool="cls_mean", max_train=10000)
+    c.evals.robustness = dict(type="robustness", every_steps=10 * epoch,
+                              severities=(1, 3, 5))
 
 
 def demo(c):

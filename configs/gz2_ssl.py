@@ -40,6 +40,11 @@ def get_config(arg: str = ""):
     c.eval.every_steps = 0  # each (1250-step) epoch
     c.eval.test_split = ""
     c.eval.test_checkpoint = "final"
+    # Evaluators (docs/evaluators.md), at each evaluation point: the k-NN monitor on the teacher's [CLS] (the ssl
+    # task's metrics, ssl.knn; history columns val_knn_*; picks `best`) and teacher attention maps
+    # (attention_val.png in the workdir).
+    c.evals.val = dict(type="task")
+    c.evals.attention = dict(type="attention", images=4)
     return apply_variant(c, arg, "gz2_ssl.py", demo=demo)
 
 

@@ -47,6 +47,10 @@ def get_config(arg: str = ""):
     c.data.num_workers = 10
     c.eval.test_split = ""
     c.eval.test_checkpoint = "final"
+    # Evaluators (docs/evaluators.md): the k-NN monitor of the treatments on the teacher's [CLS] (the ssl task's
+    # metrics, history columns val_knn_*) and teacher attention maps (attention_val.png).
+    c.evals.val = dict(type="task")
+    c.evals.attention = dict(type="attention", images=4)
     return apply_variant(c, arg, "jump_ssl.py", demo=demo)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import ml_collections as mlc
 
-from jaxvit import tasks, tta
+from jaxvit import evals, tasks, tta
 from jaxvit.demos import DEMO_SETS
 from jaxvit.data.pipeline import default_data_config
 from jaxvit.errors import ConfigError
@@ -100,6 +100,10 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     # Test-time augmentation (jaxvit/tta.py), in validation during training too: outputs averaged over the plain
     # image and these views: hflip, vflip, rot90 (3 rotations), crops5 (4 corners + centre, 7/8 of the side).
     c.eval.tta = ()
+    # Evaluators (jaxvit/evals, docs/evaluators.md): evals.<name> = dict(type=task|knn|linear_probe|robustness|
+    # attention, every_steps=0, split="", ...), each on its own schedule, logged as <name>_<metric> /
+    # <name>/<metric>. Empty: the task's own metrics on eval.val_split, named "val" (and SSL attention maps).
+    c.evals = mlc.ConfigDict()
 
     c.cv = mlc.ConfigDict()  # cross-validation (jaxvit.cv; tasks with supports_cv, e.g. biomass)
     c.cv.folds = ()  # train these folds of the train split, each into WORKDIR/fold_<k>, then cv_results.json; () = off
@@ -111,7 +115,8 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     c.checkpoint.every_steps = 0  # also save a resume point every N steps (0 = only at evaluations)
     c.checkpoint.keep = 3  # newest steps kept (besides the best and final ones)
     c.checkpoint.store_frozen = False  # also store weights frozen for the whole run (else: reloaded from their source)
-    c.checkpoint.best_metric = ""  # "<split>/<metric>" picking the best checkpoint; "" = the task's
+    c.checkpoint.best_metric = ""  # "<evaluator>/<metric>" picking the best checkpoint (e.g. "val/accuracy",
+    # "knn/accuracy"); "" = the task's (of the default evaluator "val")
     c.checkpoint.best_mode = ""  # max | min; "" = the task's
 
     # Device mesh (jaxvit/sharding.py): batch over data*fsdp; params over fsdp (FSDP) and tensor (heads / MLP).
@@ -252,8 +257,8 @@ def problems(cfg: mlc.ConfigDict) -> list[str]:
         out.append(bad_views)
     if not cfg.eval.val_split and cfg.eval.test_checkpoint == "best":
         out.append("eval.val_split is empty, so no best checkpoint exists: set eval.test_checkpoint='final'")
-    if cfg.checkpoint.best_metric and not cfg.checkpoint.best_metric.startswith("val/"):
-        out.append(f"checkpoint.best_metric={cfg.checkpoint.best_metric!r}: use 'val/<metric>'")
+    if cfg.task in tasks.TASKS:
+        out += evals.problems(cfg)
     others = [k for k in ("phases", "stage1_epochs", "stage1_patience") if cfg.train[k]]
     if cfg.train.freeze_backbone and others:
         out.append(f"train.freeze_backbone trains the head alone; it cannot be combined with train.{others[0]}")

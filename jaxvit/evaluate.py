@@ -4,6 +4,10 @@
         [--output_dir=D] [--batch_size=N] [--data_dir=DIR] [--tta=hflip,vflip,rot90,crops5]
     python -m jaxvit.evaluate --workdir=W1 --workdir=W2 ...      # ensemble: the runs' outputs averaged
 
+Every task scores through `Task.outputs` -> `Task.score` (the path of the training loop's `task` evaluator, see
+docs/evaluators.md); an ensemble's outputs come from `Task.ensemble_outputs` (cell_distance: the members' maps
+averaged inside each batch; sar_grounding runs cannot form one).
+
 Classification writes `<split>_results.json`, `<split>_confusion_matrix.png` (row-normalised),
 `<split>_confusion_matrix_raw.png`, `<split>_per_class_metrics.png` and `<split>_predictions.csv` to
 `W/eval_<split>/` (ensembles: `W1/eval_<split>_ensemble/`), and `W/training_curves.png` from the history;
@@ -59,20 +63,20 @@ def evaluate_runs(workdirs: Sequence[str | Path], split: str = "test", checkpoin
         result = run.task.evaluate(run.model, inference.place(run.variables, mesh, run.cfg), split, mesh, out,
                                    extra=dict(split=split, models=[run_io.describe(run)]))
     else:
-        total, ok, models, first = None, None, [], None
+        members, models, first = [], [], None
         for workdir in workdirs:
-            run, mesh = _load(workdir, checkpoint, data_dir, batch_size, tta)
+            run, run_mesh = _load(workdir, checkpoint, data_dir, batch_size, tta)
             tta = tuple(run.cfg.eval.tta)  # the first run's views for every member
             src = run.task.source(split)
-            if first is not None:
+            if first is None:
+                first, mesh = (run, src), run_mesh
+            else:
                 _check_same(first, run, src, workdir, split)
-            first = first or (run, src)
-            out_run, run_ok = run.task.outputs(run.model, inference.place(run.variables, mesh, run.cfg), src, mesh)
-            total = out_run if total is None else total + out_run
-            ok = run_ok if ok is None else ok & run_ok
+            members.append((run.task, run.model, inference.place(run.variables, run_mesh, run.cfg)))
             models.append(run_io.describe(run))
         run, src = first
-        result = run.task.score(total / len(models), ok, src, out, dict(split=split, models=models, tta=list(tta)))
+        outputs, ok = run.task.ensemble_outputs(members, src, mesh)
+        result = run.task.score(outputs, ok, src, out, dict(split=split, models=models, tta=list(tta)))
     if jax.process_index() == 0:
         for workdir in workdirs:
             history = Path(workdir) / "training_history.csv"

@@ -37,6 +37,7 @@ from jaxvit import run_io, tta as tta_views, xla_options
 from jaxvit.data.sources import ImageLoadError, list_images, load_image
 from jaxvit.data.transforms import TransformConfig
 from jaxvit.errors import UserError, exit_on_user_error
+from jaxvit.evals import features
 from jaxvit.tasks.base import Task
 
 log = logging.getLogger("jaxvit")
@@ -68,12 +69,9 @@ class Predictor:
         self.variables = jax.device_put(variables)
         self.info = info or {}
         self._outputs = xla_options.jit(task.predict_fn(model))
-        vit = self._vit = task.backbone_module(model)
-
-        def cls_attention(v, x):  # last block, CLS query, patch keys: [B, heads, patches]
-            out = vit.apply(task.backbone_variables(v), x, return_attention=True)
-            return out["attentions"][-1][:, :, 0, vit.cfg.num_prefix:]
-        self._attention = None if vit is None else xla_options.jit(cls_attention)
+        vit = task.backbone_module(model)
+        attention = None if vit is None else features.attention_fn(vit.cfg)
+        self._attention = None if vit is None else (lambda v, x: attention(task.backbone_variables(v), x))
 
     @classmethod
     def from_workdir(cls, workdir: str | Path, checkpoint: str | int = "best", batch_size: int = 32,
@@ -168,9 +166,7 @@ class Predictor:
         """Last-block CLS attention of each head over the patch grid: [N, heads, S/p, S/p]."""
         if self._attention is None:
             raise UserError(f"the {self.task.name} task's model has no ViT backbone: no attention maps")
-        grid = self.tcfg.image_size // self._vit.cfg.patch_size
-        maps = self._batched(self._attention, xs)
-        return maps.reshape(len(xs), maps.shape[1], grid, grid)
+        return self._batched(self._attention, xs)
 
     def save_attention(self, image: ImageLike, path: str | Path, title: str = "") -> np.ndarray:
         """PNG of the image with its mean and per-head attention maps overlaid; returns the maps."""

@@ -20,12 +20,12 @@ split. k-NN (the seed's protocol is the default: k=3 among 3,10,20, cosine, both
 cosine-similar training images vote, each with weight exp(similarity / temperature), as DINO does
 (--temperature=0: one vote each, scikit-learn's majority vote). Linear probe: multinomial logistic regression on
 standardised features, L-BFGS (optax), L2 penalty chosen on the val split when there is one (otherwise the middle
-of --l2). For a run, its own fine-tuned head is scored on the same features for comparison.
+of --l2). For a run, its own fine-tuned head is scored on the same features for comparison. The k-NN, the linear
+probe and the features are `jaxvit.evals`' (which the training loop also runs as `knn` / `linear_probe` evaluators).
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 from pathlib import Path
@@ -34,7 +34,6 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh
 
 from jaxvit import inference, metrics, run_io
@@ -42,9 +41,12 @@ from jaxvit.data import labelled
 from jaxvit.data.pipeline import default_data_config
 from jaxvit.data.transforms import RGBExample, TransformConfig
 from jaxvit.errors import ConfigError, DataError, MissingDataError, exit_on_user_error
-from jaxvit.knn import knn_predict
+from jaxvit.evals import features
+from jaxvit.evals.features import pooled
+from jaxvit.evals.knn import knn_predict
+from jaxvit.evals.linear import fit_logistic, linear_probe  # noqa: F401 (part of this module's interface)
 from jaxvit.models import ViT, get_config, load_pretrained, parse_overrides
-from jaxvit.models.heads import Head, pool_features
+from jaxvit.models.heads import Head
 
 log = logging.getLogger("jaxvit")
 
@@ -54,56 +56,8 @@ log = logging.getLogger("jaxvit")
 def extract_features(vit: ViT, variables: dict, src: Any, data_cfg: Any, batch_size: int,
                      mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
     """(CLS ++ mean patch token [N, 2D] float32, readable mask [N]); the CLS features are the first D columns."""
-    fn = lambda v, batch: pool_features(vit.apply(v, batch["image"]), "cls_mean").astype(jnp.float32)
-    return inference.map_source(fn, variables, src, RGBExample(TransformConfig.from_config(data_cfg)), data_cfg,
-                                batch_size, mesh)
-
-
-def pooled(features: np.ndarray, pool: str) -> np.ndarray:
-    return features[:, :features.shape[1] // 2] if pool == "cls" else features
-
-
-# ------------------------------------------------------------------------------------------- linear probe
-
-@functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
-def fit_logistic(x: jax.Array, y: jax.Array, l2: float, num_classes: int, steps: int = 300) -> dict:
-    """Multinomial logistic regression: mean cross-entropy + l2 * |W|^2 minimised by L-BFGS."""
-    params = {"w": jnp.zeros((x.shape[1], num_classes)), "b": jnp.zeros(num_classes)}
-
-    def loss(p):
-        ce = optax.softmax_cross_entropy_with_integer_labels(x @ p["w"] + p["b"], y).mean()
-        return ce + l2 * jnp.sum(p["w"] ** 2)
-
-    opt = optax.lbfgs()
-    value_and_grad = optax.value_and_grad_from_state(loss)
-
-    def step(carry, _):
-        p, state = carry
-        value, grad = value_and_grad(p, state=state)
-        updates, state = opt.update(grad, state, p, value=value, grad=grad, value_fn=loss)
-        return (optax.apply_updates(p, updates), state), value
-
-    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), length=steps)
-    return params
-
-
-def linear_probe(train: tuple[np.ndarray, np.ndarray], test_f: np.ndarray, num_classes: int,
-                 l2s: Sequence[float], val: tuple[np.ndarray, np.ndarray] | None = None,
-                 steps: int = 300) -> tuple[np.ndarray, dict]:
-    """(test predictions, {l2, sweep: {l2: val accuracy}}): features standardised with the train statistics;
-    the L2 penalty with the best val accuracy (without a val split: the middle value of `l2s`)."""
-    mean, std = train[0].mean(0), train[0].std(0) + 1e-6
-    norm = lambda f: jnp.asarray((f - mean) / std)
-    predict = lambda p, f: np.asarray(jnp.argmax(norm(f) @ p["w"] + p["b"], -1))
-    fit = lambda l2: fit_logistic(norm(train[0]), jnp.asarray(train[1]), l2, num_classes, steps)
-    if val is not None and len(l2s) > 1:
-        fits = {float(l2): fit(l2) for l2 in l2s}
-        sweep = {l2: metrics.accuracy(val[1], predict(p, val[0])) for l2, p in fits.items()}
-        best = max(sweep, key=sweep.get)
-    else:
-        best, sweep = float(sorted(l2s)[len(l2s) // 2]), {}
-        fits = {best: fit(best)}
-    return predict(fits[best], test_f), {"l2": best, "sweep": sweep}
+    return features.map_features(vit.cfg, variables, src, RGBExample(TransformConfig.from_config(data_cfg)),
+                                 data_cfg, batch_size, mesh)
 
 
 # ------------------------------------------------------------------------------------------- the study

@@ -28,10 +28,10 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxvit import config as config_lib
-from jaxvit import checkpoint, cluster, debug_nans, lora, optim, sharding, tasks, xla_options
+from jaxvit import checkpoint, cluster, debug_nans, evals, lora, optim, sharding, tasks, xla_options
 from jaxvit.checkpoint import Checkpoints, LoopState, cast_frozen, eval_variables
 from jaxvit.data import changes, pipeline
-from jaxvit.errors import ConfigError, NonFiniteError, Preempted
+from jaxvit.errors import NonFiniteError, Preempted
 from jaxvit.files import atomic_write, write_csv
 from jaxvit.report import plot_training_curves, stem
 from jaxvit.writers import create_writer
@@ -203,11 +203,11 @@ class Trainer:
         self.task.set_run_length(self.total_steps, self.steps_per_epoch)
         self.model, self.variables = self.task.build(jax.random.key(cfg.seed))
         self.depth = self.task.depth(self.model)
+        self.evals = evals.declared(cfg)  # name -> Evaluator (jaxvit.evals): run at the evaluation points
         self.best_metric = cfg.checkpoint.best_metric or self.task.best_metric
-        if self.best_metric.split("/", 1)[1] not in self.task.history_metrics:
-            raise ConfigError(f"checkpoint.best_metric={self.best_metric!r}: the {cfg.task} task reports "
-                              + ", ".join(f"val/{m}" for m in self.task.history_metrics))
-        self.best_sign = 1.0 if (cfg.checkpoint.best_mode or self.task.best_mode) == "max" else -1.0
+        best_eval = self.evals.get(self.best_metric.split("/", 1)[0])
+        mode = self.task.best_mode if best_eval is None or best_eval.kind == "task" else best_eval.mode
+        self.best_sign = 1.0 if (cfg.checkpoint.best_mode or mode) == "max" else -1.0
         self.writer = create_writer(self.workdir, self.is_main)
         self.ckpts = Checkpoints(self.workdir / "checkpoints", keep=cfg.checkpoint.keep)
         self.frozen = self._frozen_fingerprint()
@@ -260,9 +260,15 @@ class Trainer:
         return bool(by_length or patience_over)
 
     # -- evaluation
-    def evaluate(self, state: dict, split: str, out_dir: Path | None = None) -> dict:
-        return self.task.evaluate(self.model, eval_variables(state), split, self.mesh,
-                                  out_dir if self.is_main else None)
+    def _due(self, step: int) -> list[evals.Evaluator]:
+        """The evaluators due at `step` (each on its schedule; all at step 0 and at the last step)."""
+        return [e for e in self.evals.values() if step == 0 or e.due(step, self.eval_every, self.total_steps)]
+
+    def evaluate(self, state: dict, due: list[evals.Evaluator]) -> dict[str, dict]:
+        """{evaluator name: its results} of the evaluators due."""
+        variables = eval_variables(state)
+        return {e.name: e.run(self.task, self.model, variables, self.mesh, self.workdir if self.is_main else None)
+                for e in due}
 
     # -- the loop
     def run(self) -> dict:
@@ -299,8 +305,8 @@ class Trainer:
             if loop.final_step is None and self._phase_over(loop, step) and not last:
                 state, step_fn = self._next_phase(state, loop, step)  # saved just before its phase switch
         self._log_overview(state, mults)
-        if c.eval.at_start and not resumed and c.eval.val_split:
-            self._eval_point(state, loop, 0, 0.0)  # the starting point of the curves (k-NN of the initial teacher)
+        if c.eval.at_start and not resumed and self.evals:
+            self._eval_point(state, loop, 0, 0.0, self._due(0))  # the curves' start (k-NN of the initial teacher)
             if loop.best_step == 0:
                 self.save(0, state, data, loop)
         try:
@@ -336,7 +342,8 @@ class Trainer:
             pending.append(m)
             step += 1
             n_log += 1
-            at_eval = step % self.eval_every == 0 or step == self.total_steps
+            due = self._due(step)
+            at_eval = step % self.eval_every == 0 or step == self.total_steps or bool(due)
             preempt = self.stop_signals.requested(step)  # every process gets the same answer
             save_now = c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0 or preempt
             if step % t.log_every_steps == 0 or at_eval or save_now:
@@ -345,7 +352,7 @@ class Trainer:
                 self._log_train(jax.device_get(pending), loop, step, ips, state["trainable"])
                 pending, t_log, n_log = [], time.time(), 0
             if at_eval:
-                self._eval_point(state, loop, step, (step - step_eval) * t.batch_size / (time.time() - t_eval))
+                self._eval_point(state, loop, step, (step - step_eval) * t.batch_size / (time.time() - t_eval), due)
                 t_eval, step_eval = time.time(), step
             stop = self._phase_over(loop, step) and loop.phase == len(self.phases) - 1
             if stop:
@@ -364,24 +371,24 @@ class Trainer:
                 state, step_fn = self._next_phase(state, loop, step)
         return state
 
-    def _eval_point(self, state: dict, loop: LoopState, step: int, ips: float) -> None:
-        """Validation, a history row, the best step."""
-        c = self.cfg
-        val = self.evaluate(state, c.eval.val_split) if c.eval.val_split else {}
+    def _eval_point(self, state: dict, loop: LoopState, step: int, ips: float, due: list[evals.Evaluator]) -> None:
+        """The evaluators due, a history row (their metrics as <name>_<metric>), the best step."""
+        results = self.evaluate(state, due)
+        scalars = {f"{name}/{k}": r[k] for name, r in results.items()
+                   for k in self.evals[name].metrics(type(self.task)) if r.get(k) is not None}
         sums = loop.sums
         n = max(sums.pop("steps", 0), 1)
+        train = {f"train_{k}": v / n for k, v in sums.items()}
         row = dict(epoch=_epochs(step, self.steps_per_epoch), step=step, phase=self.phases[loop.phase].name,
-                   **{f"train_{k}": v / n for k, v in sums.items()},
-                   **{f"val_{k}": val[k] for k in self.task.history_metrics if k in val},
-                   lr=loop.lr, images_per_s=ips)
+                   **train, **{tag.replace("/", "_", 1): v for tag, v in scalars.items()}, lr=loop.lr,
+                   images_per_s=ips)
         loop.sums = {}
         loop.history.append(row)
         self._write_history(loop.history)
-        self.writer.write_scalars(step, {f"eval/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
-        log.info("step %d (epoch %s): %s", step, row["epoch"], ", ".join(
-            f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_")))
-        split, key = self.best_metric.split("/", 1)
-        value = {"val": val}.get(split, {}).get(key)
+        columns = ("epoch", *train, "lr", "images_per_s")  # TensorBoard: eval/<column>; evaluators: <name>/<metric>
+        self.writer.write_scalars(step, {f"eval/{k}": row[k] for k in columns} | scalars)
+        log.info("step %d (epoch %s): %s", step, row["epoch"], ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+        value = scalars.get(self.best_metric)
         if value is None:
             return
         improved = loop.best is None or self.best_sign * (value - loop.best) > 0

@@ -402,3 +402,29 @@ def test_training_on_the_demo_renderer_beats_the_untrained_ap(tmp_path):
     with open(tmp_path / "run" / "training_history.csv") as f:
         rows = list(csv.DictReader(f))
     assert float(rows[0]["val_ap50"]) < 0.05 and float(rows[-1]["val_ap50"]) > 0.4
+
+
+@pytest.mark.slow
+def test_an_ensemble_segments_the_mean_map_of_its_members(cell_run, tmp_path):
+    """Dense outputs are reduced per batch (per-image counts), so an ensemble averages the members' maps inside each
+    batch: the counts equal those of the mean map computed by hand; `evaluate` of a run with itself changes nothing."""
+    from jaxvit import evaluate, inference, run_io
+    workdir, _, _ = cell_run
+    half, final = run_io.load_run(workdir, 12), run_io.load_run(workdir, "final")  # two different sets of weights
+    task, src = final.task, final.task.source("test")
+    mesh = inference.run_mesh(final.cfg)
+    members = [(r.task, r.model, inference.place(r.variables, mesh, r.cfg)) for r in (half, final)]
+    counts, ok = task.ensemble_outputs(members, src, mesh)
+    assert ok.all()
+    fn = jax.jit(task.predict_fn(final.model))
+    for i in range(len(src)):
+        ex = task.eval_transform()(src[i])
+        maps = [np.asarray(fn(r.variables, ex["image"][None]))[0] for r in (half, final)]
+        assert not np.allclose(maps[0], maps[1])
+        np.testing.assert_allclose(counts[i], task.image_counts((maps[0] + maps[1]) / 2, ex["labels"], ex["target"]),
+                                   rtol=1e-4, atol=1e-6)
+    single = evaluate.evaluate_runs([workdir], "test", output_dir=tmp_path / "one")
+    twice = evaluate.evaluate_runs([workdir, workdir], "test", output_dir=tmp_path / "two")
+    for key in ("ap50", "ap", "f1", "mean_iou"):
+        assert twice[key] == pytest.approx(single[key])
+    assert len(twice["models"]) == 2 and (tmp_path / "two" / "test_per_image.csv").exists()

@@ -25,6 +25,7 @@ from helpers.tiny import ROOT, set_best_step
 from helpers.torch_models import tiny_hf_dinov2
 from jaxvit import checkpoint, evaluate, inference, optim, predict, probe, robustness, run_io
 from jaxvit.demos import write_digits
+from jaxvit.evals import knn, linear
 from jaxvit.data.pipeline import default_data_config
 from jaxvit.data.sources import ImageFolder, load_image
 from jaxvit.data.transforms import TransformConfig, eval_transform
@@ -342,16 +343,18 @@ def test_knn_and_linear_probe_match_references():
     train, test, y_train = x[:40], x[40:], y[:40]
     unit = lambda f: f / np.linalg.norm(f, axis=1, keepdims=True)
     sim = unit(test) @ unit(train).T
-    for temperature in (0.0, 0.1):
-        got = probe.knn_predict(train, y_train, test, [1, 5], temperature, 3)
+    for temperature in (0.0, 0.1):  # the one k-NN (jaxvit.evals.knn: the loop's evaluator, probe, the ssl task)
+        got = knn.knn_predict(train, y_train, test, [1, 5], temperature, 3)
+        shares = knn.knn_votes(train, y_train, test, [1, 5], temperature, 3)
         for k in (1, 5):
             nn = np.argsort(-sim, axis=1)[:, :k]
             weights = np.exp(np.take_along_axis(sim, nn, 1) / temperature) if temperature else np.ones(nn.shape)
             votes = np.stack([(weights * (y_train[nn] == c)).sum(1) for c in range(3)], 1)
             np.testing.assert_array_equal(got[k], votes.argmax(1))
+            np.testing.assert_allclose(shares[k], votes / votes.sum(1, keepdims=True), rtol=1e-5)
     # Logistic regression: mean CE + l2 |W|^2 is sklearn's objective with C = 1 / (2 N l2).
     l2 = 1e-2
-    params = probe.fit_logistic(train.astype(np.float32), y_train, l2, 3, steps=200)
+    params = linear.fit_logistic(train.astype(np.float32), y_train, l2, 3, steps=200)
     ours = jax.nn.softmax(test @ np.asarray(params["w"]) + np.asarray(params["b"]), -1)
     ref = LogisticRegression(C=1 / (2 * len(train) * l2), tol=1e-10, max_iter=10_000).fit(train, y_train)
     np.testing.assert_allclose(ours, ref.predict_proba(test), atol=2e-4)

@@ -35,13 +35,14 @@ class Task:
     """Subclasses set the class attributes and implement the methods that raise NotImplementedError."""
 
     name = ""
-    best_metric = "val/loss"  # "<split>/<key of evaluate()'s result>": picks the `best` checkpoint
+    best_metric = "val/loss"  # "<evaluator>/<metric>" (jaxvit.evals; "val": the default): picks `best`
     best_mode = "min"  # "min" | "max"
     history_metrics: tuple[str, ...] = ("loss",)  # evaluate() results written to training_history.csv
     head = r"^params/head/"  # regex of the variables a head-only phase trains
     frozen = ""  # regex of variables no phase trains (e.g. a feature model), stored in model.frozen_dtype
     supports_cv = False  # cross-validation (cv.folds): the source honours cv.fold and write_predictions the folds
     classifier = False  # class_probabilities gives [B, K] (the robustness report)
+    class_labels = False  # sources carry integer labels and class names (k-NN and linear-probe evaluators)
 
     def __init__(self, cfg, workdir: str | Path | None = None):
         self.cfg, self.workdir = cfg, workdir
@@ -70,6 +71,10 @@ class Task:
 
     def eval_transform(self) -> EvalTransform:
         raise NotImplementedError
+
+    def split_transform(self, split: str) -> EvalTransform:
+        """The evaluation transform of `split`'s examples (evaluators on frozen features, attention maps)."""
+        return self.eval_transform()
 
     def prepare(self) -> None:
         """Put the data in place before anything reads them (process 0 only): the demo set of `data.demo`."""
@@ -122,6 +127,12 @@ class Task:
         raise NotImplementedError
 
     # -- evaluation and prediction
+    @classmethod
+    def default_evals(cls, cfg) -> dict[str, dict]:
+        """The evaluators (`jaxvit.evals`) of a config that declares no `evals`: the task's own metrics on
+        eval.val_split, named "val" (history columns val_<metric>, best metric "val/<metric>")."""
+        return {"val": dict(type="task")} if cfg.eval.val_split else {}
+
     def evaluate(self, model: Any, variables: dict, split: str, mesh: Any, out_dir: Path | None = None,
                  extra: dict | None = None) -> dict:
         """Metrics of `split` (a JSON-able dict with at least the keys of history_metrics, plus `extra`); with
@@ -134,6 +145,18 @@ class Task:
         """(predict_fn's outputs [N, ...], readable mask [N]) over a source, in its order (ensembles average these)."""
         return inference.map_source(_batch_fn(self, model), variables, src, self.eval_transform(), self.cfg.data,
                                     self.cfg.eval.batch_size, mesh)
+
+    def ensemble_outputs(self, members: list[tuple[Task, Any, dict]], src: Any, mesh: Any
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """(outputs, readable mask) of an ensemble of (task, model, variables) runs of this task over `src`: the
+        mean of the members' `outputs`, each member preprocessing with its own config. Tasks whose outputs are
+        reduced per batch (dense maps) average the members inside the batch instead."""
+        total, ok = None, None
+        for task, model, variables in members:
+            out, member_ok = task.outputs(model, variables, src, mesh)
+            total = out if total is None else total + out
+            ok = member_ok if ok is None else ok & member_ok
+        return total / len(members), ok
 
     def score(self, outputs: np.ndarray, ok: np.ndarray, src: Any, out_dir: Path | None = None,
               extra: dict | None = None) -> dict:

@@ -33,6 +33,7 @@ class Classification(Task):
     best_metric = "val/accuracy"
     best_mode = "max"
     history_metrics = ("loss", "accuracy", "f1_macro")
+    class_labels = True
 
     def __init__(self, cfg, workdir: str | Path | None = None):
         super().__init__(cfg, workdir)

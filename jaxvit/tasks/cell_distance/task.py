@@ -141,14 +141,22 @@ class CellDistance(Task):
         size, overlap = self.cfg.data.image_size, self.cfg.cell_distance.tile_overlap
         return lambda variables, images: tiled_map(model, variables, images, size, overlap)
 
-    def evaluate(self, model, variables: dict, split: str, mesh: Any, out_dir: Path | None = None,
-                 extra: dict | None = None) -> dict:
-        src = self.source(split)
+    def outputs(self, model, variables, src, mesh) -> tuple[np.ndarray, np.ndarray]:
+        """Per-image match counts [N, metrics.WIDTH] (`image_counts`), reduced per batch from the predicted maps
+        (each process segments its share of a batch); the maps themselves are not kept."""
+        return self._counts(_eval_fn(self, model), variables, src, mesh)
+
+    def ensemble_outputs(self, members: list, src, mesh) -> tuple[np.ndarray, np.ndarray]:
+        """The counts of the members' mean map (averaged inside each batch; this run's preprocessing for all)."""
+        fn = _ensemble_fn(tuple((task, model) for task, model, _ in members))
+        return self._counts(fn, tuple(v for _, _, v in members), src, mesh)
+
+    def _counts(self, fn: Callable, variables: Any, src, mesh) -> tuple[np.ndarray, np.ndarray]:
         counts = np.zeros((len(src), metrics.WIDTH))
         ok = np.zeros(len(src), bool)
         me, n_proc = jax.process_index(), jax.process_count()
-        for out, index, mask in inference.batches(_eval_fn(self, model), variables, src, self.eval_transform(),
-                                                  self.cfg.data, self.cfg.eval.batch_size, mesh):
+        for out, index, mask in inference.batches(fn, variables, src, self.eval_transform(), self.cfg.data,
+                                                  self.cfg.eval.batch_size, mesh):
             rows = np.flatnonzero(mask)
             ok[index[rows]] = True
             for r in rows[me::n_proc]:  # each process post-processes its share of the batch
@@ -156,16 +164,17 @@ class CellDistance(Task):
         if n_proc > 1:
             from jax.experimental import multihost_utils
             counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+        return counts, ok
+
+    def score(self, outputs: np.ndarray, ok: np.ndarray, src, out_dir: Path | None = None,
+              extra: dict | None = None) -> dict:
+        """AP50, AP, F1, mean IoU, MSE (= loss) over the readable images, from their summed counts."""
         if not ok.any():
-            raise DataError(f"no readable image/mask pair in split {split!r} ({src.location})")
-        result = metrics.summarise(counts[ok])
+            raise DataError(f"no readable image/mask pair in split {src.split!r} ({src.location})")
+        result = metrics.summarise(outputs[ok])
         result["loss"] = result["mse"]
         return finish_score(result, src, ok, {"thresholds": self._thresholds()} | (extra or {}), out_dir, "per_image",
-                            lambda path: write_per_image(path, src, counts, ok))
-
-    def outputs(self, model, variables, src, mesh):
-        raise DataError("ensembles of cell_distance runs are not supported (their maps would be averaged over the "
-                        "whole split); evaluate each run on its own")
+                            lambda path: write_per_image(path, src, outputs, ok))
 
     def _thresholds(self) -> dict:
         s = self.cfg.cell_distance
@@ -328,3 +337,14 @@ def _eval_fn(task: CellDistance, model: Any) -> Callable:
     predict = task.predict_fn(model)
     return lambda variables, batch: {"map": predict(variables, batch["image"]), "labels": batch["labels"],
                                      "target": batch["target"]}
+
+
+@functools.lru_cache(maxsize=8)
+def _ensemble_fn(members: tuple) -> Callable:
+    """fn(variables of each member, batch) -> `_eval_fn`'s fields with the members' mean map."""
+    predicts = [task.predict_fn(model) for task, model in members]
+
+    def fn(variables, batch):
+        maps = [predict(v, batch["image"]) for predict, v in zip(predicts, variables)]
+        return {"map": sum(maps) / len(maps), "labels": batch["labels"], "target": batch["target"]}
+    return fn

@@ -274,28 +274,41 @@ class SarGrounding(Task):
         noise = jax.random.normal(jax.random.key(self.cfg.seed), (*s1.shape[:3], model.tokenizer.cfg.channels))
         return decode_ids(model.tokenizer, variables["params"]["tokenizer"], ids, noise, timesteps=self.s.timesteps)
 
-    def evaluate(self, model: Stage3Model, variables: dict, split: str, mesh: Any, out_dir: Path | None = None,
-                 extra: dict | None = None) -> dict:
-        """Per-batch metrics reduced over the split (generated tiles are not gathered, except `preview_tiles`)."""
+    def outputs(self, model: Stage3Model, variables: dict, src, mesh: Any) -> tuple[dict, np.ndarray]:
+        """({"metrics": {name: [N]} per-example metrics, "preview": [P, H, W, C] the first `preview_tiles`
+        generated tiles, "preview_index": [P]}, readable mask [N]): generated tiles are reduced per batch, not
+        kept."""
         from jaxvit import inference
-        src = self.source(split)
-        fn = _eval_fn(self, model)
-        sums: dict[str, float] = {}
-        count, preview = 0, []
-        for out, index, mask in inference.batches(fn, variables, src, self.eval_transform(), self.cfg.data,
-                                                  self.cfg.eval.batch_size, mesh):
+        per_example: dict[str, np.ndarray] = {}
+        ok = np.zeros(len(src), bool)
+        preview, preview_index = [], []
+        for out, index, mask in inference.batches(_eval_fn(self, model), variables, src, self.eval_transform(),
+                                                  self.cfg.data, self.cfg.eval.batch_size, mesh):
             gen = out.pop("generated")
             for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(np.asarray(v)[mask].sum())
-            count += int(mask.sum())
-            if out_dir is not None and len(preview) < self.s.preview_tiles:
-                preview += [(src[int(i)]["id"], gen[j]) for j, i in enumerate(index) if mask[j]]
-        if not count:
-            raise DataError(f"split {split!r} has no readable pair ({src.location})")
-        result = {k: v / count for k, v in sums.items()} | {"examples": count} | (extra or {})
+                per_example.setdefault(k, np.zeros(len(src), np.float64))[index[mask]] = np.asarray(v)[mask]
+            ok[index[mask]] = True
+            for j in np.flatnonzero(mask)[:self.s.preview_tiles - len(preview)]:
+                preview.append(np.asarray(gen[j]))
+                preview_index.append(int(index[j]))
+        return {"metrics": per_example, "preview": preview, "preview_index": preview_index}, ok
+
+    def ensemble_outputs(self, members: list, src, mesh: Any):
+        raise DataError("ensembles of sar_grounding runs are not supported (their token predictions would have to be "
+                        "combined before decoding); evaluate each run on its own")
+
+    def score(self, outputs: dict, ok: np.ndarray, src, out_dir: Path | None = None, extra: dict | None = None
+              ) -> dict:
+        """Means of the per-example metrics over the readable pairs; with out_dir, the results and the preview
+        tiles (`<split>_generated/`)."""
+        if not ok.any():
+            raise DataError(f"split {src.split!r} has no readable pair ({src.location})")
+        result = {k: float(v[ok].mean()) for k, v in outputs["metrics"].items()} | {"examples": int(ok.sum())}
+        result |= extra or {}
         if out_dir is not None:
-            self.write_tiles(Path(out_dir) / f"{report.stem(split)}_generated", preview[:self.s.preview_tiles])
-            report.write_results_json(Path(out_dir) / f"{report.stem(split)}_results.json", result)
+            tiles = [(src[i]["id"], t) for i, t in zip(outputs["preview_index"], outputs["preview"])]
+            self.write_tiles(Path(out_dir) / f"{report.stem(src.split)}_generated", tiles)
+            report.write_results_json(Path(out_dir) / f"{report.stem(src.split)}_results.json", result)
         return result
 
     def write_tiles(self, directory: Path, tiles: list[tuple[str, np.ndarray]]) -> None:

@@ -10,7 +10,8 @@ EMA with the momentum schedule, updated after each optimizer step (`after_update
          + w_ibot * iBOT [+ w_gram * Gram].
 Differences from the official code (docs/jump-ssl.md): batch statistics (Sinkhorn, KoLeo neighbours, Gram) are over the
 global batch of a step (or of a micro-batch with train.grad_accum > 1), not over one GPU's batch.
-Evaluation is a k-NN classifier on the teacher's [CLS] features (`ssl.knn`), plus attention maps of the teacher.
+Evaluation is a k-NN classifier on the teacher's [CLS] features (`ssl.knn`; `jaxvit.evals.knn`), plus attention
+maps of the teacher (an `attention` evaluator, `jaxvit.evals`).
 """
 from __future__ import annotations
 
@@ -29,8 +30,7 @@ from jaxvit.data import labelled
 from jaxvit.errors import ConfigError
 from jaxvit.models import get_config, load_pretrained
 from jaxvit.models.resize import resize_patch_kernel
-from jaxvit.knn import knn_predict
-from jaxvit.tasks.base import Task, _batch_fn, check_files
+from jaxvit.tasks.base import Task, check_files
 from jaxvit.tasks.ssl import export, losses
 from jaxvit.tasks.ssl.crops import MultiCrop, MultiCropConfig
 from jaxvit.tasks.ssl.data import EvalExample, MaskBatch, RGBViews, TrainExample, grid
@@ -56,6 +56,7 @@ class SSL(Task):
     best_mode = "max"
     history_metrics = ("knn_accuracy", "knn_f1_macro")
     head = r"^params/(dino|ibot)_head/"
+    class_labels = True
 
     @staticmethod
     def default_config() -> mlc.ConfigDict:
@@ -86,6 +87,13 @@ class SSL(Task):
         c.knn = mlc.ConfigDict(dict(k=20, temperature=0.07, train_split="train", max_train=20000))
         c.attention_images = 4  # teacher attention maps of this many val images at each evaluation (0 = none)
         return c
+
+    @classmethod
+    def default_evals(cls, cfg) -> dict[str, dict]:
+        """The k-NN monitor (the task's metrics, "val") and ssl.attention_images teacher attention maps."""
+        n = cfg.ssl.attention_images
+        return super().default_evals(cfg) | ({"attention": dict(type="attention", images=n)}
+                                             if n and cfg.eval.val_split else {})
 
     def __init__(self, cfg, workdir: str | Path | None = None):
         super().__init__(cfg, workdir)
@@ -123,6 +131,9 @@ class SSL(Task):
 
     def train_transform(self) -> TrainExample:
         return TrainExample(self._views(self.cfg.data.train_split), MultiCrop(self.crop_config()))
+
+    def split_transform(self, split: str) -> EvalExample:
+        return self.eval_transform(split)
 
     def eval_transform(self, split: str | None = None) -> EvalExample:
         d = self.cfg.data
@@ -318,65 +329,35 @@ class SSL(Task):
     def check_export(self, run, out: Path, images: np.ndarray) -> dict[str, float]:
         return export.check_ssl_export(run, out, images)
 
-    # -- evaluation: k-NN on the teacher's [CLS]
+    # -- evaluation: k-NN on the teacher's [CLS] (outputs -> score)
     def predict_fn(self, model: SSLModel) -> Callable:
         def features(variables, images):
             teacher = {"params": variables.get("teacher", variables["params"])}
             return model.apply(teacher, images)["pooler_output"].astype(jnp.float32)
         return features
 
-    def _features(self, model, variables, split: str, mesh, limit: int = 0) -> tuple[np.ndarray, np.ndarray, Any]:
-        from jaxvit import inference
-        src = self.source(split)
-        if limit and len(src) > limit:
-            src = _Subset(src, np.sort(np.random.default_rng(self.cfg.seed).choice(len(src), limit, replace=False)))
-        fn = _batch_fn(self, model)
-        f, ok = inference.map_source(fn, variables, src, self.eval_transform(split), self.cfg.data,
-                                     self.cfg.eval.batch_size, mesh)
-        return f[ok], np.asarray(src.labels)[ok], src
-
-    def evaluate(self, model, variables: dict, split: str, mesh: Any, out_dir: Path | None = None,
-                 extra: dict | None = None) -> dict:
+    def outputs(self, model, variables: dict, src, mesh) -> tuple[np.ndarray, np.ndarray]:
+        """k-NN class votes [N, C] (normalised; an ensemble averages them) of `src` against a bank of
+        ssl.knn.train_split teacher [CLS] features (at most ssl.knn.max_train, a fixed random subset)."""
+        from jaxvit.evals import features, knn
         k = self.s.knn
-        train_f, train_y, _ = self._features(model, variables, k.train_split, mesh, k.max_train)
-        f, y, src = self._features(model, variables, split, mesh)
-        pred = knn_predict(train_f, train_y, f, [k.k], k.temperature, len(self._classes))[k.k]
-        n = len(self._classes)
+        train_f, train_y = features.labelled_features(self, model, variables, k.train_split, mesh, "cls",
+                                                      k.max_train, self.cfg.seed)
+        f, ok = features.extract(self, model, variables, src, mesh)
+        votes = np.zeros((len(src), len(self._classes)), np.float32)
+        votes[ok] = knn.knn_votes(train_f, train_y, features.pooled(f[ok], "cls"), [k.k], k.temperature,
+                                  len(self._classes))[k.k]
+        self.bank_examples = len(train_y)
+        return votes, ok
+
+    def score(self, outputs: np.ndarray, ok: np.ndarray, src, out_dir: Path | None = None,
+              extra: dict | None = None) -> dict:
+        y, pred, n = np.asarray(src.labels)[ok], outputs[ok].argmax(-1), len(self._classes)
         result = dict(knn_accuracy=metrics.accuracy(y, pred), knn_f1_macro=metrics.macro_f1(y, pred, n),
-                      knn_k=k.k, knn_train_examples=len(train_y), examples=len(y), **(extra or {}))
-        target = out_dir or (Path(self.workdir) if self.workdir and jax.process_index() == 0 else None)
-        if self.s.attention_images and target is not None:
-            self.attention_maps(model, variables, src, Path(target) / f"attention_{report.stem(split)}.png")
+                      knn_k=self.s.knn.k, knn_train_examples=getattr(self, "bank_examples", None),
+                      examples=int(len(y)), **(extra or {}))
         if out_dir is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            report.write_results_json(Path(out_dir) / f"{report.stem(split)}_results.json", result)
+            report.write_results_json(Path(out_dir) / f"{report.stem(src.split)}_results.json", result)
         return result
-
-    def attention_maps(self, model, variables: dict, src, path: Path) -> None:
-        """The teacher's last-block [CLS] attention over the patches, per head, for the first images of `src`."""
-        n = min(self.s.attention_images, len(src))
-        transform = self.eval_transform(src.split)
-        images = np.stack([transform(src[i])["image"] for i in range(n)])
-        teacher = {"params": variables.get("teacher", variables["params"])}
-        attn = jax.jit(lambda v, x: model.apply(v, x, return_attention=True)["attentions"][-1])(teacher, images)
-        p, prefix = model.backbone.patch_size, model.backbone.num_prefix
-        h = images.shape[1] // p
-        maps = np.asarray(attn[:, :, 0, prefix:], np.float32).reshape(n, -1, h, h)
-        report.plot_attention_maps(images, maps, tuple(self.cfg.data.mean), tuple(self.cfg.data.std), path)
-
-
-class _Subset:
-    """A fixed subset of a source's examples (the k-NN training bank of a large split)."""
-
-    def __init__(self, src, index: np.ndarray):
-        self.src, self.index = src, index
-        self.split, self.location, self.classes = src.split, src.location, src.classes
-        self.labels = np.asarray(src.labels)[index]
-        self.paths = [src.paths[i] for i in index]
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.src[int(self.index[i])]
 
