@@ -17,6 +17,10 @@ class DataError(UserError, ValueError):
     """Data that do not fit what the run expects (class sets, columns, unreadable files)."""
 
 
+class WeightLoadError(UserError, ValueError):
+    """Pretrained weights that cannot be found, downloaded or read."""
+
+
 class MissingDataError(UserError, FileNotFoundError):
     """A data directory, split or file that does not exist."""
 
