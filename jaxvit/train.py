@@ -248,6 +248,25 @@ class Trainer:
         return self.task.evaluate(self.model, eval_variables(state), split, self.mesh,
                                   out_dir if self.is_main else None)
 
+    def dry_run(self) -> dict:
+        """One compiled and executed training step and one evaluation batch (construction already checked the
+        config, the data and the model with its weights); nothing is saved."""
+        c = self.cfg
+        data = pipeline.train_iterator(self.train_src, self.task.train_transform(), c.data, global_batch=c.train.batch_size,
+                                       seed=c.seed, batch_transform=self.task.batch_transform())
+        try:
+            state, step_fn, _ = self._phase_setup(0, self.variables, 0)
+            state, metrics = step_fn(state, self._global_batch(next(data)))
+            loss = float(jax.device_get(metrics["loss"]))
+        finally:
+            data.close()
+        split = c.eval.val_split or c.eval.test_split
+        if split:
+            src = pipeline.FirstN(self.task.source(split), c.eval.batch_size)
+            self.task.outputs(self.model, eval_variables(state), src, self.mesh)
+        log.info("dry run passed: one training step (loss %.4f) and one %s batch", loss, split or "(no eval split)")
+        return {"dry_run_loss": loss}
+
     # -- the loop
     def run(self) -> dict:
         c, t = self.cfg, self.cfg.train
@@ -434,8 +453,10 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def run(cfg, workdir: str | Path) -> dict:
-    """Train (and test) one run; with cv.folds, one run per fold (`jaxvit.cv`)."""
+def run(cfg, workdir: str | Path, dry_run: bool = False) -> dict:
+    """Train (and test) one run; with cv.folds, one run per fold (`jaxvit.cv`); `dry_run`: see Trainer.dry_run."""
+    if dry_run:
+        return Trainer(cfg, workdir).dry_run()
     if cfg.cv.folds:
         from jaxvit import cv
         return cv.run(cfg, workdir)
