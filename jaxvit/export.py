@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxvit import lora, run_io
+from jaxvit import cli, lora, run_io
 from jaxvit.errors import exit_on_user_error
 from jaxvit.models import ViTConfig, save_pretrained
 from jaxvit.models.weights import export_state_dict
@@ -322,17 +322,20 @@ def check_ssl_export(run: run_io.Run, d: Path, x: np.ndarray) -> dict[str, float
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    ap = argparse.ArgumentParser(prog="python -m jaxvit.export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--output", required=True, help="export directory")
-    ap.add_argument("--checkpoint", default="best", help="best | final | periodic | a step")
+    ap = cli.parser("export", __doc__)
+    ap.add_argument("--workdir", required=True, help="the trained run's directory")
+    ap.add_argument("--output_dir", help="export directory (required)")
+    cli.deprecated(ap, "--output", "--output_dir")
+    cli.add_checkpoint(ap)
     ap.add_argument("--no_check", action="store_true", help="skip reloading the export with torch/transformers")
     ap.add_argument("--tolerance", type=float, default=1e-4,
                     help="largest accepted relative difference in the check")
-    args = ap.parse_args(argv)
+    args = cli.parse(ap, argv)
+    if not args.output_dir:
+        ap.error("--output_dir is required")
     run_io.setup_logging()
     run = exit_on_user_error(run_io.load_run, args.workdir, args.checkpoint)
-    out = export_run(run, args.output)
+    out = export_run(run, args.output_dir)
     if args.no_check:
         return {}
     diffs = check_export(run, out)

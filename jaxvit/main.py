@@ -61,7 +61,11 @@ def _named_configs(argv: list[str]) -> list[str]:
 
 def cli(argv: list[str] | None = None) -> None:
     """`jaxvit train ...` / `python -m jaxvit.main ...`."""
-    argv = exit_on_user_error(_named_configs, sys.argv if argv is None else argv)
+    argv = sys.argv if argv is None else argv
+    if "--help" in argv or "-h" in argv:  # this command's flags (absl's --help would list the caller's module)
+        print(__doc__ + "\nflags:\n" + flags.FLAGS.module_help(sys.modules[__name__]))
+        sys.exit(0)
+    argv = exit_on_user_error(_named_configs, argv)
     exit_on_user_error(check_overrides, argv)  # unknown --config.KEY: the valid keys, not a traceback
     app.run(main, argv=argv)
 
