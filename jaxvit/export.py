@@ -12,7 +12,11 @@ base model plus a PEFT adapter.
     D/peft_adapter/          (LoRA runs) adapter_config.json + adapter_model.safetensors:
                              peft.PeftModel.from_pretrained(AutoModel.from_pretrained(D/base_model), D/peft_adapter)
 
-SSL runs write D/model and D/teacher_checkpoint.pth (the teacher); TerraMind stage-3 runs D/terramind.pt (LoRA merged).
+    D/classifier/            (classification, linear head, DINOv2) transformers *ForImageClassification +
+                             its image processor: pipeline("image-classification", model="D/classifier")
+
+SSL runs write D/model and D/teacher_checkpoint.pth (the teacher); TerraMind stage-3 runs D/terramind.pt (LoRA
+merged). Biomass and cell_distance runs have no export yet (refused before anything is read).
 
 The export then reloads itself with torch/transformers/PEFT and prints the largest difference from the Flax
 model on a batch (`load_torch_classifier` rebuilds backbone + head in PyTorch).
@@ -31,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxvit import cli, lora, run_io
-from jaxvit.errors import exit_on_user_error
+from jaxvit import cli, hf_classifier, lora, run_io
+from jaxvit.errors import UserError, exit_on_user_error
 from jaxvit.models import ViTConfig, save_pretrained
 from jaxvit.models.weights import export_state_dict
 
@@ -204,9 +208,21 @@ def check_terramind_export(run: run_io.Run, d: Path, seed: int = 0) -> dict[str,
     return {"terramind_rel_diff": float(jnp.abs(got - want).max() / jnp.abs(want).max())}
 
 
+NOT_EXPORTED = {  # task -> what to use instead
+    "biomass": "its five-target heads are jaxvit-only; `jaxvit predict` and `jaxvit evaluate` run it",
+    "cell_distance": "its distance-map decoder is jaxvit-only; `jaxvit predict` writes the maps and instance masks",
+}
+
+
+def check_exportable(task: str) -> None:
+    if task in NOT_EXPORTED:
+        raise UserError(f"jaxvit export: the {task} task has no PyTorch export: {NOT_EXPORTED[task]}")
+
+
 def export_run(run: run_io.Run, output: str | Path) -> Path:
     """Write the export files of `run` (see the module docstring) to `output`."""
     from safetensors.numpy import save_file
+    check_exportable(run.cfg.task)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     if run.cfg.task == "ssl":
@@ -216,6 +232,8 @@ def export_run(run: run_io.Run, output: str | Path) -> Path:
     vit_cfg = run.model.backbone
     save_pretrained(vit_cfg, run.backbone_params(), out / "model")
     write_head(out, run)
+    if run.cfg.task == "classification":
+        hf_classifier.export_hf_classifier(run, out)
     if "lora" in run.variables:
         base = run.variables["params"]["backbone"]
         save_pretrained(vit_cfg, base, out / "base_model")
@@ -334,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if not args.output_dir:
         ap.error("--output_dir is required")
     run_io.setup_logging()
+    exit_on_user_error(lambda: check_exportable(run_io.load_config(args.workdir).task))
     run = exit_on_user_error(run_io.load_run, args.workdir, args.checkpoint)
     out = export_run(run, args.output_dir)
     if args.no_check:
