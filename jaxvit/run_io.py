@@ -84,6 +84,7 @@ def log_to_file(workdir: str | Path) -> Path:
     handler.setLevel(logging.INFO if index == 0 else logging.WARNING)
     handler.setFormatter(logging.Formatter(f"%(asctime)s p{index} %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
+    logging.getLogger("jaxvit").setLevel(logging.INFO)  # reaches the file whatever the root logger's level
     logging.captureWarnings(True)  # Python warnings (deprecations, ...) go to the log too
     return path
 

@@ -261,9 +261,13 @@ class Trainer:
         finally:
             data.close()
         split = c.eval.val_split or c.eval.test_split
-        if split:
-            src = pipeline.FirstN(self.task.source(split), c.eval.batch_size)
-            self.task.outputs(self.model, eval_variables(state), src, self.mesh)
+        if split:  # the task's own evaluation, on its sources cut to one batch
+            full = self.task.source
+            self.task.source = lambda name: pipeline.FirstN(full(name), c.eval.batch_size)
+            try:
+                self.evaluate(state, split)
+            finally:
+                del self.task.source
         log.info("dry run passed: one training step (loss %.4f) and one %s batch", loss, split or "(no eval split)")
         return {"dry_run_loss": loss}
 

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from jaxvit.models import ViT, get_config, save_pretrained
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # each test starts a fresh offline process (about 20 s on a loaded 2-core machine)
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
