@@ -39,8 +39,9 @@ def check(require: bool, platform: str | None = None, dev_dir: str | Path = "/de
         return
     gpu = visible_gpu(dev_dir, which)
     if require:
-        raise ConfigError(f"train.require_accelerator=True but jax runs on the CPU{f' ({gpu} shows a GPU)' if gpu else ''}: "
-                          'install jax with its GPU plugin, `pip install "jaxvit[cuda12]"` (or "jaxvit[tpu]" on a TPU VM)')
+        seen = f" ({gpu} shows a GPU)" if gpu else ""
+        raise ConfigError(f"train.require_accelerator=True but jax runs on the CPU{seen}: install jax with its GPU "
+                          'plugin, `pip install "jaxvit[cuda12]"` (or "jaxvit[tpu]" on a TPU VM)')
     if gpu:
         log.warning('jax runs on the CPU although %s shows an NVIDIA GPU: install `pip install "jaxvit[cuda12]"` '
                     "(jax's CUDA 12 plugin); set train.require_accelerator=True to make this an error", gpu)

@@ -48,14 +48,16 @@ def preprocessor_config(data) -> dict:
             "resample": 3,  # PIL.Image.BICUBIC
             "do_center_crop": True, "crop_size": {"height": size, "width": size},
             "do_rescale": True, "rescale_factor": 1 / 255,
-            "do_normalize": True, "image_mean": [float(m) for m in data.mean], "image_std": [float(s) for s in data.std]}
+            "do_normalize": True, "image_mean": [float(m) for m in data.mean],
+            "image_std": [float(s) for s in data.std]}
 
 
 def export_hf_classifier(run, out_dir: str | Path) -> Path | None:
     """Write OUT/classifier/ (see the module docstring); None (and a log line) where it does not apply."""
     why = unsupported(run)
     if why:
-        log.info("no transformers classifier (D/classifier) for this run: %s; D/model + D/head.safetensors hold it", why)
+        log.info("no transformers classifier (D/classifier) for this run: %s; D/model + D/head.safetensors hold it",
+                 why)
         return None
     model, classes = run.model, list(run.task.classes)
     hf = config_to_hf(model.backbone)

@@ -252,8 +252,9 @@ class Trainer:
         """One compiled and executed training step and one evaluation batch (construction already checked the
         config, the data and the model with its weights); nothing is saved."""
         c = self.cfg
-        data = pipeline.train_iterator(self.train_src, self.task.train_transform(), c.data, global_batch=c.train.batch_size,
-                                       seed=c.seed, batch_transform=self.task.batch_transform())
+        data = pipeline.train_iterator(self.train_src, self.task.train_transform(), c.data,
+                                       global_batch=c.train.batch_size, seed=c.seed,
+                                       batch_transform=self.task.batch_transform())
         try:
             state, step_fn, _ = self._phase_setup(0, self.variables, 0)
             state, metrics = step_fn(state, self._global_batch(next(data)))

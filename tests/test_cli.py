@@ -129,3 +129,16 @@ def test_wheel_ships_configs_and_the_command(tmp_path):
     assert {f"jaxvit/configs/{n}.py" for n in packaged_configs()} <= set(names)
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "jaxvit = jaxvit.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+
+@pytest.mark.slow
+def test_dry_run_steps_and_evaluates_without_a_checkpoint(gz2_dir, tmp_path):
+    import math
+
+    from conftest import tiny_config
+    from jaxvit import train
+    workdir = tmp_path / "run"
+    result = train.run(tiny_config(gz2_dir), workdir, dry_run=True)
+    assert math.isfinite(result["dry_run_loss"])
+    assert not [p for p in (workdir / "checkpoints").rglob("*") if p.is_file()]  # nothing saved
+    assert not (workdir / "config.json").exists()
