@@ -33,6 +33,7 @@ from jaxvit.checkpoint import Checkpoints, eval_variables, find, read_variables
 from jaxvit.data import pipeline
 from jaxvit.errors import ConfigError
 from jaxvit.report import plot_training_curves, stem
+from jaxvit.tasks.base import Task
 from jaxvit.writers import create_writer
 
 log = logging.getLogger("jaxvit")
@@ -262,7 +263,10 @@ class Trainer:
         finally:
             data.close()
         split = c.eval.val_split or c.eval.test_split
-        if split:  # the task's own evaluation, on its sources cut to one batch
+        if split and type(self.task).predict_fn is not Task.predict_fn:  # the task's prediction on one batch
+            src = pipeline.FirstN(self.task.source(split), c.eval.batch_size)
+            Task.outputs(self.task, self.model, eval_variables(state), src, self.mesh)
+        elif split:  # no prediction function (TerraMind stage 3): its evaluation, on sources cut to one batch
             full = self.task.source
             self.task.source = lambda name: pipeline.FirstN(full(name), c.eval.batch_size)
             try:
