@@ -2,19 +2,29 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
+# The exact tested versions (constraints.txt); torch's CPU wheel comes from its own index.
+PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test test-unit test-slow bench clean
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m pip install -q --no-deps dinov2==0.0.1.dev2
-	$(PY) -m pip install -q --no-deps terratorch==1.2.13
-	touch $(STAMP)
 
-demo: $(STAMP)
-	$(PY) -m jaxvit.main --config=configs/gz2_lora.py:demo --workdir=runs/demo
+# make demo: jaxvit alone (no torch, no test tools)
+$(DEMO_STAMP): pyproject.toml setup.py constraints.txt | $(VENV)/bin/python
+	$(PIP_INSTALL) -e .
+	touch $(DEMO_STAMP)
+
+# make test: the test extras and the PyTorch reference projects (installed without their dependencies)
+$(STAMP): pyproject.toml setup.py constraints.txt | $(VENV)/bin/python
+	$(PIP_INSTALL) -e ".[test]"
+	$(PIP_INSTALL) --no-deps dinov2 terratorch
+	touch $(STAMP) $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
+	$(VENV)/bin/jaxvit train --config=gz2_lora:demo --workdir=runs/demo
 
 test: $(STAMP)  # unit + integration
 	$(PY) -m pytest tests -m "not slow"

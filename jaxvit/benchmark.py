@@ -72,6 +72,8 @@ from typing import Any
 
 import numpy as np
 
+from jaxvit import cli
+
 NUM_CLASSES = 5
 FLOPS_FACTOR = {"infer": 1, "lora": 2, "full": 3}
 MODES = (*FLOPS_FACTOR, "ssl")
@@ -147,19 +149,21 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
 # ------------------------------------------------------------------------------------------- CLI
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m jaxvit.benchmark", description=__doc__.split("\n\n")[0])
+    ap = cli.parser("benchmark", __doc__)
     ap.add_argument("--arch", default="dinov2_vits14", help="preset name(s), comma-separated")
-    ap.add_argument("--override", default="", help="ViTConfig fields, e.g. hidden_size=64,depth=2")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--res", type=int, default=224)
+    cli.add_model_overrides(ap)
+    ap.add_argument("--batch_size", type=int, default=16, help="images per step")
+    cli.deprecated(ap, "--batch", "--batch_size", type=int)
+    ap.add_argument("--image_size", type=int, default=224, help="image side in pixels")
+    cli.deprecated(ap, "--res", "--image_size", type=int)
     ap.add_argument("--mode", default="lora", help="lora | full | infer | ssl, comma-separated")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the first (compiling) call")
     ap.add_argument("--rounds", type=int, default=None, help="timed rounds, best reported (default 2 with "
                                                               "--peer, else 1)")
     ap.add_argument("--peer", action="store_true", help="also run the PyTorch (transformers) peer")
-    ap.add_argument("--lora_rank", type=int, default=16)
+    ap.add_argument("--lora_rank", type=int, default=16, help="LoRA rank of --mode=lora")
     ap.add_argument("--peak_tflops", type=float, default=None, help="device peak for mfu (default: table)")
     ap.add_argument("--markdown", action="store_true", help="end with a markdown table of all runs")
     ap.add_argument("--data", action="store_true", help="measure the grain input pipeline alone")
@@ -177,7 +181,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ssl.add_argument("--head_hidden", type=int, default=2048, help="hidden width of both heads' MLPs")
     ssl.add_argument("--head_bottleneck", type=int, default=256, help="bottleneck width of both heads")
     ssl.add_argument("--ssl_patch", type=int, default=0, help="student patch size (0: the arch's)")
-    args = ap.parse_args(argv)
+    args = cli.parse(ap, argv)
+    args.batch, args.res = args.batch_size, args.image_size  # the names the benchmark code reads
     modes = args.mode.split(",")
     bad = set(modes) - set(MODES)
     if bad:

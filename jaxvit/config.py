@@ -68,6 +68,7 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     c.train.debug_nans = False  # stop at the first non-finite value, naming the operation and parameters (slow)
     c.train.min_steps = 0  # patience never ends the last phase before this step
     c.train.log_every_steps = 20  # console / TensorBoard period (the only host sync of the metrics)
+    c.train.require_accelerator = False  # True: stop when jax runs on the CPU (e.g. a CPU-only jax on a GPU machine)
 
     c.optim = mlc.ConfigDict()
     c.optim.lr = 1e-4  # base learning rate (the head's)
@@ -138,13 +139,34 @@ def apply_variant(c: mlc.ConfigDict, arg: str, config_file: str, **variants) -> 
     return c
 
 
+def packaged_configs() -> dict[str, Path]:
+    """The configs shipped with jaxvit (the repository's configs/, installed as jaxvit.configs): name -> file."""
+    try:
+        import jaxvit.configs
+        folder = Path(jaxvit.configs.__file__).parent
+    except ImportError:  # running from a source tree that is not installed (PYTHONPATH=.)
+        folder = Path(__file__).resolve().parents[1] / "configs"
+    return {f.stem: f for f in sorted(folder.glob("*.py")) if not f.name.startswith("_")}
+
+
+def resolve_config_spec(spec: str) -> str:
+    """`gz2_lora[:variant]` (a shipped config by name) or `path/to/file.py[:variant]` -> `file path[:variant]`."""
+    path, sep, arg = spec.partition(":")
+    if Path(path).is_file():
+        return spec
+    shipped = packaged_configs()
+    name = Path(path).stem  # `configs/gz2_lora.py` from another directory: the shipped gz2_lora
+    if name not in shipped:
+        raise ConfigError(f"config {path!r} is neither a file nor a shipped config; use a path or one of "
+                          f"{', '.join(shipped)} (`jaxvit configs` lists them)")
+    return f"{shipped[name]}{sep}{arg}"
+
+
 def load_config_file(spec: str) -> mlc.ConfigDict:
-    """`path/to/config.py[:arg]` -> its get_config(arg)."""
+    """`path/to/config.py[:arg]` or `NAME[:arg]` (a shipped config) -> its get_config(arg)."""
     import importlib.util
-    path, _, arg = spec.partition(":")
+    path, _, arg = resolve_config_spec(spec).partition(":")
     module_spec = importlib.util.spec_from_file_location("_jaxvit_config", path)
-    if module_spec is None or not Path(path).is_file():
-        raise ConfigError(f"config file {path!r} not found (give --config=configs/NAME.py[:variant])")
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()

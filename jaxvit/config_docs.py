@@ -16,7 +16,6 @@ import importlib.util
 import inspect
 import io
 import sys
-import textwrap
 import tokenize
 from pathlib import Path
 from types import ModuleType, SimpleNamespace

@@ -32,6 +32,7 @@ def initialize() -> None:
 
 
 def log_topology() -> None:
-    """Log this process's place and the device counts (starts jax's backends)."""
-    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
+    """Log this process's place and what it computes on (starts jax's backends)."""
+    from jaxvit.accelerator import describe_devices
+    log.info("process %d of %d on %s; %d global devices", jax.process_index(), jax.process_count(),
+             describe_devices(jax.local_devices()), jax.device_count())

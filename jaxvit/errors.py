@@ -29,6 +29,10 @@ class Preempted(Exception):
     """Raised by the loop after it saved a resume point on a stop signal (jaxvit.cluster)."""
 
 
+class WeightLoadError(UserError, ValueError):
+    """Pretrained weights that cannot be found, downloaded or read."""
+
+
 class MissingDataError(UserError, FileNotFoundError):
     """A data directory, split or file that does not exist."""
 

@@ -17,13 +17,12 @@ members); the results JSON records the views used under "tta".
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Sequence
 
 import jax
 
-from jaxvit import inference, report, run_io, tta as tta_views
+from jaxvit import cli, inference, report, run_io, tta as tta_views
 from jaxvit.errors import DataError, exit_on_user_error
 
 
@@ -98,17 +97,17 @@ def summary(result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m jaxvit.evaluate", description=__doc__.split("\n\n")[0])
+    ap = cli.parser("evaluate", __doc__)
     ap.add_argument("--workdir", action="append", required=True, help="run directory; repeat for an ensemble")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--checkpoint", default="best", help="best | final | latest | a step")
+    ap.add_argument("--split", default="test", help="the split to evaluate (a directory / split of the data)")
+    cli.add_checkpoint(ap)
     ap.add_argument("--output_dir", default=None, help="default: <workdir>/eval_<split>")
     ap.add_argument("--batch_size", type=int, default=None, help="default: the run's eval.batch_size")
     ap.add_argument("--data_dir", default=None, help="default: the run's data.data_dir")
     ap.add_argument("--tta", type=tta_views.from_flag, default=None,
                     help=f"test-time views, comma-separated, of {', '.join(tta_views.VIEWS)} ('' = none); "
                          "default: the run's eval.tta")
-    args = ap.parse_args(argv)
+    args = cli.parse(ap, argv)
     run_io.setup_logging()
     result = exit_on_user_error(evaluate_runs, args.workdir, args.split, args.checkpoint, args.output_dir,
                                 args.batch_size, args.data_dir, args.tta)

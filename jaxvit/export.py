@@ -12,6 +12,9 @@ base model plus a PEFT adapter.
     D/peft_adapter/          (LoRA runs) adapter_config.json + adapter_model.safetensors:
                              peft.PeftModel.from_pretrained(AutoModel.from_pretrained(D/base_model), D/peft_adapter)
 
+    D/classifier/            (classification, linear head, DINOv2) transformers *ForImageClassification +
+                             its image processor: pipeline("image-classification", model="D/classifier")
+
 Tasks with other models write their own files (`Task.export`, described in the task's module) or refuse in one line.
 
 The export then reloads itself with torch/transformers/PEFT and prints the largest difference from the Flax
@@ -19,7 +22,6 @@ model on a batch (`load_torch_classifier` rebuilds backbone + head in PyTorch).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -31,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxvit import lora, run_io
-from jaxvit.errors import exit_on_user_error
+from jaxvit import cli, lora, run_io, tasks
+from jaxvit.errors import UserError, exit_on_user_error
 from jaxvit.models import ViTConfig, save_pretrained
 
 log = logging.getLogger("jaxvit")
@@ -137,9 +139,17 @@ def peft_adapter(cfg: ViTConfig, backbone_params: dict, adapters: dict, dropout:
     return config, tensors
 
 
+def check_exportable(task: str) -> None:
+    """A one-line refusal, before anything is loaded, for a task without a PyTorch export."""
+    refusal = tasks.task_class(task).export_refusal
+    if refusal:
+        raise UserError(f"jaxvit export: the {task} task has no PyTorch export: {refusal}")
+
+
 def export_run(run: run_io.Run, output: str | Path) -> Path:
     """Write the export files of `run` (see the module docstring) to `output`."""
     from safetensors.numpy import save_file
+    check_exportable(run.cfg.task)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     own = run.task.export(run, out)
@@ -148,6 +158,7 @@ def export_run(run: run_io.Run, output: str | Path) -> Path:
     vit_cfg = run.model.backbone
     save_pretrained(vit_cfg, run.backbone_params(), out / "model")
     write_head(out, run)
+    run.task.export_extra(run, out)  # e.g. a classifier's transformers *ForImageClassification
     if "lora" in run.variables:
         base = run.variables["params"]["backbone"]
         save_pretrained(vit_cfg, base, out / "base_model")
@@ -233,17 +244,21 @@ def check_export(run: run_io.Run, export_dir: str | Path, n: int = 4, seed: int 
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    ap = argparse.ArgumentParser(prog="python -m jaxvit.export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--output", required=True, help="export directory")
-    ap.add_argument("--checkpoint", default="best", help="best | final | latest | a step")
+    ap = cli.parser("export", __doc__)
+    ap.add_argument("--workdir", required=True, help="the trained run's directory")
+    ap.add_argument("--output_dir", help="export directory (required)")
+    cli.deprecated(ap, "--output", "--output_dir")
+    cli.add_checkpoint(ap)
     ap.add_argument("--no_check", action="store_true", help="skip reloading the export with torch/transformers")
     ap.add_argument("--tolerance", type=float, default=1e-4,
                     help="largest accepted relative difference in the check")
-    args = ap.parse_args(argv)
+    args = cli.parse(ap, argv)
+    if not args.output_dir:
+        ap.error("--output_dir is required")
     run_io.setup_logging()
+    exit_on_user_error(lambda: check_exportable(run_io.load_config(args.workdir).task))
     run = exit_on_user_error(run_io.load_run, args.workdir, args.checkpoint)
-    out = export_run(run, args.output)
+    out = export_run(run, args.output_dir)
     if args.no_check:
         return {}
     diffs = check_export(run, out)

@@ -18,7 +18,6 @@ Unreadable files never stop a run: they come back as {"path", "error"} and are l
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import csv
 import json
@@ -33,7 +32,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from jaxvit import run_io, tta as tta_views, xla_options
+from jaxvit import cli, run_io, tta as tta_views, xla_options
 from jaxvit.data.sources import ImageLoadError, list_images, load_image
 from jaxvit.data.transforms import TransformConfig
 from jaxvit.errors import UserError, exit_on_user_error
@@ -211,20 +210,21 @@ def _write_unreadable(output: Path, bad: list[dict]) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
-    ap = argparse.ArgumentParser(prog="python -m jaxvit.predict", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", required=True)
+    ap = cli.parser("predict", __doc__)
+    ap.add_argument("--workdir", required=True, help="the trained run's directory")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="one image: writes JSON")
     src.add_argument("--image_dir", help="every image below this directory: writes CSV")
-    ap.add_argument("--output", required=True, help="R.json for --image, R.csv for --image_dir")
-    ap.add_argument("--checkpoint", default="best", help="best | final | latest | a step")
-    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--output", required=True, help="a file: R.json for --image, R.csv for --image_dir (a "
+                                                    "directory for tasks whose outputs are images)")
+    cli.add_checkpoint(ap)
+    ap.add_argument("--batch_size", type=int, default=32, help="images per forward pass")
     ap.add_argument("--attention_dir", default=None, help="also write attention-map overlays (PNG) here")
     ap.add_argument("--attention_max", type=int, default=16, help="at most this many overlays")
     ap.add_argument("--tta", type=tta_views.from_flag, default=None,
                     help=f"test-time views, comma-separated, of {', '.join(tta_views.VIEWS)} ('' = none); "
                          "default: the run's eval.tta")
-    args = ap.parse_args(argv)
+    args = cli.parse(ap, argv)
     tta = None if args.tta is None else exit_on_user_error(tta_views.check, args.tta)
     run_io.setup_logging()
     paths = [Path(args.image)] if args.image else list_images(Path(args.image_dir))

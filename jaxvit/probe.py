@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxvit import inference, metrics, run_io
+from jaxvit import cli, inference, metrics, run_io
 from jaxvit.data import labelled
 from jaxvit.data.pipeline import default_data_config
 from jaxvit.data.transforms import RGBExample, TransformConfig
@@ -187,14 +187,14 @@ def table(result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m jaxvit.probe", description=__doc__.split("\n\n")[0])
+    ap = cli.parser("probe", __doc__)
     backbone = ap.add_mutually_exclusive_group(required=True)
-    backbone.add_argument("--pretrained", help="transformers dir, cached hub id or original .pth")
+    backbone.add_argument("--pretrained", help="transformers dir, hub id (e.g. facebook/dinov2-small) or original .pth")
     backbone.add_argument("--arch", help="preset name, randomly initialised")
     backbone.add_argument("--workdir", help="a fine-tuned run")
-    ap.add_argument("--checkpoint", default="best")
-    ap.add_argument("--override", default="", help="ViTConfig fields, e.g. hidden_size=64,depth=2")
-    ap.add_argument("--seed", type=int, default=0)
+    cli.add_checkpoint(ap)
+    cli.add_model_overrides(ap)
+    ap.add_argument("--seed", type=int, default=0, help="random init of --arch")
     ap.add_argument("--source", default=None, help="folder | csv | npz | tfds:NAME (default: the run's, or folder)")
     ap.add_argument("--data_dir", default=None, help="default: the run's; not needed for tfds")
     ap.add_argument("--tfds_data_dir", default=None, help="where tfds datasets are prepared (default: the run's)")
@@ -204,20 +204,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--val_split", default=None,
                     help="selects the linear probe's L2 ('' for none; default: the run's eval.val_split, or val)")
     ap.add_argument("--eval_split", default=None, help="default: the run's eval.test_split, or test")
-    ap.add_argument("--pool", default="cls,cls_mean")
-    ap.add_argument("--k", default="3,10,20")
+    ap.add_argument("--pool", default="cls,cls_mean", help="feature poolings probed, comma-separated")
+    ap.add_argument("--k", default="3,10,20", help="k-NN neighbour counts, comma-separated")
     ap.add_argument("--temperature", type=float, default=0.07, help="k-NN vote weight exp(sim/T); 0: majority")
-    ap.add_argument("--l2", default="1e-6,1e-5,1e-4,1e-3,1e-2")
+    ap.add_argument("--l2", default="1e-6,1e-5,1e-4,1e-3,1e-2", help="linear probe L2 strengths tried")
     ap.add_argument("--steps", type=int, default=300, help="L-BFGS iterations")
-    ap.add_argument("--batch_size", type=int, default=64)
-    ap.add_argument("--num_workers", type=int, default=2)
-    ap.add_argument("--output", help="results JSON, the .md table beside it (default: W/probe/probe_results.json "
-                                     "for --workdir, else probe_results.json)")
-    args = ap.parse_args(argv)
+    ap.add_argument("--batch_size", type=int, default=64, help="images per feature-extraction batch")
+    ap.add_argument("--num_workers", type=int, default=2, help="grain worker processes")
+    ap.add_argument("--output_dir", help="writes probe_results.json and probe_results.md here (default: W/probe "
+                                         "for --workdir, else the current directory)")
+    cli.deprecated(ap, "--output", "--output_dir (a directory)", dest="output")
+    args = cli.parse(ap, argv)
     run_io.setup_logging()
     result = exit_on_user_error(run_study, args)
     default = Path(args.workdir, "probe") if args.workdir else Path()
-    output = Path(args.output) if args.output else default / "probe_results.json"
+    output = Path(args.output) if args.output else Path(args.output_dir or default) / "probe_results.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     output.with_suffix(".md").write_text(table(result) + "\n")

@@ -12,12 +12,11 @@ severity, mean, change from clean).
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Sequence
 
-from jaxvit import inference, report, run_io
+from jaxvit import cli, inference, report, run_io
 from jaxvit.errors import exit_on_user_error
 from jaxvit.evals.robustness import SEVERITY, corrupt, corrupted_probs, corruption_accuracies  # noqa: F401
 
@@ -44,16 +43,16 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m jaxvit.robustness", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--checkpoint", default="best")
-    ap.add_argument("--corruptions", default=",".join(SEVERITY))
-    ap.add_argument("--severities", default="1,2,3,4,5")
+    ap = cli.parser("robustness", __doc__)
+    ap.add_argument("--workdir", required=True, help="the trained run's directory (a classification run)")
+    ap.add_argument("--split", default="test", help="the split corrupted and evaluated")
+    cli.add_checkpoint(ap)
+    ap.add_argument("--corruptions", default=",".join(SEVERITY), help="corruptions, comma-separated")
+    ap.add_argument("--severities", default="1,2,3,4,5", help="severities 1..5, comma-separated")
     ap.add_argument("--output_dir", default=None, help="default: <workdir>/robustness_<split>")
-    ap.add_argument("--batch_size", type=int, default=None)
-    ap.add_argument("--data_dir", default=None)
-    args = ap.parse_args(argv)
+    ap.add_argument("--batch_size", type=int, default=None, help="default: the run's eval.batch_size")
+    ap.add_argument("--data_dir", default=None, help="default: the run's data.data_dir")
+    args = cli.parse(ap, argv)
     run_io.setup_logging()
     run = exit_on_user_error(run_io.load_run, args.workdir, args.checkpoint, args.data_dir)
     if not run.task.classifier:

@@ -59,6 +59,21 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def log_to_file(workdir: str | Path) -> Path:
+    """Also append the log to WORKDIR/log.txt (kept across resumes): process 0's INFO and above, every other
+    process's warnings and errors, each line marked with its process. Starts jax's backends."""
+    path = Path(workdir) / "log.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    index = jax.process_index()
+    handler = logging.FileHandler(path, mode="a")
+    handler.setLevel(logging.INFO if index == 0 else logging.WARNING)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s p{index} %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger("jaxvit").setLevel(logging.INFO)  # reaches the file whatever the root logger's level
+    logging.captureWarnings(True)  # Python warnings (deprecations, ...) go to the log too
+    return path
+
+
 @contextlib.contextmanager
 def _quiet(logger: logging.Logger, level: int):
     before = logger.level

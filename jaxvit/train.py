@@ -270,6 +270,33 @@ class Trainer:
         return {e.name: e.run(self.task, self.model, variables, self.mesh, self.workdir if self.is_main else None)
                 for e in due}
 
+    def dry_run(self) -> dict:
+        """One compiled and executed training step and one evaluation batch (construction already checked the
+        config, the data and the model with its weights); nothing is saved."""
+        c = self.cfg
+        data = pipeline.train_iterator(self.train_src, self.task.train_transform(), c.data,
+                                       global_batch=c.train.batch_size, seed=c.seed,
+                                       batch_transform=self.task.batch_transform())
+        try:
+            state, step_fn, _ = self._phase_setup(0, self.variables, 0)
+            state, metrics = step_fn(state, self._global_batch(next(data)))
+            loss = float(jax.device_get(metrics["loss"]))
+            split = c.eval.val_split or c.eval.test_split
+            if split:  # the task's evaluation, on sources cut to one batch
+                full = self.task.source
+                self.task.source = lambda name: pipeline.FirstN(full(name), c.eval.batch_size)
+                try:
+                    self.task.evaluate(self.model, eval_variables(state), split, self.mesh)
+                finally:
+                    del self.task.source
+        finally:
+            data.close()
+            self.stop_signals.restore()
+            if self.lock:
+                self.lock.release()
+        log.info("dry run passed: one training step (loss %.4f) and one %s batch", loss, split or "(no eval split)")
+        return {"dry_run_loss": loss}
+
     # -- the loop
     def run(self) -> dict:
         c, t = self.cfg, self.cfg.train
@@ -499,6 +526,8 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def run(cfg, workdir: str | Path) -> dict:
-    """Train (and test) one run (cross-validation, cv.folds, is `jaxvit.cv.run`)."""
+def run(cfg, workdir: str | Path, dry_run: bool = False) -> dict:
+    """Train (and test) one run (cross-validation, cv.folds, is `jaxvit.cv.run`); `dry_run`: see Trainer.dry_run."""
+    if dry_run:
+        return Trainer(cfg, workdir).dry_run()
     return Trainer(cfg, workdir).run()

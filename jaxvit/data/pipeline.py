@@ -417,4 +417,6 @@ class FirstN:
         return self.source[i]
 
     def __getattr__(self, name: str) -> Any:
+        if name == "source":  # while unpickling in a grain worker, before __dict__ is filled
+            raise AttributeError(name)
         return getattr(self.source, name)

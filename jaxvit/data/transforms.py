@@ -123,13 +123,14 @@ def random_flips_rot90(
 
 
 def resize_center_crop(img: Image.Image, size: int, crop_ratio: float) -> Image.Image:
-    """Resizes the shorter side to round(size / crop_ratio), then centre-crops size x size."""
+    """Resizes the shorter side to round(size / crop_ratio), then centre-crops size x size. The longer side is
+    rounded down, as torchvision's Resize and transformers' image processors do (the exported classifier matches)."""
     short = max(size, round(size / crop_ratio))
     w, h = img.size
     if w <= h:
-        new = (short, max(short, round(h * short / w)))
+        new = (short, max(short, int(h * short / w)))
     else:
-        new = (max(short, round(w * short / h)), short)
+        new = (max(short, int(w * short / h)), short)
     img = img.resize(new, resample=_EVAL_RESAMPLE)
     left, top = (new[0] - size) // 2, (new[1] - size) // 2
     return img.crop((left, top, left + size, top + size))

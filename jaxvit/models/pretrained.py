@@ -17,7 +17,8 @@ from jaxvit.models.weights import (WeightLoadError, official_backbone, config_fr
 
 def load_pretrained(source: str | os.PathLike, arch: str | ViTConfig | None = None, *, strict: bool = True,
                     which: str = "teacher", **overrides) -> tuple[ViT | DepthAnything, dict]:
-    """(module, params) from a transformers directory, a cached hub id, or an original .pth/.safetensors.
+    """(module, params) from a transformers directory, a hub id (downloaded, or from the cache offline), or an
+    original .pth / .safetensors.
 
     `arch` (a preset name or ViTConfig) overrides the architecture read from config.json or inferred from
     shapes; `overrides` set ViTConfig fields that do not change weights (dtype, remat, drop_path, ...).

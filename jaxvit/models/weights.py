@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from jaxvit.errors import UserError
-from jaxvit.models import keymap
+from jaxvit.errors import WeightLoadError
+from jaxvit.models import hub, keymap
 from jaxvit.models.variants import get_config
 from jaxvit.models.vit import ViT, ViTConfig
 
@@ -22,10 +22,6 @@ log = logging.getLogger(__name__)
 
 # Keys of original checkpoints that the backbone does not use: derived buffers and training-only modules.
 _IGNORED_OFFICIAL = re.compile(r"(^rope_embed\.periods$|\.bias_mask$|^local_cls_norm\.)")
-
-
-class WeightLoadError(UserError, ValueError):
-    pass
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -72,16 +68,9 @@ def _resolve(source: str | os.PathLike) -> Path:
     path = Path(source).expanduser()
     if path.exists():
         return path
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(source)):
-        try:
-            from huggingface_hub import snapshot_download
-            return Path(snapshot_download(str(source), local_files_only=True))
-        except Exception as e:  # not cached (offline) or hub client missing
-            raise WeightLoadError(
-                f"{source!r} is not a local path and is not in the local Hugging Face cache "
-                f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}). Download it where there is internet "
-                f"(`huggingface-cli download {source}`) and copy the cache, or pass a checkpoint directory.") from e
-    raise WeightLoadError(f"{source}: no such file or directory")
+    if hub.is_hub_id(source):
+        return hub.snapshot(str(source))
+    raise WeightLoadError(f"{source}: no such file or directory (nor a hub id like facebook/dinov2-large)")
 
 
 def read_checkpoint(source: str | os.PathLike) -> tuple[dict[str, np.ndarray], str, dict | None, Path]:

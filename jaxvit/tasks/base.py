@@ -40,6 +40,7 @@ class Task:
     history_metrics: tuple[str, ...] = ("loss",)  # evaluate() results written to training_history.csv
     head = r"^params/head/"  # regex of the variables a head-only phase trains
     frozen = ""  # regex of variables no phase trains (e.g. a feature model), stored in model.frozen_dtype
+    export_refusal = ""  # non-empty: no PyTorch export, refused in one line saying what to use instead
     supports_cv = False  # cross-validation (cv.folds): the source honours cv.fold and write_predictions the folds
     classifier = False  # class_probabilities gives [B, K] (the robustness report)
     class_labels = False  # sources carry integer labels and class names (k-NN and linear-probe evaluators)
@@ -195,6 +196,9 @@ class Task:
         """Write the task's PyTorch export into `out` (a loaded `jaxvit.run_io.Run`); None (the default): the
         standard one, backbone + head (+ PEFT adapter) of `jaxvit.export`. Raise a UserError to refuse."""
         return None
+
+    def export_extra(self, run: Any, out: Path) -> None:
+        """Files the standard export adds for this task (e.g. a transformers classifier); none by default."""
 
     def check_export(self, run: Any, out: Path, images: np.ndarray) -> dict[str, float] | None:
         """{name: largest relative difference} of the export in `out` reloaded against the run's model on

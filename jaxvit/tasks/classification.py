@@ -101,6 +101,10 @@ class Classification(Task):
         views = tuple(self.cfg.eval.tta)
         return lambda variables, images: tta_probabilities(model, variables, images, views)
 
+    def export_extra(self, run, out: Path) -> None:
+        from jaxvit import hf_classifier  # transformers' *ForImageClassification, when the head fits one
+        hf_classifier.export_hf_classifier(run, out)
+
     def class_probabilities(self, model, variables: dict, images: jax.Array) -> jax.Array:
         return probabilities(model, variables, images)
 

@@ -131,8 +131,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A TerraMind state dict from a .pt/.pth or .safetensors file; a terratorch generation wrapper's
     `sampler.model.` prefix is removed and its `tokenizer.` weights are left to the tokenizer loaders."""
     sd, _, _, resolved = read_checkpoint(path)
-    if resolved.is_dir():
-        raise WeightLoadError(f"{resolved}: expected a TerraMind checkpoint file (e.g. TerraMind_v1_base.pt)")
+    if resolved.is_dir():  # a hub id (ibm-esa-geospatial/TerraMind-1.0-base): its one checkpoint file
+        files = [f for f in resolved.iterdir() if f.suffix in (".pt", ".pth", ".safetensors")]
+        if len(files) != 1:
+            raise WeightLoadError(f"{resolved}: expected one TerraMind checkpoint file (e.g. TerraMind_v1_base.pt), "
+                                  f"found {sorted(f.name for f in files)}")
+        sd, _, _, resolved = read_checkpoint(files[0])
     sd = {re.sub(r"^sampler\.model\.", "", k): v for k, v in sd.items()}
     tokenizer = [k for k in sd if k.startswith("tokenizer.")]
     if tokenizer:

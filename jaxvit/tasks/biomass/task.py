@@ -46,6 +46,7 @@ LOSSES = ("smooth_l1", "planthydra")
 
 class Biomass(Task):
     name = "biomass"
+    export_refusal = "its five-target heads are jaxvit-only; `jaxvit predict` and `jaxvit evaluate` run it"
     supports_cv = True
     best_metric = "val/weighted_r2"
     best_mode = "max"

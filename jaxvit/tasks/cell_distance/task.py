@@ -34,7 +34,7 @@ from PIL import Image
 from jaxvit import inference, xla_options
 from jaxvit.data.decode import load_array
 from jaxvit.data.sources import ImageLoadError
-from jaxvit.errors import ConfigError, DataError, UserError
+from jaxvit.errors import ConfigError, DataError
 from jaxvit.tasks.base import Task, apply_train, build_head_model, check_files, finish_score
 from jaxvit.tasks.cell_distance import metrics
 from jaxvit.tasks.cell_distance.data import CellExample, PairedSource, load_mask, write_demo
@@ -46,6 +46,8 @@ log = logging.getLogger("jaxvit")
 
 class CellDistance(Task):
     name = "cell_distance"
+    export_refusal = ("its distance-map decoder is jaxvit-only; `jaxvit predict` writes the maps and instance "
+                      "masks")
     best_metric = "val/ap50"
     best_mode = "max"
     history_metrics = ("loss", "ap50", "ap", "f1", "mean_iou")
@@ -231,10 +233,6 @@ class CellDistance(Task):
             w.writeheader()
             w.writerows(records)
         return records
-
-    def export(self, run, out: Path) -> Path:
-        raise UserError("the cell_distance task has no PyTorch export yet (its U-Net decoder has no transformers "
-                        "counterpart); use python -m jaxvit.predict with the run")
 
     def write_predictions(self, path: Path, paths: list[str], outputs: np.ndarray) -> None:
         """For `Predictor` outputs (canvas maps): `path` (CSV) and each image's files (`save_prediction`) in

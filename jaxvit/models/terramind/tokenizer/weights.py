@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from flax import traverse_util
 
+from jaxvit.models import hub
 from jaxvit.models.keymap import Entry, _conv, _copy, _fused, _linear, _norm, _path
 from jaxvit.models.terramind.tokenizer.config import TokenizerConfig, tokenizer_config
 from jaxvit.models.terramind.tokenizer.model import Tokenizer, init_params, param_shapes
@@ -110,20 +111,13 @@ def _resolve(source: str | os.PathLike) -> Path:
     key = str(source) if str(source) in HUB_FILES else f"terramind_v1_tokenizer_{str(source).lower()}"
     if key not in HUB_FILES:
         raise WeightLoadError(f"{source}: no such file, and not a released tokenizer ({', '.join(HUB_FILES)})")
-    repo, filename = HUB_FILES[key]
-    try:
-        from huggingface_hub import hf_hub_download
-        return Path(hf_hub_download(repo, filename, local_files_only=True))
-    except Exception as e:  # not in the local cache (runs are offline)
-        raise WeightLoadError(f"{repo}/{filename} is not in the local Hugging Face cache; download it where there "
-                              f"is internet (`huggingface-cli download {repo} {filename}`) and pass the file "
-                              "path or copy the cache") from e
+    return hub.file(*HUB_FILES[key])
 
 
 def load_tokenizer(source: str | os.PathLike, name: str | TokenizerConfig | None = None, *, strict: bool = True,
                    **overrides) -> tuple[Tokenizer, dict]:
-    """(module, params) from a DiVAE checkpoint (.pt / .pth / .safetensors) or a released tokenizer name found in
-    the local Hugging Face cache. `name` picks the architecture (default: `source` when it is a released name);
+    """(module, params) from a DiVAE checkpoint (.pt / .pth / .safetensors) or a released tokenizer name (downloaded,
+    or from the local Hugging Face cache offline). `name` picks the architecture (default: `source` when it is a released name);
     `overrides` set config fields that do not change weights (dtype, thresholding, ...)."""
     path = _resolve(source)
     if name is None:

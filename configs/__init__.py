@@ -1,0 +1,1 @@
+"""The shipped configs, installed as the package `jaxvit.configs` (`jaxvit configs` lists them)."""
