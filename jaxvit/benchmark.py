@@ -682,23 +682,30 @@ def write_workload_files(cfg, root: str, n: int = 8) -> str:
     return f"{n} GZ2 424x424 RGB JPEGs"
 
 
-def step_flops(cfg, model) -> float:
-    """Training FLOPs per example of the config's step (the module's convention): ssl by `ssl_flops`, else
-    the backbone at data.image_size, 2x (LoRA) or 3x (full) its forward; task-specific decoders not counted."""
-    vit = model.backbone
-    if cfg.task == "ssl":
-        s = cfg.ssl.crops
-        ibot = model.ibot_cfg if model.separate_ibot_head else model.dino_cfg
-        n_patch = (s.global_size // vit.patch_size) ** 2
-        masked = 2 * n_patch * float(np.mean(cfg.ssl.ibot.mask_ratio)) * cfg.ssl.ibot.mask_probability
-        return ssl_flops(vit, model.dino_cfg, ibot, s.global_size, s.local_size, s.n_local, masked)
-    return forward_flops(vit, cfg.data.image_size) * (2 if cfg.lora.enabled else 3)
+def step_flops(cfg, task) -> float:
+    """Training FLOPs per example of the config's step (the module's convention): ssl by `ssl_flops` (its model
+    built with random weights), else the backbone at data.image_size, 2x (LoRA) or 3x (full) its forward; the
+    TerraMind task as two ViT-B/16 (its base encoder and decoder). Task decoders and heads are not counted."""
+    import jax
+    from jaxvit.models import get_config
+    factor = 2 if cfg.lora.enabled else 3
+    if cfg.task == "sar_grounding":
+        return 2 * forward_flops(get_config("dinov3_vitb16", num_registers=0), cfg.data.image_size) * factor
+    if cfg.task != "ssl":
+        vit = get_config(cfg.model.arch, **dict(cfg.model.overrides))
+        return forward_flops(vit, cfg.data.image_size) * factor
+    task.set_run_length(1, 1)
+    model = task.build(jax.random.key(0))[0]
+    vit, crops = model.backbone, cfg.ssl.crops
+    ibot = model.ibot_cfg if model.separate_ibot_head else model.dino_cfg
+    n_patch = (crops.global_size // vit.patch_size) ** 2
+    masked = 2 * n_patch * float(np.mean(cfg.ssl.ibot.mask_ratio)) * cfg.ssl.ibot.mask_probability
+    return ssl_flops(vit, model.dino_cfg, ibot, crops.global_size, crops.local_size, crops.n_local, masked)
 
 
 def bench_workload_data(args: argparse.Namespace) -> list[dict]:
     """The config's train transform + batching on files in the published format: examples/s in-process (one
     core) and with --data_workers processes, against the accelerator's demand (ACCEL_*)."""
-    import jax
     from jaxvit import tasks
     from jaxvit.config import load_config_file
     from jaxvit.data.pipeline import measure_throughput
@@ -708,9 +715,10 @@ def bench_workload_data(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         files = write_workload_files(cfg, tmp, args.data_files)
         cfg.model.pretrained = ""
+        if cfg.task == "sar_grounding":
+            cfg.sar_grounding.perceptual_weight = 0.0  # no model is built: its files need not be here
         task = tasks.create(cfg)
-        task.set_run_length(1, 1)
-        flops = step_flops(cfg, task.build(jax.random.key(0))[0])  # random weights, dropped at once
+        flops = step_flops(cfg, task)
         source, transform = task.source(cfg.data.train_split), task.train_transform()
         demand = ACCEL_TFLOPS * 1e12 * ACCEL_MFU / flops
         records = []
