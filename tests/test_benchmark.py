@@ -164,7 +164,7 @@ def test_gpu_script_smoke(tmp_path):
         for mode in ("lora", "full", "infer"):
             assert f"| dinov2_{arch}[" in table and f"| {mode} | bfloat16 | 2 |" in table
     assert table.count("| bfloat16 | 2 |") == 9  # one row per arch x mode, with the torch peer's columns
-    assert "| dinov2_vits14 | 14 |" in table and "| dinov3_vits16 | 8 |" in table  # the two SSL recipes (demo)
+    assert "| dinov2_vits14 | 8 |" in table and "| dinov3_vits16 | 8 |" in table  # the two SSL recipes (demos: patch 8)
     for config in ("jump_ssl", "dinocell", "biomass", "gz2_lora", "terramind_stage3", "cifar10_dinov2", "gz2_ssl",
                    "gz2_full"):  # each workload's input pipeline, in-process and with 2 workers
         assert table.count(f"| {config} |") == 2, config
