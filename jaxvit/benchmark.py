@@ -685,12 +685,25 @@ def write_workload_files(cfg, root: str, n: int = 8) -> str:
 def step_flops(cfg, task) -> float:
     """Training FLOPs per example of the config's step (the module's convention): ssl by `ssl_flops` (its model
     built with random weights), else the backbone at data.image_size, 2x (LoRA) or 3x (full) its forward; the
-    TerraMind task as two ViT-B/16 (its base encoder and decoder). Task decoders and heads are not counted."""
+    TerraMind task as two ViT-B/16 (its base encoder and decoder); DINOCell by XLA's count of its forward
+    (backbone and convolutional decoder). Other heads are not counted."""
     import jax
     from jaxvit.models import get_config
     factor = 2 if cfg.lora.enabled else 3
     if cfg.task == "sar_grounding":
         return 2 * forward_flops(get_config("dinov3_vitb16", num_registers=0), cfg.data.image_size) * factor
+    if cfg.task == "cell_distance":  # the decoder's convolutions matter here: XLA's count of the forward
+        import jax.numpy as jnp
+        built = {}
+
+        def init(key):
+            built["model"], variables = task.build(key)
+            return variables
+        variables = jax.eval_shape(init, jax.random.key(0))
+        size, model = cfg.data.image_size, built["model"]
+        image = jax.ShapeDtypeStruct((1, size, size, model.backbone.num_channels), jnp.float32)
+        cost = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, image).cost_analysis()
+        return float((cost[0] if isinstance(cost, list) else cost)["flops"]) * factor
     if cfg.task != "ssl":
         vit = get_config(cfg.model.arch, **dict(cfg.model.overrides))
         return forward_flops(vit, cfg.data.image_size) * factor

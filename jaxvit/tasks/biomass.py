@@ -13,6 +13,9 @@ plausibility terms. The best checkpoint has the highest validation weighted R^2 
 grams). Images are resized whole to data.image_size (or padded to square first, `biomass.pad_to_square`); training
 augments with flips, quarter turns and colour jitter (data.aug.*) and the seed's CLAHE, motion blur, perspective
 jitter and border mask (biomass.*, `jaxvit.data.photo_aug`), never crops (the masses are of the whole frame).
+Training decodes JPEG photos at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the views
+(`load_image(min_size=...)`: 2000 x 1000 photos, 448 px halves: 1000 x 500), pixels slightly different from a
+full decode; evaluation decodes in full.
 """
 from __future__ import annotations
 
@@ -98,7 +101,12 @@ class PastureExample:
         self.aug = {k: float(aug[k]) for k in ("perspective_jitter", "border_mask", "clahe_prob", "motion_blur_prob")}
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
-        x, a = example["image"] if "image" in example else load_image(example["path"]), self.aug
+        a = self.aug
+        if "image" in example:
+            x = example["image"]
+        else:  # train: JPEGs decoded at the smallest scale that still covers the views' size (`load_image`)
+            size = self.cfg.image_size
+            x = load_image(example["path"], None if rng is None else (2 * size if self.halves else size, size))
         if rng is not None and a["perspective_jitter"] > 0:
             x = photo_aug.perspective_jitter(x, a["perspective_jitter"], rng)
         if rng is not None and a["border_mask"] > 0:
