@@ -176,6 +176,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                         "list, 0 = in-process, one core)")
     ap.add_argument("--render", default="", metavar="JSONL", help="print the markdown of a file of this tool's "
                                                                    "JSON lines (benchmarks/gpu.sh) and exit")
+    ap.add_argument("--plan", action="store_true", help="--config: compile (not run) its train step and print "
+                                                        "the per-device memory and the largest batch per device")
     ap.add_argument("--heap", action="store_true", help="page faults per CPU step with and without "
                                                         "xla_options.keep_cpu_heap (fresh processes)")
     ssl = ap.add_argument_group("--mode=ssl (config.ssl)")
@@ -749,6 +751,96 @@ def bench_workload_data(args: argparse.Namespace) -> list[dict]:
     return records
 
 
+# ------------------------------------------------------------------------------------------- memory plan
+
+DEVICE_GIB = {"A100 40GB": 40, "A100 80GB": 80, "H100 80GB": 80, "H200 141GB": 141}
+
+
+def _abstract_batch(cfg, task, batch: int) -> dict:
+    """Shapes of one global training batch: the ssl task's multi-crop batch with its iBOT masks, else images
+    with labels (the classification / regression batch)."""
+    import jax
+    size = cfg.data.image_size
+    if cfg.task == "ssl":
+        c, ch = cfg.ssl.crops, task.build_channels if hasattr(task, "build_channels") else 3
+        real = {"global": np.zeros((batch, 2, c.global_size, c.global_size, ch), np.float32),
+                "local": np.zeros((batch, c.n_local, c.local_size, c.local_size, ch), np.float32)}
+        real = task.mask_batch()(real, np.random.default_rng(0))
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in real.items()}
+    if cfg.task not in ("classification", "regression"):
+        raise SystemExit(f"--plan: task {cfg.task!r} is not planned yet (classification, regression, ssl)")
+    return {"image": jax.ShapeDtypeStruct((batch, size, size, 3), np.float32),
+            "label": jax.ShapeDtypeStruct((batch,), np.int32), "bad": jax.ShapeDtypeStruct((batch,), np.int32)}
+
+
+def plan_memory(cfg, batch: int) -> dict:
+    """Compile (not run) the config's train step at `batch` on abstract inputs; XLA's memory analysis, bytes."""
+    import jax
+
+    from jaxvit import optim, sharding, tasks, xla_options
+    from jaxvit.train import init_state, make_step, partition
+
+    cfg.train.batch_size = batch
+    if cfg.task == "classification" and not cfg.data.get("classes"):
+        cfg.data.classes = tuple(f"class_{i}" for i in range(NUM_CLASSES))  # no data needed for the shapes
+    task = tasks.create(cfg)
+    total = 1000
+    spe = task.steps_per_epoch(10 * batch, batch)
+    task.set_run_length(total, spe)
+    built = {}
+
+    def build(key):
+        built["model"], variables = task.build(key)
+        return variables
+    variables = jax.eval_shape(build, jax.random.key(0))
+    model = built["model"]
+    rule = optim.trainable_rule("all", cfg, task.head, task.frozen)
+    trainable = partition(variables, rule)[0]
+    kw = {"lr_gates": task.lr_gates(spe)} if hasattr(task, "lr_gates") else {}
+    tx, schedule, _ = optim.make_optimizer(cfg, trainable, total, model.backbone.depth, **kw)
+    mesh = sharding.make_mesh(cfg.mesh)
+    state = jax.eval_shape(lambda v: init_state(cfg, v, rule, tx, mesh)[0], variables)
+    step = xla_options.jit(make_step(task, model, cfg, tx, schedule), donate_argnums=0)
+    compiled = step.lower(state, _abstract_batch(cfg, task, batch)).compile()
+    m = compiled.memory_analysis()
+    nbytes = lambda tree: sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                              for x in jax.tree_util.tree_leaves(tree))
+    return dict(params_bytes=nbytes(state.get("trainable")) + nbytes(state.get("frozen", {})),
+                opt_state_bytes=nbytes(state["opt_state"]) + nbytes(state.get("ema", {})),
+                argument_bytes=int(m.argument_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
+                alias_bytes=int(m.alias_size_in_bytes), temp_bytes=int(m.temp_size_in_bytes),
+                peak_bytes=int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                               + m.temp_size_in_bytes))
+
+
+def bench_plan(args: argparse.Namespace) -> list[dict]:
+    """Per-device memory of the config's step at its batch (and twice it: the per-example slope), with and
+    without remat, and the largest global batch that fits each device of DEVICE_GIB (10% kept free)."""
+    from jaxvit.config import load_config_file
+    records = []
+    for remat in ("none", "full"):
+        points = {}
+        for scale in (1, 2):
+            cfg = load_config_file(args.config)
+            cfg.model.pretrained, cfg.model.remat = "", remat
+            batch = (args.batch if args.batch_given else cfg.train.batch_size) * scale
+            points[batch] = plan_memory(cfg, batch)
+        (b1, p1), (b2, p2) = points.items()
+        per_example = (p2["peak_bytes"] - p1["peak_bytes"]) / (b2 - b1)
+        fixed = p1["peak_bytes"] - per_example * b1
+        fits = {name: int((0.9 * gib * 2**30 - fixed) // per_example) if per_example > 0 else None
+                for name, gib in DEVICE_GIB.items()}
+        records.append(dict(impl="plan", config=args.config, arch=cfg.model.arch, dtype=cfg.model.dtype,
+                            remat=remat, lora=bool(cfg.lora.enabled), batch=b1, **p1,
+                            per_example_bytes=int(per_example), max_batch=fits, backend=_backend(), date=_now()))
+    return records
+
+
+def _backend() -> str:
+    import jax
+    return jax.devices()[0].device_kind
+
+
 HEAP_PROBE = """
 import json, resource
 from jaxvit import xla_options
@@ -867,6 +959,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with open(args.render) as f:
             print(render([json.loads(line) for line in f if line.startswith("{")]), end="")
         return []
+    if args.plan:
+        records = bench_plan(args)
+        for r in records:
+            print(json.dumps(r), flush=True)
+        return records
     if args.data or args.heap:
         records = (bench_heap(args) if args.heap else bench_workload_data(args) if args.config
                    else bench_data(args))

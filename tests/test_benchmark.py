@@ -182,3 +182,15 @@ def test_cli_data_of_a_workload_config(capsys):
     assert r["demand_per_core"] == pytest.approx(989.4e12 * 0.45 / (r["gflops_per_example"] * 1e9) / 16, rel=1e-3)
     assert r["headroom"] == pytest.approx(r["per_core_img_per_s"] * 16 / r["demand_img_per_s"], rel=1e-2)
     assert recs[1]["per_core_img_per_s"] == pytest.approx(recs[1]["img_per_s"] / 2, rel=1e-2)
+
+
+@pytest.mark.slow
+def test_cli_plan_compiles_without_running(capsys):
+    """--plan: XLA's memory analysis of the compiled step at the batch and twice it, with and without remat."""
+    recs = benchmark.main(["--plan", "--config=configs/gz2_lora.py:demo", "--batch=2"])
+    assert [r["remat"] for r in recs] == ["none", "full"]
+    for r in recs:
+        assert r["peak_bytes"] == r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
+        assert r["argument_bytes"] >= r["params_bytes"] + r["opt_state_bytes"] > 0 and r["per_example_bytes"] > 0
+        fits = r["max_batch"]
+        assert 0 < fits["A100 40GB"] < fits["H100 80GB"] < fits["H200 141GB"]
