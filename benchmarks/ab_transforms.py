@@ -18,7 +18,8 @@ import numpy as np
 from jaxvit import benchmark, tasks
 from jaxvit.config import load_config_file
 from jaxvit.data import jump
-from jaxvit.data.sources import load_array, load_image
+from jaxvit.data.decode import load_array
+from jaxvit.data.sources import load_image
 from jaxvit.tasks import biomass as biomass_task
 from jaxvit.tasks.cell_distance import data as cell_data
 from jaxvit.tasks.cell_distance.targets import distance_map
