@@ -5,7 +5,6 @@ best round reported): per-core examples/s of a workload's train transform on fil
 
 dinocell: distance maps of the cells meeting the crop window vs of the whole mask (outputs identical).
 biomass:  JPEG draft decoding at the smallest covering scale vs a full decode (pixels differ slightly).
-jump_ssl: the site's float32 stack filled and scaled in place vs stacked and scaled in fresh copies (identical).
 The old path is the same transform with the fixed function swapped back for the old call.
 """
 import argparse
@@ -17,28 +16,14 @@ import numpy as np
 
 from jaxvit import benchmark, tasks
 from jaxvit.config import load_config_file
-from jaxvit.data import jump
-from jaxvit.data.decode import load_array
 from jaxvit.data.sources import load_image
 from jaxvit.tasks import biomass as biomass_task
 from jaxvit.tasks.cell_distance import data as cell_data
 from jaxvit.tasks.cell_distance.targets import distance_map
 
-
-
-def old_load_stack(self, example: dict, intensity=None) -> np.ndarray:
-    """JumpSource.load_stack before the in-place version (plate or image percentiles)."""
-    x = np.stack([load_array(f)[:, :, 0].astype(np.float32) for f in example["files"]], axis=-1)
-    lo, hi = (np.percentile(x, jump.PERCENTILES, axis=(0, 1)).astype(np.float32)
-              if (intensity or self.intensity) == "image" else self.plate_stats(example["plate"]))
-    span = np.where(hi > lo, hi - lo, np.inf)
-    return np.clip((x - lo) / span, 0.0, 1.0).astype(np.float32)
-
-
 OLD = {  # module, attribute, the old call
     "dinocell": (cell_data, "distance_map", lambda labels, window=None: distance_map(labels)),
     "biomass": (biomass_task, "load_image", lambda path, min_size=None: load_image(path)),
-    "jump_ssl": (jump.JumpSource, "load_stack", old_load_stack),
 }
 
 

@@ -274,10 +274,8 @@ class JumpSource:
         x = read_channels(example["files"])
         lo, hi = (np.percentile(x, PERCENTILES, axis=(0, 1)).astype(np.float32) if mode == "image"
                   else self.plate_stats(example["plate"]))
-        span = np.where(hi > lo, hi - lo, np.inf).astype(np.float32)  # a constant channel becomes 0
-        x -= lo  # in place: the same float32 values as (x - lo) / span, without three more site-size copies
-        x /= span
-        return np.clip(x, 0.0, 1.0, out=x)
+        span = np.where(hi > lo, hi - lo, np.inf)  # a constant channel becomes 0
+        return np.clip((x - lo) / span, 0.0, 1.0).astype(np.float32)
 
     def load_mask(self, example: dict) -> np.ndarray:
         """The example's cell label image as int32 [H, W] (0 = background)."""
@@ -292,19 +290,17 @@ class JumpSource:
 
 def read_channels(files: Sequence[str]) -> np.ndarray:
     """One single-channel image per file, stacked as float32 [H, W, C] in the files' own values."""
-    stack = None
-    for c, f in enumerate(files):
+    planes: list[np.ndarray] = []
+    for f in files:
         a = load_array(f)
         if a.shape[2] != 1:
             raise ImageLoadError(f, f"{a.shape[2]} channels; a load-data table names one single-channel image "
                                  "per channel")
-        if stack is None:
-            stack = np.empty((*a.shape[:2], len(files)), np.float32)
-        elif a.shape[:2] != stack.shape[:2]:
-            (h, w), (h0, w0) = a.shape[:2], stack.shape[:2]
+        if planes and a.shape[:2] != planes[0].shape:
+            (h, w), (h0, w0) = a.shape[:2], planes[0].shape
             raise ImageLoadError(f, f"size {w}x{h} (WxH) differs from {w0}x{h0} of {files[0]!r}")
-        stack[:, :, c] = a[:, :, 0]  # converted to float32 as it is copied in
-    return stack
+        planes.append(a[:, :, 0].astype(np.float32))
+    return np.stack(planes, axis=-1)
 
 
 def _uint8(x: np.ndarray) -> np.ndarray:
