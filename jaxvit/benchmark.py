@@ -68,6 +68,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -152,10 +153,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = cli.parser("benchmark", __doc__)
     ap.add_argument("--arch", default="dinov2_vits14", help="preset name(s), comma-separated")
     cli.add_model_overrides(ap)
-    ap.add_argument("--batch_size", type=int, default=16, help="images per step")
+    ap.add_argument("--batch_size", type=int, default=None, help="images per step (default 16; ssl --config: the "
+                                                                  "config's)")
     cli.deprecated(ap, "--batch", "--batch_size", type=int)
     ap.add_argument("--image_size", type=int, default=224, help="image side in pixels")
     cli.deprecated(ap, "--res", "--image_size", type=int)
+    ap.add_argument("--config", default="", help="configs/NAME.py[:variant] or a shipped name. --mode=ssl: its model, "
+                                                 "crops, heads and batch (random weights); --data: its workload's "
+                                                 "input pipeline against the step's demand")
     ap.add_argument("--mode", default="lora", help="lora | full | infer | ssl, comma-separated")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
@@ -169,8 +174,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data", action="store_true", help="measure the grain input pipeline alone")
     ap.add_argument("--data_dir", default="", help="--data: image folder with a train split (default: a "
                                                    "synthetic GZ2 set in a temp dir)")
+    ap.add_argument("--data_files", type=int, default=8, help="--data --config: files written (then reused)")
     ap.add_argument("--data_px", type=int, default=64, help="--data: synthetic source image size")
-    ap.add_argument("--data_workers", type=int, default=2, help="--data: grain worker processes")
+    ap.add_argument("--data_workers", default="2", help="--data: grain worker processes (--config: a comma "
+                                                        "list, 0 = in-process, one core)")
+    ap.add_argument("--render", default="", metavar="JSONL", help="print the markdown of a file of this tool's "
+                                                                   "JSON lines (benchmarks/gpu.sh) and exit")
+    ap.add_argument("--plan", action="store_true", help="--config: compile (not run) its train step and print "
+                                                        "the per-device memory and the largest batch per device")
     ap.add_argument("--heap", action="store_true", help="page faults per CPU step with and without "
                                                         "xla_options.keep_cpu_heap (fresh processes)")
     ssl = ap.add_argument_group("--mode=ssl (config.ssl)")
@@ -191,6 +202,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--peer: there is no torch peer for --mode=ssl")
     if args.rounds is None:
         args.rounds = 2 if args.peer else 1
+    args.data_workers = [int(w) for w in args.data_workers.split(",")]
+    if not args.config:
+        args.data_workers = args.data_workers[0]
+    args.batch_given = args.batch is not None
+    args.batch = args.batch or 16
     return args
 
 
@@ -296,22 +312,36 @@ class SSLBench(JaxBench):
         import ml_collections as mlc
 
         from jaxvit import optim, sharding, tasks, xla_options
-        from jaxvit.config import base_config
+        from jaxvit.config import base_config, load_config_file
         from jaxvit.models import parse_overrides
         from jaxvit.config_recipes import dino_optimizer
         from jaxvit.train import init_state, make_step, partition
 
-        cfg = base_config("ssl")
-        cfg.model.arch, cfg.model.dtype = args.arch, args.dtype
-        cfg.model.overrides = mlc.ConfigDict(parse_overrides(args.override))
-        cfg.train.batch_size, cfg.mesh.data = args.batch, 1  # the first device
-        dino_optimizer(cfg)
-        s = cfg.ssl
-        s.patch_size = args.ssl_patch
-        s.crops.global_size, s.crops.local_size, s.crops.n_local = args.global_size, args.local_size, args.n_local
-        for head in (s.dino, s.ibot):
-            head.n_prototypes, head.hidden_dim, head.bottleneck_dim = (args.prototypes, args.head_hidden,
-                                                                       args.head_bottleneck)
+        if args.config:  # the recipe's model, crops, heads and batch (random weights)
+            cfg = load_config_file(args.config)
+            cfg.model.pretrained = ""
+            if args.batch_given:
+                cfg.train.batch_size = args.batch
+            if args.override:
+                cfg.model.overrides = mlc.ConfigDict(parse_overrides(args.override))
+            args.arch, args.dtype, args.batch = cfg.model.arch, cfg.model.dtype, cfg.train.batch_size
+            s = cfg.ssl
+        else:
+            cfg = base_config("ssl")
+            cfg.model.arch, cfg.model.dtype = args.arch, args.dtype
+            cfg.model.overrides = mlc.ConfigDict(parse_overrides(args.override))
+            cfg.train.batch_size = args.batch
+            dino_optimizer(cfg)
+            s = cfg.ssl
+            s.patch_size = args.ssl_patch
+            s.crops.global_size, s.crops.local_size, s.crops.n_local = (args.global_size, args.local_size,
+                                                                        args.n_local)
+            for head in (s.dino, s.ibot):
+                head.n_prototypes, head.hidden_dim, head.bottleneck_dim = (args.prototypes, args.head_hidden,
+                                                                           args.head_bottleneck)
+        cfg.mesh.data = 1  # the first device
+        args.global_size, args.local_size, args.n_local = s.crops.global_size, s.crops.local_size, s.crops.n_local
+        args.prototypes = s.dino.n_prototypes
         self.cfg, self.jax = cfg, jax
         self.device = jax.devices()[0]
         task = tasks.create(cfg)
@@ -328,8 +358,9 @@ class SSLBench(JaxBench):
 
         rng = np.random.default_rng(0)
         b, g, l = args.batch, args.global_size, args.local_size
-        batch = {"global": rng.standard_normal((b, 2, g, g, 3), np.float32),
-                 "local": rng.standard_normal((b, args.n_local, l, l, 3), np.float32)}
+        c = vit.num_channels
+        batch = {"global": rng.standard_normal((b, 2, g, g, c), np.float32),
+                 "local": rng.standard_normal((b, args.n_local, l, l, c), np.float32)}
         masks = task.mask_batch()
         batch = jax.device_put(masks(batch, np.random.default_rng(0)), self.device)
         n_patch = (g // vit.patch_size) ** 2  # the static size of the iBOT gather, as SSL.loss bounds it
@@ -580,6 +611,241 @@ def bench_data(args: argparse.Namespace) -> list[dict]:
                  device=platform.processor() or platform.machine(), cpus=os.cpu_count(), date=_now())]
 
 
+# ------------------------------------------------------------------------------------------- workload data
+
+ACCEL_TFLOPS, ACCEL_MFU, ACCEL_CORES = 989.4, 0.45, 16  # H100/H200 bf16 dense, the MFU a step reaches, host cores
+
+
+def _cell_labels(rng: np.random.Generator, h: int, w: int, n: int) -> np.ndarray:
+    """uint16 ids of `n` touching, roughly round cells: each pixel takes its nearest seed within a radius."""
+    from scipy import ndimage
+    ids = np.zeros((h, w), np.uint16)
+    ids[rng.integers(0, h, n), rng.integers(0, w, n)] = np.arange(1, n + 1)
+    dist, (iy, ix) = ndimage.distance_transform_edt(ids == 0, return_indices=True)
+    labels = ids[iy, ix]
+    labels[dist > 0.6 * math.sqrt(h * w / n)] = 0
+    return labels
+
+
+def _cell_image(rng: np.random.Generator, labels: np.ndarray, peak: int, dtype) -> np.ndarray:
+    """Bright cells with per-cell brightness and pixel noise over a dim background."""
+    level = rng.uniform(0.3, 1.0, int(labels.max()) + 1)
+    level[0] = 0.05
+    img = level[labels] * peak * rng.uniform(0.8, 1.0, labels.shape)
+    return np.clip(img, 0, np.iinfo(dtype).max).astype(dtype)
+
+
+def write_workload_files(cfg, root: str, n: int = 8) -> str:
+    """`n` training files of the config's workload in its published format and size under `root`, and
+    cfg.data pointed at them; returns what was written. GZ2: 424 px RGB JPEGs in the class-folder layout;
+    CIFAR-10: 32 px uint8 images (as data.source="npz": the images tfds would decode); CSIRO biomass: 2000 x
+    1000 JPEG photos in the Image2Biomass CSV layout; JUMP: 5 fluorescent channels as 1080 x 1080 uint16 TIFFs
+    per site in the load-data layout; DINOCell: LIVECell-size 704 x 520 8-bit grayscale TIFFs with uint16 cell
+    masks (300 cells); TerraMind: 256 px Sentinel-1 / Sentinel-2 GeoTIFF pairs."""
+    import tifffile
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    d = cfg.data
+    d.data_dir, d.demo = root, ""
+    if cfg.task == "biomass":
+        from jaxvit.data.synthetic_pasture import write_dataset
+        write_dataset(root, per_split={"train": n, "val": 1, "test": 1}, size=(2000, 1000))
+        return f"{n} pasture photos 2000x1000 JPEG"
+    if cfg.task == "sar_grounding":
+        from jaxvit.data.synthetic_sar import write_dataset
+        write_dataset(root, scenes={"train": n, "val": 1, "test": 1}, tile=256)
+        return f"{n} S1 (2 x float32) / S2 (12 x uint16) GeoTIFF pairs 256 px"
+    if cfg.task == "cell_distance":
+        for kind in ("images", "masks"):
+            os.makedirs(f"{root}/train/{kind}", exist_ok=True)
+        for i in range(n):
+            labels = _cell_labels(rng, 520, 704, 300)
+            tifffile.imwrite(f"{root}/train/images/site_{i:04d}.tif", _cell_image(rng, labels, 200, np.uint8))
+            Image.fromarray(labels).save(f"{root}/train/masks/site_{i:04d}.png")
+        return f"{n} LIVECell-size 704x520 uint8 TIFFs + uint16 PNG masks (300 cells)"
+    if d.source == "jump":
+        from jaxvit.data.synthetic_cells import write_dataset
+        write_dataset(root, n_plates=1, wells_per_treatment=1, sites_per_well=-(-n // 4), image_size=16,
+                      fractions=(1.0, 0.0))  # the layout; the sites are then written again at full size
+        labels = _cell_labels(rng, 1080, 1080, 250)
+        tiffs = sorted(Path(root).rglob("*.tiff"))
+        for path in tiffs:
+            tifffile.imwrite(path, _cell_image(rng, labels, 4000, np.uint16))
+        return f"{len(tiffs)} JUMP channel TIFFs 1080x1080 uint16 (each site: every channel of the load-data table)"
+    if d.source.startswith("tfds:"):
+        d.source = "npz"
+        images = rng.integers(0, 256, (max(n, 64), 32, 32, 3), np.uint8)
+        np.savez(f"{root}/train.npz", images=images, labels=np.arange(len(images)) % 10,
+                 class_names=np.array([str(c) for c in range(10)]))
+        d.classes = ()
+        return f"{len(images)} CIFAR-size 32x32 uint8 images (npz)"
+    from jaxvit.data.synthetic_gz2 import CLASSES, render_galaxy, split_dir
+    classes = tuple(d.classes) or CLASSES
+    for i in range(n):
+        folder = split_dir(root, d.train_split) / classes[i % len(classes)]
+        folder.mkdir(parents=True, exist_ok=True)
+        cls = CLASSES[i % len(CLASSES)]
+        Image.fromarray(render_galaxy(cls, rng, 424)).save(folder / f"{i:05d}.jpg", quality=90)
+    return f"{n} GZ2 424x424 RGB JPEGs"
+
+
+def step_flops(cfg, task) -> float:
+    """Training FLOPs per example of the config's step (the module's convention): ssl by `ssl_flops` (its model
+    built with random weights), else the backbone at data.image_size, 2x (LoRA) or 3x (full) its forward; the
+    TerraMind task as two ViT-B/16 (its base encoder and decoder); DINOCell by XLA's count of its forward
+    (backbone and convolutional decoder). Other heads are not counted."""
+    import jax
+    from jaxvit.models import get_config
+    factor = 2 if cfg.lora.enabled else 3
+    if cfg.task == "sar_grounding":
+        return 2 * forward_flops(get_config("dinov3_vitb16", num_registers=0), cfg.data.image_size) * factor
+    if cfg.task == "cell_distance":  # the decoder's convolutions matter here: XLA's count of the forward
+        import jax.numpy as jnp
+        built = {}
+
+        def init(key):
+            built["model"], variables = task.build(key)
+            return variables
+        variables = jax.eval_shape(init, jax.random.key(0))
+        size, model = cfg.data.image_size, built["model"]
+        image = jax.ShapeDtypeStruct((1, size, size, model.backbone.num_channels), jnp.float32)
+        cost = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, image).cost_analysis()
+        return float((cost[0] if isinstance(cost, list) else cost)["flops"]) * factor
+    if cfg.task != "ssl":
+        vit = get_config(cfg.model.arch, **dict(cfg.model.overrides))
+        return forward_flops(vit, cfg.data.image_size) * factor
+    task.set_run_length(1, 1)
+    model = task.build(jax.random.key(0))[0]
+    vit, crops = model.backbone, cfg.ssl.crops
+    ibot = model.ibot_cfg if model.separate_ibot_head else model.dino_cfg
+    n_patch = (crops.global_size // vit.patch_size) ** 2
+    masked = 2 * n_patch * float(np.mean(cfg.ssl.ibot.mask_ratio)) * cfg.ssl.ibot.mask_probability
+    return ssl_flops(vit, model.dino_cfg, ibot, crops.global_size, crops.local_size, crops.n_local, masked)
+
+
+def bench_workload_data(args: argparse.Namespace) -> list[dict]:
+    """The config's train transform + batching on files in the published format: examples/s in-process (one
+    core) and with --data_workers processes, against the accelerator's demand (ACCEL_*)."""
+    from jaxvit import tasks
+    from jaxvit.config import load_config_file
+    from jaxvit.data.pipeline import measure_throughput
+
+    cfg = load_config_file(args.config)
+    name = os.path.basename(args.config.partition(":")[0]).removesuffix(".py")
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_workload_files(cfg, tmp, args.data_files)
+        cfg.model.pretrained = ""
+        if cfg.task == "sar_grounding":
+            cfg.sar_grounding.perceptual_weight = 0.0  # no model is built: its files need not be here
+        task = tasks.create(cfg)
+        flops = step_flops(cfg, task)
+        source, transform = task.source(cfg.data.train_split), task.train_transform()
+        demand = ACCEL_TFLOPS * 1e12 * ACCEL_MFU / flops
+        records = []
+        for workers in args.data_workers:  # 0: in this process, i.e. one core
+            cfg.data.num_workers = workers
+            rate = measure_throughput(source, transform, cfg.data, args.steps, args.batch)
+            per_core = rate / max(workers, 1)
+            records.append(dict(
+                impl="grain", mode="data", config=name, files=files, batch=args.batch, res=cfg.data.image_size,
+                num_workers=workers, img_per_s=_sig(rate), per_core_img_per_s=_sig(per_core),
+                gflops_per_example=_sig(flops / 1e9), demand_img_per_s=_sig(demand),
+                demand_per_core=_sig(demand / ACCEL_CORES), headroom=_sig(per_core * ACCEL_CORES / demand, 3),
+                peak_rss_bytes=_rss_bytes(), steps=args.steps, device=platform.processor() or platform.machine(),
+                cpus=os.cpu_count(), date=_now()))
+    return records
+
+
+# ------------------------------------------------------------------------------------------- memory plan
+
+DEVICE_GIB = {"A100 40GB": 40, "A100 80GB": 80, "H100 80GB": 80, "H200 141GB": 141}
+
+
+def _abstract_batch(cfg, task, batch: int) -> dict:
+    """Shapes of one global training batch: the ssl task's multi-crop batch with its iBOT masks, else images
+    with labels (the classification / regression batch)."""
+    import jax
+    size = cfg.data.image_size
+    if cfg.task == "ssl":
+        c, ch = cfg.ssl.crops, task.build_channels if hasattr(task, "build_channels") else 3
+        real = {"global": np.zeros((batch, 2, c.global_size, c.global_size, ch), np.float32),
+                "local": np.zeros((batch, c.n_local, c.local_size, c.local_size, ch), np.float32)}
+        real = task.mask_batch()(real, np.random.default_rng(0))
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in real.items()}
+    if cfg.task not in ("classification", "regression"):
+        raise SystemExit(f"--plan: task {cfg.task!r} is not planned yet (classification, regression, ssl)")
+    return {"image": jax.ShapeDtypeStruct((batch, size, size, 3), np.float32),
+            "label": jax.ShapeDtypeStruct((batch,), np.int32), "bad": jax.ShapeDtypeStruct((batch,), np.int32)}
+
+
+def plan_memory(cfg, batch: int) -> dict:
+    """Compile (not run) the config's train step at `batch` on abstract inputs; XLA's memory analysis, bytes."""
+    import jax
+
+    from jaxvit import optim, sharding, tasks, xla_options
+    from jaxvit.train import init_state, make_step, partition
+
+    cfg.train.batch_size = batch
+    if cfg.task == "classification" and not cfg.data.get("classes"):
+        cfg.data.classes = tuple(f"class_{i}" for i in range(NUM_CLASSES))  # no data needed for the shapes
+    task = tasks.create(cfg)
+    total = 1000
+    spe = task.steps_per_epoch(10 * batch, batch)
+    task.set_run_length(total, spe)
+    built = {}
+
+    def build(key):
+        built["model"], variables = task.build(key)
+        return variables
+    variables = jax.eval_shape(build, jax.random.key(0))
+    model = built["model"]
+    rule = optim.trainable_rule("all", cfg, task.head, task.frozen)
+    trainable = partition(variables, rule)[0]
+    kw = {"lr_gates": task.lr_gates(spe)} if hasattr(task, "lr_gates") else {}
+    tx, schedule, _ = optim.make_optimizer(cfg, trainable, total, model.backbone.depth, **kw)
+    mesh = sharding.make_mesh(cfg.mesh)
+    state = jax.eval_shape(lambda v: init_state(cfg, v, rule, tx, mesh)[0], variables)
+    step = xla_options.jit(make_step(task, model, cfg, tx, schedule), donate_argnums=0)
+    compiled = step.lower(state, _abstract_batch(cfg, task, batch)).compile()
+    m = compiled.memory_analysis()
+    nbytes = lambda tree: sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                              for x in jax.tree_util.tree_leaves(tree))
+    return dict(params_bytes=nbytes(state.get("trainable")) + nbytes(state.get("frozen", {})),
+                opt_state_bytes=nbytes(state["opt_state"]) + nbytes(state.get("ema", {})),
+                argument_bytes=int(m.argument_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
+                alias_bytes=int(m.alias_size_in_bytes), temp_bytes=int(m.temp_size_in_bytes),
+                peak_bytes=int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                               + m.temp_size_in_bytes))
+
+
+def bench_plan(args: argparse.Namespace) -> list[dict]:
+    """Per-device memory of the config's step at its batch (and twice it: the per-example slope), with and
+    without remat, and the largest global batch that fits each device of DEVICE_GIB (10% kept free)."""
+    from jaxvit.config import load_config_file
+    records = []
+    for remat in ("none", "full"):
+        points = {}
+        for scale in (1, 2):
+            cfg = load_config_file(args.config)
+            cfg.model.pretrained, cfg.model.remat = "", remat
+            batch = (args.batch if args.batch_given else cfg.train.batch_size) * scale
+            points[batch] = plan_memory(cfg, batch)
+        (b1, p1), (b2, p2) = points.items()
+        per_example = (p2["peak_bytes"] - p1["peak_bytes"]) / (b2 - b1)
+        fixed = p1["peak_bytes"] - per_example * b1
+        fits = {name: int((0.9 * gib * 2**30 - fixed) // per_example) if per_example > 0 else None
+                for name, gib in DEVICE_GIB.items()}
+        records.append(dict(impl="plan", config=args.config, arch=cfg.model.arch, dtype=cfg.model.dtype,
+                            remat=remat, lora=bool(cfg.lora.enabled), batch=b1, **p1,
+                            per_example_bytes=int(per_example), max_batch=fits, backend=_backend(), date=_now()))
+    return records
+
+
+def _backend() -> str:
+    import jax
+    return jax.devices()[0].device_kind
+
+
 HEAP_PROBE = """
 import json, resource
 from jaxvit import xla_options
@@ -634,9 +900,7 @@ def bench_models(args: argparse.Namespace) -> list[dict]:
 
 def markdown_table(records: list[dict]) -> str:
     """jaxvit vs the peer, one row per arch x mode x dtype."""
-    def gib(r):
-        b = r.get("peak_mem_bytes") or r.get("peak_rss_bytes")
-        return f"{b / 2**30:.2f}" if b else ""
+    gib = _gib
     rows = ["| arch | mode | dtype | batch | jaxvit img/s | torch img/s | speedup | jaxvit compile s | "
             "torch 1st step s | jaxvit / torch peak GiB | jaxvit TFLOP/s | share of matmul peak |",
             "|" + "---|" * 12]
@@ -654,10 +918,60 @@ def markdown_table(records: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def _gib(r: dict) -> str:
+    b = r.get("peak_mem_bytes") or r.get("peak_rss_bytes")
+    return f"{b / 2**30:.2f}" if b else ""
+
+
+def render(records: list[dict]) -> str:
+    """Markdown of a run's JSON lines (benchmarks/gpu.sh): models vs the peer, SSL steps, input pipelines,
+    and the items that did not finish (`{"impl": "failed" | "skipped", "item", "reason"}` lines)."""
+    parts = []
+    models = [r for r in records if r["impl"] in ("jax", "torch", "ratio") and r.get("mode") in FLOPS_FACTOR]
+    if models:
+        parts.append(markdown_table(models))
+    ssl = [r for r in records if r["impl"] == "jax" and r.get("mode") == "ssl"]
+    if ssl:
+        rows = ["| arch | patch | dtype | batch | crops (global/local x n) | examples/s | step ms | compile s | "
+                "peak GiB | TFLOP/s | MFU (datasheet) |", "|" + "---|" * 11]
+        for r in ssl:
+            c = r["crops"]
+            mfu = f"{r['mfu']:.0%}" if r.get("mfu") else ""
+            rows.append(f"| {r['arch']} | {r['patch_size']} | {r['dtype']} | {r['batch']} | {c['global']}/"
+                        f"{c['local']} x {c['n_local']} | {r['img_per_s']} | {r['step_ms']} | {r['compile_s']} | "
+                        f"{_gib(r)} | {r['tflops']} | {mfu} |")
+        parts.append("\n".join(rows))
+    data = [r for r in records if r["impl"] == "grain"]
+    if data:
+        rows = ["| workload config | files | workers | batch | examples/s | per core | demand per core | "
+                "headroom |", "|" + "---|" * 8]
+        for r in data:
+            rows.append(f"| {r.get('config', 'synthetic GZ2 folder')} | {r.get('files', r.get('source_px'))} | "
+                        f"{r['num_workers']} | {r['batch']} | {r['img_per_s']} | "
+                        f"{r.get('per_core_img_per_s', '')} | {r.get('demand_per_core', '')} | "
+                        f"{r.get('headroom', '')} |")
+        parts.append("\n".join(rows))
+    missing = [r for r in records if r["impl"] in ("failed", "skipped")]
+    if missing:
+        parts.append("Not measured:\n\n" + "\n".join(f"- {r['item']}: {r['impl']} ({r['reason']})"
+                                                       for r in missing))
+    return "\n\n".join(parts) + "\n"
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            print(render([json.loads(line) for line in f if line.startswith("{")]), end="")
+        return []
+    if args.plan:
+        records = bench_plan(args)
+        for r in records:
+            print(json.dumps(r), flush=True)
+        return records
     if args.data or args.heap:
-        records = bench_data(args) if args.data else bench_heap(args)
+        records = (bench_heap(args) if args.heap else bench_workload_data(args) if args.config
+                   else bench_data(args))
         for r in records:
             print(json.dumps(r), flush=True)
     else:

@@ -127,3 +127,74 @@ def test_cli_ssl_step(capsys):
 def test_cli_ssl_has_no_peer():
     with pytest.raises(SystemExit):
         benchmark.parse_args(SSL_TINY + ["--peer"])
+
+
+def test_cli_ssl_from_a_config(capsys):
+    """--config: the recipe's arch, patch, crops, heads (here its CPU demo variant), batch from --batch."""
+    (r,) = benchmark.main(["--mode=ssl", "--config=configs/jump_ssl.py:demo", "--batch=2", "--steps=1",
+                           "--warmup=0"])
+    assert r["batch"] == 2 and r["dtype"] == "float32" and r["arch"] == "dinov3_vits16"
+    assert r["crops"] == {"global": 64, "local": 32, "n_local": 4} and r["prototypes"] == 1024
+    assert r["patch_size"] == 8 and r["img_per_s"] > 0
+
+
+def test_render_lists_every_table_and_what_did_not_finish(tmp_path, capsys):
+    benchmark.main(TINY + ["--mode=infer"])
+    log = tmp_path / "run.jsonl"
+    log.write_text(capsys.readouterr().out + '{"impl": "failed", "item": "ViT-L/14 full", "reason": "over its '
+                                             '55 s cap"}\n')
+    benchmark.main([f"--render={log}"])
+    text = capsys.readouterr().out
+    assert "| dinov2_vits14[" in text and "| infer | float32 | 2 |" in text
+    assert "- ViT-L/14 full: failed (over its 55 s cap)" in text
+
+
+@pytest.mark.slow
+def test_gpu_script_smoke(tmp_path):
+    """benchmarks/gpu.sh --smoke: every item of the GPU run on the CPU at toy sizes, one table row each."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable,
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(["bash", "benchmarks/gpu.sh", "--smoke"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = (tmp_path / "gpu_run.md").read_text()
+    assert "Not measured" not in table, table
+    for arch in ("vits14", "vitb14", "vitl14"):
+        for mode in ("lora", "full", "infer"):
+            assert f"| dinov2_{arch}[" in table and f"| {mode} | bfloat16 | 2 |" in table
+    assert table.count("| bfloat16 | 2 |") == 9  # one row per arch x mode, with the torch peer's columns
+    assert "| dinov2_vits14 | 8 |" in table and "| dinov3_vits16 | 8 |" in table  # the two SSL recipes (demos: patch 8)
+    for config in ("jump_ssl", "dinocell", "biomass", "gz2_lora", "terramind_stage3", "cifar10_dinov2", "gz2_ssl",
+                   "gz2_full"):  # each workload's input pipeline, in-process and with 2 workers
+        assert table.count(f"| {config} |") == 2, config
+
+
+@pytest.mark.slow
+def test_cli_data_of_a_workload_config(capsys):
+    """--data --config: the CIFAR-10 workload's transform on 32 px images; demand by the benchmark's formula."""
+    recs = benchmark.main(["--data", "--config=configs/cifar10_dinov2.py", "--data_workers=0,2", "--batch=4",
+                           "--steps=2"])
+    assert [r["num_workers"] for r in recs] == [0, 2] and all(r["config"] == "cifar10_dinov2" for r in recs)
+    r = recs[0]
+    # ViT-B/14 full fine-tuning at 224 px: 3 x 46.3 GFLOPs per example; 989.4 TFLOP/s x 45% / that / 16 cores
+    assert r["gflops_per_example"] == pytest.approx(3 * 46.3, rel=0.01)
+    assert r["demand_per_core"] == pytest.approx(989.4e12 * 0.45 / (r["gflops_per_example"] * 1e9) / 16, rel=1e-3)
+    assert r["headroom"] == pytest.approx(r["per_core_img_per_s"] * 16 / r["demand_img_per_s"], rel=1e-2)
+    assert recs[1]["per_core_img_per_s"] == pytest.approx(recs[1]["img_per_s"] / 2, rel=1e-2)
+
+
+@pytest.mark.slow
+def test_cli_plan_compiles_without_running(capsys):
+    """--plan: XLA's memory analysis of the compiled step at the batch and twice it, with and without remat."""
+    recs = benchmark.main(["--plan", "--config=configs/gz2_lora.py:demo", "--batch=2"])
+    assert [r["remat"] for r in recs] == ["none", "full"]
+    for r in recs:
+        assert r["peak_bytes"] == r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]
+        assert r["argument_bytes"] >= r["params_bytes"] + r["opt_state_bytes"] > 0 and r["per_example_bytes"] > 0
+        fits = r["max_batch"]
+        assert 0 < fits["A100 40GB"] < fits["H100 80GB"] < fits["H200 141GB"]

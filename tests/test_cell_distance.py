@@ -216,6 +216,27 @@ def test_clahe_equalises_each_channel_of_the_stretched_stack(tmp_path):
     u8 = np.rint(scale_percentiles(image.transpose(1, 2, 0)) * 255).astype(np.uint8)
     for c in range(3):
         np.testing.assert_allclose(out[:, :, c], clahe_channel(u8[:, :, c]) / 255, atol=1e-6)
+def test_training_target_of_the_window_cells_is_the_full_maps(tmp_path, monkeypatch):
+    """The train transform computes the distance map only for cells meeting the crop window (and the resize's
+    reach): its output is identical to the old path's, the whole mask's map cropped the same way."""
+    from jaxvit.tasks.cell_distance import data as cell_data
+    rng = np.random.default_rng(4)
+    for i, (shape, n) in enumerate([((200, 160), 40), ((24, 40), 2)]):  # many cells outside the crop; padding
+        write_pair(tmp_path / "train", f"img{i}", random_cells(rng, shape, n))
+    src = PairedSource(tmp_path, "train")
+    t = transform(scale_range=(0.6, 1.4), hflip=True, rot90=True)
+    new = [t(src[i], np.random.default_rng(seed)) for i in range(2) for seed in range(8)]
+    monkeypatch.setattr(cell_data, "distance_map", lambda labels, window=None: distance_map(labels))
+    old = [t(src[i], np.random.default_rng(seed)) for i in range(2) for seed in range(8)]
+    for a, b in zip(new, old):
+        np.testing.assert_array_equal(a["target"], b["target"])
+        np.testing.assert_array_equal(a["image"], b["image"])
+    labels = random_cells(rng, (120, 120), 30)
+    window = (30, 70, 50, 90)
+    part, full = distance_map(labels, window), distance_map(labels)
+    np.testing.assert_array_equal(part[30:70, 50:90], full[30:70, 50:90])
+    assert (part == 0).sum() > (full == 0).sum()  # cells elsewhere were skipped
+
 
 def test_eval_transform_pads_to_the_canvas(tmp_path):
     labels = random_cells(np.random.default_rng(1), (40, 30), 5)

@@ -198,6 +198,26 @@ def test_load_image_conversions(tmp_path: Path):
     assert out.shape == (6, 10, 3) and (out == [10, 20, 30]).all()
 
 
+def test_load_image_draft_decodes_jpegs_at_the_smallest_covering_scale(tmp_path: Path):
+    yy, xx = np.mgrid[:400, :800]
+    pixels = np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.jpg", quality=95)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    full = load_image(tmp_path / "a.jpg")
+    assert full.shape == (400, 800, 3)
+    assert load_image(tmp_path / "a.jpg", (300, 150)).shape == (200, 400, 3)  # 1/2: 1/4 would be under 150 rows
+    assert load_image(tmp_path / "a.jpg", (100, 50)).shape == (50, 100, 3)  # 1/8
+    assert load_image(tmp_path / "a.jpg", (801, 10)).shape == (400, 800, 3)  # never below the request
+    assert load_image(tmp_path / "a.png", (100, 50)).shape == (400, 800, 3)  # other formats: in full
+    half = np.asarray(Image.fromarray(full).resize((400, 200), Image.Resampling.BOX), np.float32)
+    assert np.abs(load_image(tmp_path / "a.jpg", (300, 150)) - half).mean() < 4  # close to a full decode, resized
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait (rotated 90 degrees)
+    Image.fromarray(pixels).save(tmp_path / "r.jpg", quality=95, exif=exif)
+    assert load_image(tmp_path / "r.jpg").shape == (800, 400, 3)
+    assert load_image(tmp_path / "r.jpg", (150, 300)).shape == (400, 200, 3)  # the request is after orientation
+
+
 def test_load_image_failures(tmp_path: Path):
     bad = tmp_path / "trunc.png"
     write_corrupt(bad)

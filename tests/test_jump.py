@@ -138,6 +138,8 @@ def test_stack_shape_range_and_both_intensity_modes(small):
         assert ((per_image == end).mean(axis=(0, 1)) <= 0.002).all() and (per_image == end).any(axis=(0, 1)).all()
     lo, hi = src.plate_stats(ex["plate"])
     assert lo.shape == hi.shape == (5,) and (hi > lo).all() and ex["plate"] in src._plate_stats
+    raw = np.stack([tifffile.imread(f).astype(np.float32) for f in ex["files"]], axis=-1)
+    np.testing.assert_array_equal(src.load_stack(ex, "plate"), np.clip((raw - lo) / (hi - lo), 0, 1))  # the formula
     with pytest.raises(ConfigError, match="data.intensity='site'"):
         src.load_stack(ex, "site")
 

@@ -259,3 +259,15 @@ def test_synthetic_set(tmp_path):
     water, urban = cls == synthetic_sar.WATER, cls == synthetic_sar.URBAN
     assert s1[water, 0].mean() < s1[~water, 0].mean() - 5 and s1[urban, 0].mean() > s1[~urban, 0].mean() + 5
     assert s2[water, 7].mean() < 500 < s2[~water, 7].mean()  # B08 (NIR)
+
+
+def test_synthetic_set_in_whole_scene_tiles(tmp_path):
+    """tile=256: one TerraMind-size tile per scene, the same pixels as the scene's 64 px tiles put together."""
+    small = synthetic_sar.write_dataset(tmp_path / "a", scenes={"train": 1}, seed=3, fmt="npy")
+    whole = synthetic_sar.write_dataset(tmp_path / "b", scenes={"train": 1}, seed=3, fmt="npy", tile=256)
+    (big,) = sorted((whole / "s2").glob("*.npy"))
+    big = np.load(big)
+    assert big.shape == (12, 256, 256)
+    np.testing.assert_array_equal(np.load(small / "s2" / "scene000_r1c2.npy"), big[:, 64:128, 128:192])
+    with pytest.raises(ValueError, match="tile must divide"):
+        synthetic_sar.write_dataset(tmp_path / "c", scenes={"train": 1}, tile=100)

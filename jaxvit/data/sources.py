@@ -189,18 +189,25 @@ def _to_rgb8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
+def load_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None) -> np.ndarray:
     """Decodes an image file to uint8 RGB (H, W, 3).
 
     Grayscale is replicated to 3 channels, palettes expanded, alpha composited on black, CMYK and
     other colour spaces converted by PIL, 16-bit/32-bit/float data scaled as in `_scale_to_uint8`,
     EXIF orientation applied, and multi-frame files (TIFF stacks, animations) use frame 0.
+    `min_size` (width, height) after orientation: a JPEG is decoded at the smallest of its 1/1, 1/2, 1/4, 1/8
+    scales that keeps at least that size (PIL draft mode: the scaling happens in the DCT, far cheaper than a
+    full decode; the pixels differ slightly from a full decode then resized). Other formats ignore it.
     Raises `ImageLoadError(path, reason)` on any failure.
     """
     try:
         with Image.open(path) as img:
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
+            if min_size is not None and img.format == "JPEG":
+                w, h = min_size
+                transposed = img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+                img.draft("RGB", (h, w) if transposed else (w, h))
             img.load()
             if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
                 img = ImageOps.exif_transpose(img)

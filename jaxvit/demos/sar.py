@@ -150,14 +150,19 @@ def _complete(root: Path, params: dict) -> bool:
 
 
 def write_dataset(root: str | os.PathLike, *, scenes: dict[str, int] | None = None, seed: int = 0,
-                  fmt: str = "tif") -> Path:
+                  fmt: str = "tif", tile: int = TILE) -> Path:
     """Write the synthetic pairs under `root` (nothing when a complete set with these parameters is there).
-    `scenes` maps split -> number of 256 x 256 scenes (16 tiles each); `fmt` is "tif" or "npy"."""
+    `scenes` maps split -> number of 256 x 256 scenes, each cut into tile x tile tiles (default 16 of 64 px;
+    256: one tile per scene, TerraMind's tile size); `fmt` is "tif" or "npy"."""
+    if SCENE % tile:
+        raise ValueError(f"tile must divide the scene size {SCENE}, got {tile}")
     if fmt not in ("tif", "npy"):
         raise ValueError(f"fmt must be 'tif' or 'npy', got {fmt!r}")
     root = Path(root)
     scenes = dict(DEFAULT_SCENES if scenes is None else scenes)
     params = {"version": _VERSION, "scenes": scenes, "seed": seed, "fmt": fmt}
+    if tile != TILE:  # the default sets keep their marker
+        params["tile"] = tile
     if _complete(root, params):
         return root
     for name in ("pairs.csv", "s1", "s2"):  # only replace what an earlier call wrote
@@ -174,11 +179,11 @@ def write_dataset(root: str | os.PathLike, *, scenes: dict[str, int] | None = No
             rng = np.random.default_rng([seed, index])
             _, s2, s1 = render_scene(rng)
             e0, n0 = 300000.0 + 5000.0 * index, 5000000.0  # scenes side by side, 2.56 km apart
-            for r in range(SCENE // TILE):
-                for c in range(SCENE // TILE):
+            for r in range(SCENE // tile):
+                for c in range(SCENE // tile):
                     tile_id = f"scene{index:03d}_r{r}c{c}"
-                    win = np.s_[r * TILE:(r + 1) * TILE, c * TILE:(c + 1) * TILE]
-                    tags = _geotags(e0 + 10.0 * c * TILE, n0 - 10.0 * r * TILE)
+                    win = np.s_[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
+                    tags = _geotags(e0 + 10.0 * c * tile, n0 - 10.0 * r * tile)
                     _save(tmp / "s2" / f"{tile_id}.{fmt}", np.moveaxis(np.rint(s2[win]), -1, 0).astype(np.uint16), tags)
                     _save(tmp / "s1" / f"{tile_id}.{fmt}", np.moveaxis(s1[win], -1, 0).copy(), tags)
                     rows.append((f"s1/{tile_id}.{fmt}", f"s2/{tile_id}.{fmt}", split, tile_id))

@@ -70,7 +70,12 @@ class PastureExample:
         self.aug = {k: float(aug[k]) for k in ("perspective_jitter", "border_mask", "clahe_prob", "motion_blur_prob")}
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
-        x, a = example["image"] if "image" in example else load_image(example["path"]), self.aug
+        a = self.aug
+        if "image" in example:
+            x = example["image"]
+        else:  # train: JPEGs decoded at the smallest scale that still covers the views' size (`load_image`)
+            size = self.cfg.image_size
+            x = load_image(example["path"], None if rng is None else (2 * size if self.halves else size, size))
         if rng is not None and a["perspective_jitter"] > 0:
             x = photo_aug.perspective_jitter(x, a["perspective_jitter"], rng)
         if rng is not None and a["border_mask"] > 0:

@@ -13,6 +13,9 @@ plausibility terms. The best checkpoint has the highest validation weighted R^2 
 grams). Images are resized whole to data.image_size (or padded to square first, `biomass.pad_to_square`); training
 augments with flips, quarter turns and colour jitter (data.aug.*) and the seed's CLAHE, motion blur, perspective
 jitter and border mask (biomass.*, `jaxvit.data.photo_aug`; `data.py`), never crops (the masses are of the whole frame).
+Training decodes JPEG photos at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the views
+(`load_image(min_size=...)`: 2000 x 1000 photos, 448 px halves: 1000 x 500), pixels slightly different from a
+full decode; evaluation decodes in full.
 """
 from __future__ import annotations
 

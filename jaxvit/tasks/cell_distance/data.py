@@ -11,7 +11,8 @@ input channels by `cell_distance.channel_mode`: `average` (their mean as grey, r
 input), `first3` (channels 0-2 as RGB) or `all` (every channel, for a backbone with that many input channels);
 optional CLAHE (`cell_distance.clahe`), then normalised with data.mean / data.std.
 
-Training: the distance-map target is computed from the whole mask, then image and target get one geometry
+Training: the distance-map target is computed from the mask (only the cells that meet the crop window: exact,
+each cell's values depend on that cell alone), then image and target get one geometry
 (`jaxvit.data.geometry`): a square window of data.image_size / s source pixels (s ~ U(cell_distance.scale_range))
 at a random position (images smaller than the window are padded: each channel with its median, the background;
 the target with 0), resized to data.image_size, random flips and quarter turns (data.aug.hflip / vflip / rot90);
@@ -171,7 +172,7 @@ class CellExample:
             return self._eval(stack, labels, path)
         if labels is None:
             raise DataError(f"training example {path} has no mask")
-        return self._train(stack, distance_map(labels), rng)
+        return self._train(stack, labels, rng)
 
     def _select(self, raw: np.ndarray, path: str) -> np.ndarray:
         if self.channels:
@@ -202,18 +203,23 @@ class CellExample:
             x = np.repeat(x, self.in_channels, axis=2)
         return normalize_channels(x, self.mean, self.std)
 
-    def _train(self, stack: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def _train(self, stack: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         side = self.image_size / rng.uniform(*self.scale_range)  # source pixels of the window
         need = int(np.ceil(side))
-        h, w = target.shape
-        if h < need or w < need:
-            pad = ((0, max(need - h, 0)), (0, max(need - w, 0)))
+        h0, w0 = labels.shape
+        pad = ((0, max(need - h0, 0)), (0, max(need - w0, 0)))
+        h, w = h0 + pad[0][1], w0 + pad[1][1]
+        x0, y0 = (float(rng.integers(0, int(n - side) + 1)) for n in (w, h))
+        # The target only where the resize reads: the window and the filter's reach around it (PIL's bilinear
+        # support is max(1, source px per output px)); cells outside it are skipped (exact, `distance_map`).
+        reach = int(np.ceil(max(1.0, side / self.image_size))) + 1
+        window = (int(y0) - reach, int(np.ceil(y0 + side)) + reach, int(x0) - reach, int(np.ceil(x0 + side)) + reach)
+        target = distance_map(labels, window)
+        if pad != ((0, 0), (0, 0)):
             fill = np.median(stack, axis=(0, 1))  # the background's level: padding shows no cells
             stack = np.concatenate([np.pad(stack[:, :, k], pad, constant_values=v)[:, :, None]
                                     for k, v in enumerate(fill)], axis=2)
             target = np.pad(target, pad)
-            h, w = target.shape
-        x0, y0 = (float(rng.integers(0, int(n - side) + 1)) for n in (w, h))
         g = Geometry((x0, y0, x0 + side, y0 + side), self.image_size, hflip=self.hflip and bool(rng.random() < 0.5),
                      vflip=self.vflip and bool(rng.random() < 0.5), rot90=int(rng.integers(4)) if self.rot90 else 0)
         stack = apply_geometry(stack, g, "bilinear")
