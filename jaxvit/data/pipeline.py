@@ -66,8 +66,6 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.skip_bad_images = True
     cfg.preflight = "auto"  # full (decode every file) | sample (headers + a decoded sample) | auto | off
     cfg.preflight_sample = 1000  # files decoded by the sample check
-    from jaxvit.data.jump import CONFIG_DEFAULTS  # data.source="jump": load_data, channels, label_column, ...
-    cfg.update(CONFIG_DEFAULTS)
     cfg.aug = ml_collections.ConfigDict()
     cfg.aug.crop_scale = (0.8, 1.0)
     cfg.aug.crop_ratio = (3 / 4, 4 / 3)
