@@ -2,12 +2,13 @@
 project's recipe).
 
     python -m jaxvit.main --config=configs/jump_ssl.py --workdir=runs/jump_ssl \
-        --config.data.data_dir=/path/to/cpg0000-jump-pilot --config.data.load_data=load_data.csv \
+        --config.data.data_dir=/path/to/cpg0000-jump-pilot --config.ssl.jump.load_data=load_data.csv \
         --config.model.pretrained=/path/to/dinov3_vits16_pretrain_lvd1689m-08c60483.pth
 
 The student and teacher start from the released ViT-S/16 backbone with its patch embedding resized to 8 x 8
 (`jaxvit.models.resize`), fresh DINO and iBOT heads; the 5 fluorescent channels are averaged to one grey image
-replicated to RGB (`data.channel_mode="average"`, the project's choice; "per_channel" makes each crop one channel).
+replicated to RGB (`ssl.jump.channel_mode="average"`, the project's choice; "per_channel" makes each crop one
+channel).
 The load-data table's Metadata_Treatment labels (and Metadata_Split val rows) drive the k-NN monitor. Then
 `python -m jaxvit.export --workdir=runs/jump_ssl --output=E` writes E/model (transformers) and
 E/teacher_checkpoint.pth (the official format the project copies for DINOCell).
@@ -40,8 +41,8 @@ def get_config(arg: str = ""):
     c.optim.lr_min_ratio = 1e-6 / 5e-5
     dino_optimizer(c)
     c.data.source = "jump"
-    c.data.channel_mode = "average"
-    c.data.intensity = "plate"
+    c.ssl.jump.channel_mode = "average"
+    c.ssl.jump.intensity = "plate"
     c.data.image_size = 224
     c.data.crop_ratio = 1.0
     c.data.num_workers = 10

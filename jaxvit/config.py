@@ -172,10 +172,18 @@ def load_config_file(spec: str) -> mlc.ConfigDict:
     return module.get_config(arg) if arg else module.get_config()
 
 
+MOVED = {f"data.{k}": f"ssl.jump.{k}" for k in ("load_data", "channels", "label_column", "split_column",
+                                                  "intensity", "channel_mode")}  # old key -> new key
+
+
 def unknown_overrides(cfg: mlc.ConfigDict, keys: list[str]) -> list[str]:
     """Messages for every dotted key that `cfg` does not have, each listing the valid keys at that level."""
     problems = []
     for key in keys:
+        if key in MOVED:
+            problems.append(f"config key {key!r} is now {MOVED[key]!r} (JUMP's keys belong to the ssl task): "
+                            f"pass --config.{MOVED[key]}=...")
+            continue
         node, parts = cfg, key.split(".")
         for depth, part in enumerate(parts):
             if isinstance(node, mlc.ConfigDict) and part in node:
@@ -294,6 +302,8 @@ def problems(cfg: mlc.ConfigDict) -> list[str]:
         last = i == len(cfg.train.phases) - 1
         if not last and not (phase.get("epochs") or phase.get("steps") or phase.get("patience")):
             out.append(f"train.phases[{i}] ({phase.get('name')!r}) never ends: give it epochs, steps or patience")
+    out += [f"{old}: the key is now {new} (JUMP's keys belong to the ssl task)" for old, new in MOVED.items()
+            if old.split(".")[1] in cfg.data]
     if cfg.task in tasks.TASKS:
         out += tasks.task_class(cfg.task).config_problems(cfg)
     return out

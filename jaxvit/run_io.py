@@ -21,7 +21,7 @@ import ml_collections as mlc
 from flax import traverse_util
 
 from jaxvit import checkpoint, lora, tasks
-from jaxvit.config import base_config
+from jaxvit.config import MOVED, base_config
 from jaxvit.errors import DataError, MissingDataError
 from jaxvit.models import WeightLoadError
 from jaxvit.tasks.base import Task
@@ -109,6 +109,10 @@ def load_config(workdir: str | Path) -> mlc.ConfigDict:
         value = saved.get(section, {}).get(key)
         if value in renames:
             saved[section][key] = renames[value]
+    for old, new in MOVED.items():  # keys moved since the run was written
+        (section, key), (new_section, sub, _) = old.split("."), new.split(".")
+        if key in saved.get(section, {}) and new_section in cfg:
+            saved.setdefault(new_section, {}).setdefault(sub, {})[key] = saved[section].pop(key)
     _update(cfg, saved)
     return cfg
 

@@ -140,7 +140,7 @@ def test_stack_shape_range_and_both_intensity_modes(small):
     assert lo.shape == hi.shape == (5,) and (hi > lo).all() and ex["plate"] in src._plate_stats
     raw = np.stack([tifffile.imread(f).astype(np.float32) for f in ex["files"]], axis=-1)
     np.testing.assert_array_equal(src.load_stack(ex, "plate"), np.clip((raw - lo) / (hi - lo), 0, 1))  # the formula
-    with pytest.raises(ConfigError, match="data.intensity='site'"):
+    with pytest.raises(ConfigError, match="ssl.jump.intensity='site'"):
         src.load_stack(ex, "site")
 
 
@@ -228,7 +228,7 @@ def test_errors_name_what_to_fix(small, tmp_path):
         jump.open_split(_cfg(small), "holdout")
     with pytest.raises(MissingDataError, match="load-data table .*nope.csv' not found"):
         jump.open_split(_cfg(small, load_data="nope.csv"), "train")
-    with pytest.raises(ConfigError, match="data.channel_mode='rgb'"):
+    with pytest.raises(ConfigError, match="ssl.jump.channel_mode='rgb'"):
         jump.open_split(_cfg(small, channel_mode="rgb"), "train")
     with pytest.raises(DataError, match=r"columns \['Metadata_Site'\] not found"):
         jump.JumpSource(_write_table(tmp_path / "a.csv", rows, [c for c in rows[0] if c != "Metadata_Site"]), "val")
@@ -291,3 +291,14 @@ def test_raw_pixel_knn_sees_the_treatments(default_set):
     accuracy = knn.score(_features(val), val.labels)
     print(f"raw-pixel 5-NN accuracy on val: {accuracy:.3f} (chance 0.25)")
     assert 0.37 < accuracy < 0.9
+
+
+def test_the_old_data_keys_name_their_new_place():
+    from jaxvit.config import base_config, problems, unknown_overrides
+    c = base_config("ssl")
+    assert c.ssl.jump.channel_mode == "average" and "channel_mode" not in c.data
+    assert unknown_overrides(c, ["data.channel_mode"]) == [
+        "config key 'data.channel_mode' is now 'ssl.jump.channel_mode' (JUMP's keys belong to the ssl task): "
+        "pass --config.ssl.jump.channel_mode=..."]
+    c.data.load_data = "old.csv"  # a config file still setting the old key
+    assert "data.load_data: the key is now ssl.jump.load_data (JUMP's keys belong to the ssl task)" in problems(c)

@@ -3,11 +3,11 @@
 The table (CSV, or parquet read with pyarrow) has one row per imaging site with the columns
 Metadata_Plate, Metadata_Well, Metadata_Site and, per channel X, FileName_X and PathName_X (the file's
 directory, absolute or relative to the table's directory). Optional columns:
-  data.label_column  (default Metadata_Treatment)  the class of each site; absent: every site is "unlabelled"
-  data.split_column  (default Metadata_Split)      train / val / test; absent: every site is in every split
+  ssl.jump.label_column  (default Metadata_Treatment)  the class of each site; absent: every site is "unlabelled"
+  ssl.jump.split_column  (default Metadata_Split)      train / val / test; absent: every site is in every split
   FileName_CellMask / PathName_CellMask            a 16-bit cell label image per site (examples get "mask")
 
-`open_split(data_cfg, split)` reads the config keys in CONFIG_DEFAULTS (plus data.data_dir). `JumpSource[i]` is a
+`open_split(data_cfg, split)` reads the keys in CONFIG_DEFAULTS (`ssl.jump.*`) plus data_dir. `JumpSource[i]` is a
 dict of cheap fields; `load_stack` reads its channels as float32 [H, W, C] in [0, 1] (unreadable files raise
 ImageLoadError, so the training pipeline replaces the example) and `to_rgb` makes uint8 RGB views of a stack.
 """
@@ -40,7 +40,7 @@ PERCENTILES = (0.1, 99.9)  # intensities are clipped at these and scaled to [0, 
 PLATE_SAMPLE = 16  # sites per plate whose pixels set the plate's percentiles
 _PLATE_PIXELS = 2**18  # at most about this many pixels per site and channel enter the plate percentiles
 
-# The data.* keys open_split reads, with their defaults.
+# The keys open_split reads (the config's ssl.jump section), with their defaults.
 CONFIG_DEFAULTS: dict[str, Any] = {
     "load_data": "load_data.csv",  # the table, relative to data.data_dir (or absolute)
     "channels": DEFAULT_CHANNELS,  # channel names X of the FileName_X / PathName_X columns, in stack order
@@ -52,12 +52,12 @@ CONFIG_DEFAULTS: dict[str, Any] = {
 
 
 def default_data_keys() -> dict[str, Any]:
-    """The data.* keys this source reads (besides data.data_dir) and their defaults."""
+    """The ssl.jump.* keys this source reads (besides data.data_dir) and their defaults."""
     return dict(CONFIG_DEFAULTS)
 
 
 def open_split(data_cfg: Any, split: str, classes: Sequence[str] | None = None) -> JumpSource:
-    """The sites of `split` in <data.data_dir>/<data.load_data>; `classes` fixes the label order."""
+    """The sites of `split` in <data.data_dir>/<ssl.jump.load_data>; `classes` fixes the label order."""
     get = lambda key: getattr(data_cfg, key, CONFIG_DEFAULTS[key])  # noqa: E731
     data_dir = getattr(data_cfg, "data_dir", "")
     if not data_dir:
@@ -70,7 +70,7 @@ def read_table(path: str | os.PathLike) -> dict[str, list[str]]:
     """The columns of a CSV or parquet table as lists of stripped strings ("" where a value is missing)."""
     path = Path(path)
     if not path.is_file():
-        raise MissingDataError(f"load-data table {str(path)!r} not found: set data.data_dir and data.load_data "
+        raise MissingDataError(f"load-data table {str(path)!r} not found: set data.data_dir and ssl.jump.load_data "
                                "to a CSV (or parquet) with one row per imaging site")
     if path.suffix.lower() in (".parquet", ".pq"):
         try:
@@ -100,13 +100,13 @@ def read_table(path: str | os.PathLike) -> dict[str, list[str]]:
 def _channel_names(value: str | Sequence[str]) -> tuple[str, ...]:
     names = tuple(c.strip() for c in (value.split(",") if isinstance(value, str) else value))
     if not names or not all(names):
-        raise ConfigError(f"data.channels={value!r}: name one or more channels, e.g. {DEFAULT_CHANNELS}")
+        raise ConfigError(f"ssl.jump.channels={value!r}: name one or more channels, e.g. {DEFAULT_CHANNELS}")
     return names
 
 
 def _check_mode(key: str, value: str, allowed: Sequence[str]) -> str:
     if value not in allowed:
-        raise ConfigError(f"data.{key}={value!r} is not one of {', '.join(allowed)}")
+        raise ConfigError(f"ssl.jump.{key}={value!r} is not one of {', '.join(allowed)}")
     return value
 
 
@@ -140,7 +140,7 @@ class JumpSource:
         self.intensity = _check_mode("intensity", intensity, INTENSITY_MODES)
         self.channel_mode = _check_mode("channel_mode", channel_mode, CHANNEL_MODES)
         if channel_mode == "first3" and len(self.channels) < 3:
-            raise ConfigError(f"data.channel_mode='first3' needs at least 3 channels; data.channels has "
+            raise ConfigError(f"ssl.jump.channel_mode='first3' needs at least 3 channels; ssl.jump.channels has "
                               f"{self.channels}")
         cols = read_table(table)
         self._check_columns(cols)
@@ -171,7 +171,7 @@ class JumpSource:
         absent = [c for c in self.channels if c not in found]
         if absent:
             raise DataError(f"{self.location}: channels {absent} have no FileName_X / PathName_X columns; channels "
-                            f"in the table: {found}; set data.channels to some of them")
+                            f"in the table: {found}; set ssl.jump.channels to some of them")
 
     def _split_rows(self, cols: dict[str, list[str]], column: str) -> list[int]:
         if column not in cols:
@@ -269,7 +269,7 @@ class JumpSource:
 
     def load_stack(self, example: dict, intensity: str | None = None) -> np.ndarray:
         """The example's channels as float32 [H, W, C] in [0, 1], clipped at the PERCENTILES of the site
-        (intensity="image") or of its plate ("plate"); None: this source's data.intensity."""
+        (intensity="image") or of its plate ("plate"); None: this source's ssl.jump.intensity."""
         mode = _check_mode("intensity", intensity or self.intensity, INTENSITY_MODES)
         x = read_channels(example["files"])
         lo, hi = (np.percentile(x, PERCENTILES, axis=(0, 1)).astype(np.float32) if mode == "image"
@@ -328,6 +328,6 @@ def to_rgb(stack: np.ndarray, mode: str = "average", rng: np.random.Generator | 
             raise ValueError("to_rgb(mode='per_channel') needs rng, a numpy Generator")
         return [_gray3(stack[:, :, k]) for k in rng.integers(0, c, n_views)]
     if c < 3:
-        raise ConfigError(f"data.channel_mode='first3' needs at least 3 channels; the stack has {c}: add "
-                          "channels to data.channels or use 'average' / 'per_channel'")
+        raise ConfigError(f"ssl.jump.channel_mode='first3' needs at least 3 channels; the stack has {c}: add "
+                          "channels to ssl.jump.channels or use 'average' / 'per_channel'")
     return [_uint8(stack[:, :, :3])] * n_views

@@ -67,8 +67,6 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.preflight = "auto"  # full (decode every file) | sample (headers + a decoded sample) | auto | off
     cfg.preflight_sample = 1000  # files decoded by the sample check
     cfg.allow_changed = False  # resume on splits that changed since the run started (data order restarts there)
-    from jaxvit.data.jump import CONFIG_DEFAULTS  # data.source="jump": load_data, channels, label_column, ...
-    cfg.update(CONFIG_DEFAULTS)
     cfg.aug = ml_collections.ConfigDict()
     cfg.aug.crop_scale = (0.8, 1.0)  # random resized crop: area fraction range
     cfg.aug.crop_ratio = (3 / 4, 4 / 3)  # random resized crop: aspect ratio range

@@ -6,7 +6,7 @@ Images are grayscale or multi-channel (PNG, TIFF stacks or CHW / HWC TIFFs, .npy
 depth; masks are one channel of integer cell ids (0 background; 8/16-bit PNG or TIFF, integral floats accepted).
 
 Each image's channels are clipped to their 0.1 / 99.9 percentiles and scaled to [0, 1] (per image, as the JUMP
-source's data.intensity="image"), optionally reduced to `cell_distance.channels`, then mapped to the backbone's
+source's ssl.jump.intensity="image"), optionally reduced to `cell_distance.channels`, then mapped to the backbone's
 input channels by `cell_distance.channel_mode`: `average` (their mean as grey, replicated: DINOCell's grayscale
 input), `first3` (channels 0-2 as RGB) or `all` (every channel, for a backbone with that many input channels);
 optional CLAHE (`cell_distance.clahe`), then normalised with data.mean / data.std.

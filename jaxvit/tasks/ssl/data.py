@@ -2,7 +2,7 @@
 
 All picklable (grain workers). Sources: the labelled ones (`jaxvit.data.labelled`: folder, csv, npz, tfds) give
 one RGB image per example; the JUMP source (`jaxvit.data.jump`) gives a multi-channel stack, turned into RGB views
-by `data.channel_mode` (average of the channels, or one channel per view).
+by `ssl.jump.channel_mode` (average of the channels, or one channel per view).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from jaxvit.tasks.ssl.crops import MultiCrop
 @dataclasses.dataclass(frozen=True)
 class RGBViews:
     """example + rng -> n uint8 (H, W, 3) images: the decoded image n times, or views of a JUMP site's channel
-    stack by the source's data.channel_mode (evaluation, without an rng: the channels' average)."""
+    stack by the source's ssl.jump.channel_mode (evaluation, without an rng: the channels' average)."""
 
     source: Any
 

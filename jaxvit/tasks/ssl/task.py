@@ -60,7 +60,9 @@ class SSL(Task):
 
     @staticmethod
     def default_config() -> mlc.ConfigDict:
+        from jaxvit.data.jump import CONFIG_DEFAULTS
         c = mlc.ConfigDict()
+        c.jump = mlc.ConfigDict(CONFIG_DEFAULTS)  # data.source="jump": the load-data table (jaxvit.data.jump)
         c.epoch_length = 1250  # steps per epoch of the schedules (official OFFICIAL_EPOCH_LENGTH); 0 = one data pass
         c.patch_size = 0  # > 0: the student's patch size; a pretrained patch embedding is resized to it (16 -> 8)
         c.head_weight_norm = False  # prototypes weight-normalised (DINOv2) or plain (DINOv3)
@@ -110,7 +112,8 @@ class SSL(Task):
         if split not in self._sources:
             if self.jump:
                 from jaxvit.data import jump
-                self._sources[split] = jump.open_split(self.cfg.data, split, self._classes)
+                keys = mlc.ConfigDict({"data_dir": self.cfg.data.data_dir, **self.s.jump.to_dict()})
+                self._sources[split] = jump.open_split(keys, split, self._classes)
             else:
                 self._sources[split] = labelled.open_split(self.cfg.data, split, self._classes)
             if self._classes is None:
@@ -159,7 +162,7 @@ class SSL(Task):
         val, bank = self.cfg.eval.val_split, self.s.knn.train_split
         if val and len(self.source(val).classes) < 2:
             log.warning("the k-NN monitor has one class (%s) in %s: its accuracy means nothing; set data.classes "
-                        "or data.label_column to labelled data", self.source(val).classes[0], val)
+                        "or ssl.jump.label_column to labelled data", self.source(val).classes[0], val)
         if val and val != bank and set(self.source(val).paths) & set(self.source(bank).paths):
             log.warning("the k-NN bank (ssl.knn.train_split=%r) and eval.val_split=%r share images (no split "
                         "column in the table?): every shared image finds itself, so the k-NN accuracy is inflated",
