@@ -185,7 +185,7 @@ _NON_NEGATIVE = ("seed", "train.epochs", "train.steps", "train.freeze_first_n_la
                  "optim.warmup_steps", "optim.grad_clip", "model.drop_path", "data.num_workers", "data.prefetch",
                  "eval.every_steps", "checkpoint.every_steps", "train.min_steps", "data.train_limit")
 _UNIT = ("train.label_smoothing", "train.ema_decay", "optim.warmup_ratio", "optim.lr_min_ratio", "lora.dropout",
-         "model.head_dropout", "data.aug.erasing_prob", "data.aug.color_jitter_prob")  # in [0, 1)
+         "model.head_dropout", "data.aug.erasing_prob", "data.aug.color_jitter_prob", "data.val_fraction")  # in [0, 1)
 _PHASE_KEYS = ("name", "trainable", "epochs", "steps", "patience", "lr", "lr_mults")
 
 
@@ -225,7 +225,10 @@ def problems(cfg: mlc.ConfigDict) -> list[str]:
         out.append(f"data.aug.crop_scale={tuple(cfg.data.aug.crop_scale)!r}: need 0 < low <= high <= 1")
     if not 0 < cfg.optim.layer_decay <= 1:
         out.append(f"optim.layer_decay={cfg.optim.layer_decay!r}: must lie in (0, 1]")
-    if not cfg.data.data_dir and not cfg.data.source.startswith("tfds:"):
+    if cfg.data.val_fraction and cfg.eval.val_split != "val":
+        out.append(f"data.val_fraction={cfg.data.val_fraction} holds out the split 'val', but eval.val_split="
+                   f"{cfg.eval.val_split!r}: set eval.val_split='val'")
+    if not cfg.data.data_dir and not cfg.data.source.startswith(("tfds:", "hf:")):
         out.append("data.data_dir is empty: pass --config.data.data_dir=/path/to/your/data")
     if cfg.cv.folds or cfg.cv.fold >= 0:
         if not getattr(tasks.task_class(cfg.task), "supports_cv", False):

@@ -6,6 +6,12 @@
   npz         <data_dir>/<split>.npz with `images` uint8 [N, H, W] or [N, H, W, 1 | 3], `labels` int [N] and
               optionally `class_names` [K]
   tfds:NAME   the tensorflow-datasets builder NAME prepared in data.tfds_data_dir (jaxvit.data.tfds_source)
+  hf:NAME[:CONFIG]  a Hugging Face `datasets` image data set: hub id, save_to_disk folder or parquet files
+              (jaxvit.data.hf_source)
+  cifar_python  cifar-10-python.tar.gz / cifar-100-python.tar.gz as downloaded, or their unpacked folder
+
+`data.val_fraction` > 0: the split "val" is that fraction of `data.train_split`, held out by example
+(jaxvit.data.holdout), and the train split is the rest.
 
 Each source has `split`, `classes`, `labels` (int32 [N]), `paths` (a file, or `<file>#<index>` naming an in-memory
 example in reports), `location` (named in messages), `files` (whether `paths` are files the pre-flight check
@@ -19,15 +25,31 @@ from typing import Any
 
 import numpy as np
 
+from jaxvit.data import holdout
+from jaxvit.data.cifar_archive import CifarSource
+from jaxvit.data.hf_source import HfSource
+from jaxvit.data.labels import class_counts, resolve_labels
 from jaxvit.data.sources import CsvSource, ImageFolder
 from jaxvit.errors import ConfigError, DataError, MissingDataError
 
-SOURCES = ("folder", "csv", "npz", "tfds:NAME")
+SOURCES = ("folder", "csv", "npz", "tfds:NAME", "hf:NAME[:CONFIG]", "cifar_python")
 
 
 def open_split(data_cfg: Any, split: str, classes: Sequence[str] | None = None):
     """The split `split` of the source `data_cfg.source`; `classes` fixes the label order (None: the split's own)."""
+    fraction = data_cfg.get("val_fraction", 0.0)
+    if fraction and split in ("val", data_cfg.train_split):
+        return holdout.split_off(_open(data_cfg, data_cfg.train_split, classes), fraction, split)
+    return _open(data_cfg, split, classes)
+
+
+def _open(data_cfg: Any, split: str, classes: Sequence[str] | None):
     kind = data_cfg.source
+    if kind.startswith("hf:") and kind[3:]:
+        return HfSource(kind[3:], split, classes, data_cfg.get("hf_image_column", ""),
+                        data_cfg.get("hf_label_column", ""))
+    if kind == "cifar_python":
+        return CifarSource(data_cfg.data_dir, split, classes)
     if kind == "folder":
         return ImageFolder(data_cfg.data_dir, split, classes)
     if kind == "csv":
@@ -38,39 +60,6 @@ def open_split(data_cfg: Any, split: str, classes: Sequence[str] | None = None):
         from jaxvit.data.tfds_source import TfdsSource
         return TfdsSource(kind[5:], split, data_cfg.tfds_data_dir, classes)
     raise ConfigError(f"data.source={kind!r} is not a source; use one of {', '.join(SOURCES)}")
-
-
-def class_counts(labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
-    return np.bincount(labels, minlength=len(classes))
-
-
-def resolve_labels(values: Sequence, classes: Sequence[str] | None, where: str) -> tuple[np.ndarray, list[str]]:
-    """(int32 labels, class names) from class names or 0-based indices. Without `classes`: names sorted, or for
-    indices "0".."max"; with them, names must be among them and indices below their number."""
-    values = [v.strip() if isinstance(v, str) else v for v in values]
-    as_int = [_int(v) for v in values]
-    if all(i is not None for i in as_int):
-        labels = np.asarray(as_int, np.int64)
-        names = list(classes) if classes is not None else [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
-        bad = labels[(labels < 0) | (labels >= len(names))]
-        if bad.size:
-            raise DataError(f"{where}: label {int(bad[0])} is not a class index in [0, {len(names)}) "
-                            f"(classes: {names}); fix the labels or set data.classes")
-        return labels.astype(np.int32), names
-    names = list(classes) if classes is not None else sorted({str(v) for v in values})
-    index = {c: i for i, c in enumerate(names)}
-    unknown = sorted({str(v) for v in values} - set(index))
-    if unknown:
-        raise DataError(f"{where}: labels {unknown[:10]} are not among the classes {names} (taken from "
-                        f"data.classes or the train split); every split needs the same classes")
-    return np.asarray([index[str(v)] for v in values], np.int32), names
-
-
-def _int(v) -> int | None:
-    try:
-        return int(v) if not isinstance(v, float) or float(v).is_integer() else None
-    except (TypeError, ValueError):
-        return None
 
 
 class LabelledCsv:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxvit.data.labelled import class_counts, resolve_labels
+from jaxvit.data.labels import class_counts, resolve_labels
 from jaxvit.errors import DataError, MissingDataError, UserError
 
 log = logging.getLogger(__name__)
