@@ -3,8 +3,12 @@ the CIFAR python archives, and validation held out of train (data.val_fraction).
 from __future__ import annotations
 
 import io
+import os
 import pickle
+import subprocess
+import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ from jaxvit.config import base_config, problems
 from jaxvit.data import holdout, labelled
 from jaxvit.errors import ConfigError, DataError, MissingDataError
 
+ROOT = Path(__file__).resolve().parents[1]
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -69,13 +74,14 @@ def test_hf_parquet_files_in_the_hub_layout_with_named_columns(tmp_path, cifar_l
         labelled.open_split(_data_cfg(f"hf:{tmp_path}", hf_image_column="image"), "test")
 
 
-def test_hf_hub_id_offline_without_a_cache_says_both_ways(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(MissingDataError) as e:
-        labelled.open_split(_data_cfg("hf:uoft-cs/cifar10"), "train")
-    message = str(e.value)
+def test_hf_hub_id_offline_without_a_cache_says_both_ways(tmp_path):
+    # a fresh process: datasets reads HF_HUB_OFFLINE when it is imported
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    code = ("from jaxvit.config import base_config; from jaxvit.data import labelled; c = base_config().data; "
+            "c.source = 'hf:uoft-cs/cifar10'; labelled.open_split(c, 'train')")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    message = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and message.startswith("jaxvit.errors.MissingDataError")
     assert "hf:uoft-cs/cifar10" in message and "HF_TOKEN" in message and "save_to_disk" in message
 
 
