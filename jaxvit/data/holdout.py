@@ -18,16 +18,25 @@ def held_out(identities: list[str], fraction: float) -> np.ndarray:
                       bool)
 
 
+PER_EXAMPLE = ("paths", "labels", "mask_paths")  # a source's per-example lists, cut with its rows
+
+
 class Subset:
-    """The rows `rows` of a labelled source, with the same attributes (split renamed)."""
+    """The rows `rows` of a source: its per-example lists cut, every other attribute the source's."""
 
     def __init__(self, source, rows: np.ndarray, split: str):
         self._source, self._rows, self.split = source, rows, split
-        self.files, self.classes = source.files, source.classes
-        self.location = f"{source.location} ({split}: {len(rows)} held out by data.val_fraction)" \
-            if split == "val" else source.location
-        self.labels = source.labels[rows]
-        self.paths = [source.paths[i] for i in rows]
+        for name in PER_EXAMPLE:
+            if hasattr(source, name):
+                values = getattr(source, name)
+                setattr(self, name, values[rows] if isinstance(values, np.ndarray) else [values[i] for i in rows])
+        self.location = f"{source.location} ({len(rows)} held out by data.val_fraction)" if split == "val" \
+            else source.location
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "_source":
+            raise AttributeError(name)
+        return getattr(self._source, name)
 
     def __len__(self) -> int:
         return len(self._rows)
