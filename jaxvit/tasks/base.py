@@ -136,6 +136,10 @@ class Task:
         """One example's output as a JSON-able record."""
         return {"output": np.asarray(output).tolist()}
 
+    def write_submission(self, path: Path, src: Any, outputs: np.ndarray) -> None:
+        """The file a cross-validation ensemble's predictions of `src` go to (cv.predict_split)."""
+        self.write_predictions(path, src.paths, outputs)
+
     def write_predictions(self, path: Path, paths: list[str], outputs: np.ndarray) -> None:
         """A CSV of outputs [N, K], one row per image path."""
         with open(path, "w", newline="") as f:
