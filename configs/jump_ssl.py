@@ -17,6 +17,7 @@ renders a synthetic 3-plate Cell Painting set (4 treatments, 7 channels, no down
 patch 8 on the CPU in a few minutes; the k-NN accuracy on the treatments is logged before and after.
 """
 from jaxvit.config import apply_variant, base_config
+from jaxvit.data import synthetic_cells as syn
 from jaxvit.tasks.ssl.task import dino_optimizer, small_demo
 
 
@@ -53,6 +54,11 @@ def demo(c):
     """Synthetic Cell Painting (96 px sites), a tiny ViT from random init at patch 8 (`small_demo`)."""
     c.data.data_dir = "runs/demo_cells"
     c.data.demo = "cells"
+    # read as published: per-plate gzipped tables with S3 paths (mapped to data_dir), treatments from the
+    # platemaps, 40 % of the wells held out for the k-NN evaluation
+    c.data.load_data, c.data.path_map = syn.PUBLISHED_TABLES, (f"{syn.DEMO_S3}=.",)
+    c.data.platemap_dir, c.data.label_column = syn.PLATEMAPS, "broad_sample"
+    c.data.val_fraction, c.data.holdout_by = 0.4, "well"
     small_demo(c, epochs=30, batch_size=32)
     c.model.overrides.num_registers = 0
     c.ssl.patch_size = 0

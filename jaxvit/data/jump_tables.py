@@ -4,6 +4,7 @@
                       `load_data_csv/<batch>/<plate>/load_data.csv.gz` or `load_data_with_illum.csv.gz` (CSV, gzipped
                       CSV or parquet); their rows are concatenated (columns missing from a table are empty)
   data.path_map       ("s3://bucket/prefix=/local/mirror", ...): PathName_* prefixes rewritten to a local copy
+                      (a relative mirror is relative to data.data_dir)
   data.platemap_dir   `metadata/platemaps/<batch>/` (barcode_platemap.csv: Assay_Plate_Barcode, Plate_Map_Name;
                       platemap/<Plate_Map_Name>.txt, tab-separated, with well_position): adds the platemap's
                       columns to each site by (plate, well); data.label_column may then name one (e.g. broad_sample,
@@ -72,14 +73,16 @@ def find_tables(data_dir: str, pattern: str) -> list[Path]:
     return found
 
 
-def map_paths(cols: Columns, path_map: tuple[str, ...]) -> None:
-    """Rewrites PathName_* values that start with a mapped prefix (in place)."""
+def map_paths(cols: Columns, path_map: tuple[str, ...], data_dir: str = "") -> None:
+    """Rewrites PathName_* values that start with a mapped prefix (in place); a relative LOCAL_DIR is relative to
+    data_dir."""
     rules = []
     for rule in path_map:
         prefix, sep, local = rule.partition("=")
         if not sep or not prefix:
             raise ConfigError(f"data.path_map entry {rule!r} is not PREFIX=LOCAL_DIR (e.g. "
                               "'s3://cellpainting-gallery/cpg0000-jump-pilot/source_4/images=/data/jump/images')")
+        local = local if Path(local).is_absolute() else str(Path(data_dir) / local)
         rules.append((prefix.rstrip("/"), local.rstrip("/")))
     for name, values in cols.items():
         if name.startswith("PathName_"):
@@ -148,7 +151,7 @@ def site_table(data_cfg: Any, get) -> tuple[Columns, str]:
     tables = find_tables(data_cfg.data_dir, get("load_data"))
     cols = concat([_absolute_paths(read_any(t), t.parent) for t in tables])
     location = str(tables[0]) if len(tables) == 1 else f"{len(tables)} tables {get('load_data')!r}"
-    map_paths(cols, tuple(get("path_map")))
+    map_paths(cols, tuple(get("path_map")), data_cfg.data_dir)
     if get("platemap_dir"):
         join_platemaps(cols, Path(data_cfg.data_dir) / get("platemap_dir"))
     fraction = getattr(data_cfg, "val_fraction", 0.0)
