@@ -20,6 +20,7 @@ patch 8 on the CPU in a few minutes; the k-NN accuracy on the treatments is logg
 """
 from jaxvit.config import apply_variant, base_config
 from jaxvit.config_recipes import dino_optimizer, small_demo
+from jaxvit.demos import cells as syn
 
 
 def get_config(arg: str = ""):
@@ -59,6 +60,12 @@ def demo(c):
     """Synthetic Cell Painting (96 px sites), a tiny ViT from random init at patch 8 (`small_demo`)."""
     c.data.data_dir = "runs/demo_cells"
     c.data.demo = "cells"
+    # read as published: per-plate gzipped tables with S3 paths (mapped to data_dir), treatments from the
+    # platemaps, 40 % of the wells held out for the k-NN evaluation
+    j = c.ssl.jump
+    j.load_data, j.path_map = syn.PUBLISHED_TABLES, (f"{syn.DEMO_S3}=.",)
+    j.platemap_dir, j.label_column, j.holdout_by = syn.PLATEMAPS, "broad_sample", "well"
+    c.data.val_fraction = 0.4
     small_demo(c, epochs=30, batch_size=32)
     c.model.overrides.num_registers = 0
     c.ssl.patch_size = 0

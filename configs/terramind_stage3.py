@@ -70,7 +70,7 @@ def demo(c):
     c.data.image_size = 64
     c.model.dtype = c.model.frozen_dtype = "float32"
     s = c.sar_grounding
-    s.size = "base"
+    s.terramind, s.size = "random", "base"  # a random TerraMind (no download)
     s.overrides.update(dict(dim=64, num_heads=2, encoder_depth=2, decoder_depth=2, image_size=64))
     s.tokenizer_overrides.update(dict(levels=(5, 5, 5), image_size=64, enc_dim=64, enc_depth=2, enc_heads=2,
                                       dec_channels=32, dec_channel_mult=(1, 2), dec_res_blocks=1,

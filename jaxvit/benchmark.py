@@ -648,7 +648,7 @@ def write_workload_files(cfg, root: str, n: int = 8) -> str:
     d = cfg.data
     d.data_dir, d.demo = root, ""
     if cfg.task == "biomass":
-        from jaxvit.data.synthetic_pasture import write_dataset
+        from jaxvit.demos.pasture import write_dataset
         write_dataset(root, per_split={"train": n, "val": 1, "test": 1}, size=(2000, 1000))
         return f"{n} pasture photos 2000x1000 JPEG"
     if cfg.task == "sar_grounding":
@@ -664,7 +664,7 @@ def write_workload_files(cfg, root: str, n: int = 8) -> str:
             Image.fromarray(labels).save(f"{root}/train/masks/site_{i:04d}.png")
         return f"{n} LIVECell-size 704x520 uint8 TIFFs + uint16 PNG masks (300 cells)"
     if d.source == "jump":
-        from jaxvit.data.synthetic_cells import write_dataset
+        from jaxvit.demos.cells import write_dataset
         write_dataset(root, n_plates=1, wells_per_treatment=1, sites_per_well=-(-n // 4), image_size=16,
                       fractions=(1.0, 0.0))  # the layout; the sites are then written again at full size
         labels = _cell_labels(rng, 1080, 1080, 250)
@@ -679,7 +679,7 @@ def write_workload_files(cfg, root: str, n: int = 8) -> str:
                  class_names=np.array([str(c) for c in range(10)]))
         d.classes = ()
         return f"{len(images)} CIFAR-size 32x32 uint8 images (npz)"
-    from jaxvit.data.synthetic_gz2 import CLASSES, render_galaxy, split_dir
+    from jaxvit.demos.gz2 import CLASSES, render_galaxy, split_dir
     classes = tuple(d.classes) or CLASSES
     for i in range(n):
         folder = split_dir(root, d.train_split) / classes[i % len(classes)]

@@ -56,6 +56,7 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     c.train.freeze_backbone = False  # shorthand for one phase training the head alone (a linear-probe-like run)
     c.train.stage1_epochs = 0  # shorthand for phases head -> all: the head alone for this many epochs first
     c.train.stage1_patience = 0  # ... or until the best metric has not improved for this many evaluations
+    c.train.stage2_epochs = 0  # > 0: the second stage (everything) runs this many epochs after stage 1 ends
     c.train.label_smoothing = 0.0  # classification targets: (1 - s) one-hot + s / classes
     c.train.mixup_alpha = 0.0  # MixUp Beta(alpha, alpha); 0 = off
     c.train.cutmix_alpha = 0.0  # CutMix Beta(alpha, alpha); 0 = off (with both on, one is picked per batch)
@@ -86,6 +87,7 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     c.optim.lr_scaling = "none"  # none | sqrt_wrt_1024 (lr x 4 sqrt(B/1024), DINO) | linear_wrt_256 (lr x B/256)
     c.optim.layer_decay = 1.0  # block i gets lr * decay ** (depth - i)
     c.optim.lr_mults = ()  # ((regex over variable paths, multiplier), ...): first match wins
+    c.optim.backbone_lr = 0.0  # > 0: the backbone's lr itself (not a multiple of optim.lr; before lr_scaling)
 
     c.data = default_data_config()
     c.data.classes = ()  # class names in label order; () = sorted directory names
@@ -111,6 +113,7 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     c.cv.n_folds = 5  # folds the train split is cut into
     c.cv.fold_csv = ""  # folds from a CSV (fold + image_path / image_id / sample_id); "" = the task's grouping
     c.cv.fold = -1  # the fold this run holds out for validation (set by the driver); -1 = eval.val_split
+    c.cv.predict_split = ""  # after the folds: this split predicted by the folds' mean -> WORKDIR/submission.csv
 
     c.checkpoint = mlc.ConfigDict()
     c.checkpoint.every_steps = 0  # also save a resume point every N steps (0 = only at evaluations)
@@ -222,11 +225,11 @@ _POSITIVE = ("train.batch_size", "eval.batch_size", "train.grad_accum", "train.l
              "checkpoint.keep", "lora.rank", "optim.lr", "data.preflight_sample",
              "train.max_nonfinite_steps", "train.preempt_check_every", "train.lock_stale_s")
 _NON_NEGATIVE = ("seed", "train.epochs", "train.steps", "train.freeze_first_n_layers", "train.stage1_epochs",
-                 "train.stage1_patience", "train.mixup_alpha", "train.cutmix_alpha", "optim.weight_decay",
+                 "train.stage1_patience", "train.stage2_epochs", "optim.backbone_lr", "train.mixup_alpha", "train.cutmix_alpha", "optim.weight_decay",
                  "optim.warmup_steps", "optim.grad_clip", "model.drop_path", "data.num_workers", "data.prefetch",
                  "eval.every_steps", "checkpoint.every_steps", "train.min_steps", "data.train_limit")
 _UNIT = ("train.label_smoothing", "train.ema_decay", "optim.warmup_ratio", "optim.lr_min_ratio", "lora.dropout",
-         "model.head_dropout", "data.aug.erasing_prob", "data.aug.color_jitter_prob")  # in [0, 1)
+         "model.head_dropout", "data.aug.erasing_prob", "data.aug.color_jitter_prob", "data.val_fraction")  # in [0, 1)
 _PHASE_KEYS = ("name", "trainable", "epochs", "steps", "patience", "lr", "lr_mults")
 
 
@@ -266,7 +269,10 @@ def problems(cfg: mlc.ConfigDict) -> list[str]:
         out.append(f"data.aug.crop_scale={tuple(cfg.data.aug.crop_scale)!r}: need 0 < low <= high <= 1")
     if not 0 < cfg.optim.layer_decay <= 1:
         out.append(f"optim.layer_decay={cfg.optim.layer_decay!r}: must lie in (0, 1]")
-    if not cfg.data.data_dir and not cfg.data.source.startswith("tfds:"):
+    if cfg.data.val_fraction and cfg.eval.val_split != "val":
+        out.append(f"data.val_fraction={cfg.data.val_fraction} holds out the split 'val', but eval.val_split="
+                   f"{cfg.eval.val_split!r}: set eval.val_split='val'")
+    if not cfg.data.data_dir and not cfg.data.source.startswith(("tfds:", "hf:")):
         out.append("data.data_dir is empty: pass --config.data.data_dir=/path/to/your/data")
     if cfg.cv.folds or cfg.cv.fold >= 0:
         if not tasks.task_class(cfg.task).supports_cv:
@@ -289,7 +295,10 @@ def problems(cfg: mlc.ConfigDict) -> list[str]:
         out.append("eval.val_split is empty, so no best checkpoint exists: set eval.test_checkpoint='final'")
     if cfg.task in tasks.TASKS:
         out += evals.problems(cfg)
-    others = [k for k in ("phases", "stage1_epochs", "stage1_patience") if cfg.train[k]]
+    others = [k for k in ("phases", "stage1_epochs", "stage1_patience", "stage2_epochs") if cfg.train[k]]
+    if cfg.train.stage2_epochs and cfg.train.phases:
+        out.append("train.stage2_epochs is a shorthand of the two-stage run; with train.phases give the last phase "
+                   "its epochs instead")
     if cfg.train.freeze_backbone and others:
         out.append(f"train.freeze_backbone trains the head alone; it cannot be combined with train.{others[0]}")
     for i, phase in enumerate(cfg.train.phases):

@@ -5,6 +5,8 @@ split held out for validation (the task decides the folds: `cv.fold_csv` or its 
                                 and std over folds of each validation metric
   WORKDIR/oof_predictions.csv   every held-out image predicted by the best checkpoint of its fold (the task's
                                 prediction layout, e.g. the biomass submission format)
+  WORKDIR/submission.csv        with cv.predict_split: that split (e.g. the competition's unlabelled test.csv)
+                                predicted by the mean of the folds' best checkpoints (the task's submission layout)
 
 Each fold is an ordinary run: re-running the command resumes the fold that was interrupted.
 """
@@ -18,6 +20,7 @@ import jax
 import numpy as np
 
 from jaxvit import inference, run_io
+from jaxvit.errors import DataError
 from jaxvit.train import Trainer
 
 log = logging.getLogger("jaxvit")
@@ -25,7 +28,7 @@ log = logging.getLogger("jaxvit")
 
 def run(cfg, workdir: str | Path) -> dict:
     workdir = Path(workdir)
-    per_fold, paths, outputs = {}, [], []
+    per_fold, paths, outputs, ensemble = {}, [], [], []
     for k in cfg.cv.folds:
         c = cfg.copy_and_resolve_references()
         c.cv.folds, c.cv.fold = (), int(k)
@@ -42,6 +45,10 @@ def run(cfg, workdir: str | Path) -> dict:
                             "test": {m: test[m] for m in task.history_metrics if m in test}}
         paths += [src.paths[i] for i in np.flatnonzero(ok)]
         outputs.append(out[ok])
+        if cfg.cv.predict_split:
+            target = task.source(cfg.cv.predict_split)
+            ensemble.append(task.outputs(fold_run.model, inference.place(fold_run.variables, mesh, fold_run.cfg),
+                                         target, mesh))
     names = list(task.history_metrics)
     values = {m: [f["val"][m] for f in per_fold.values()] for m in names}
     result = {"best_metric": task.best_metric, "folds": per_fold,
@@ -50,7 +57,21 @@ def run(cfg, workdir: str | Path) -> dict:
     if jax.process_index() == 0:
         (workdir / "cv_results.json").write_text(json.dumps(result, indent=2) + "\n")
         task.write_predictions(workdir / "oof_predictions.csv", paths, np.concatenate(outputs))
+        if ensemble:
+            _write_ensemble(task, target, ensemble, workdir / "submission.csv")
     key = task.best_metric.split("/", 1)[1]
     log.info("cross-validation over folds %s: %s %.4f +- %.4f", tuple(per_fold), key, result["mean"][key],
              result["std"][key])
     return result
+
+
+def _write_ensemble(task, src, per_fold: list[tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+    """The folds' mean outputs on `src` -> the task's submission file; every example must have been read."""
+    ok = np.logical_and.reduce([k for _, k in per_fold])
+    if not ok.all():
+        bad = [src.paths[i] for i in np.flatnonzero(~ok)[:3]]
+        raise DataError(f"cv.predict_split={src.split!r}: {int((~ok).sum())} images could not be read (e.g. {bad});"
+                        " a submission needs them all: fix or replace those files")
+    task.write_submission(path, src, np.mean([out for out, _ in per_fold], axis=0))
+    log.info("%s: the mean of %d folds' predictions of split %r", path, len(per_fold), src.split)
+

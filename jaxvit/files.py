@@ -31,8 +31,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_csv(path: str | os.PathLike, fields: list[str], rows) -> None:
-    """A CSV with a header of `fields` and one line per dict of `rows` (missing keys: empty)."""
+    """A CSV with a header of `fields` and one line per dict of `rows` (missing keys: empty; others: left out)."""
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w = csv.DictWriter(f, fieldnames=fields, restval="", extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)

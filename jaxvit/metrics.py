@@ -114,12 +114,28 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     return float(np.abs(gap).sum() / conf.size)
 
 
+def error_analysis(probs: np.ndarray, labels: np.ndarray, cm: np.ndarray, names: Sequence[str],
+                   most: int = 5) -> dict[str, Any]:
+    """The DINOv2 CIFAR-10 project's error analysis: the `most` most confused (true, predicted) pairs with their
+    counts, and the top-1 confidence of right and of wrong predictions (mean, median)."""
+    off = cm.astype(np.int64).copy()
+    np.fill_diagonal(off, 0)
+    pairs = [(int(i), int(j)) for i, j in zip(*np.unravel_index(np.argsort(-off, axis=None, kind="stable"), off.shape))]
+    confused = [{"true": names[i], "predicted": names[j], "count": int(off[i, j])} for i, j in pairs[:most]
+                if off[i, j] > 0]
+    confidence, right = probs.max(axis=1), probs.argmax(axis=1) == labels
+    stats = lambda x: {"mean": float(x.mean()), "median": float(np.median(x)), "count": int(x.size)} if x.size \
+        else {"mean": None, "median": None, "count": 0}  # noqa: E731
+    return {"most_confused": confused, "confidence_correct": stats(confidence[right]),
+            "confidence_wrong": stats(confidence[~right])}
+
+
 def classification_metrics(
     probs: Any,
     labels: Any,
     class_names: Sequence[str],
     loss: float | None = None,
-    topk: Sequence[int] = (1, 2, 3),
+    topk: Sequence[int] = (1, 2, 3, 5),
 ) -> dict[str, Any]:
     """All evaluation metrics for (N, K) class probabilities and (N,) labels.
 
@@ -181,6 +197,7 @@ def classification_metrics(
         loss = -np.mean(np.log(np.clip(p[np.arange(n), y], eps, 1.0 - eps)))
     out["loss"] = float(loss)
 
+    out["error_analysis"] = error_analysis(p, y, cm, names)
     out["confusion_matrix"] = cm.tolist()
     out["per_class"] = {
         name: {

@@ -46,14 +46,17 @@ def trainable_rule(spec: str | Sequence[str], cfg, head: str, frozen: str = "") 
     return lambda p: any(re.search(r, p) for r in patterns)
 
 
-def lr_multiplier(path: str, cfg, depth: int, lr_mults: Sequence = ()) -> float:
-    """First matching rule of `lr_mults` (a phase's) or else `optim.lr_mults`, (regex, multiplier), times
-    layer decay for backbone blocks."""
+def lr_multiplier(path: str, cfg, depth: int, lr_mults: Sequence = (), base_lr: float | None = None) -> float:
+    """optim.backbone_lr / base lr for backbone variables when backbone_lr is set, else the first matching rule of
+    `lr_mults` (a phase's) or else `optim.lr_mults`, (regex, multiplier); times layer decay for backbone blocks."""
     mult = 1.0
-    for pattern, value in lr_mults or cfg.optim.lr_mults:
-        if re.search(pattern, path):
-            mult = float(value)
-            break
+    if cfg.optim.get("backbone_lr", 0.0) and path.startswith("params/backbone/"):
+        mult = cfg.optim.backbone_lr / (base_lr or cfg.optim.lr)
+    else:
+        for pattern, value in lr_mults or cfg.optim.lr_mults:
+            if re.search(pattern, path):
+                mult = float(value)
+                break
     i = rules.decay_index(path, depth)
     if cfg.optim.layer_decay != 1.0 and i is not None:
         mult *= cfg.optim.layer_decay ** (depth - i)
@@ -136,7 +139,7 @@ def make_optimizer(cfg, trainable: dict, total_steps: int, depth: int, lr: float
     lr of matching variables at 0 until that step (DINO's last layer in its first epoch). With
     optim.weight_decay_end >= 0 the weight decay follows a cosine from optim.weight_decay to it."""
     flat = traverse_util.flatten_dict(trainable)
-    mults = {path_str(k): lr_multiplier(path_str(k), cfg, depth, lr_mults) for k in flat}
+    mults = {path_str(k): lr_multiplier(path_str(k), cfg, depth, lr_mults, lr) for k in flat}
     gates = {path_str(k): next((int(s) for r, s in lr_gates if re.search(r, path_str(k))), 0) for k in flat}
     label = lambda p: f"x{mults[p]:.6g}" + (f"@{gates[p]}" if gates[p] else "")
     labels = traverse_util.unflatten_dict({k: label(path_str(k)) for k in flat})

@@ -70,8 +70,9 @@ def phases(cfg) -> list[Phase]:
                 for p in t.phases]
     if t.freeze_backbone:
         return [Phase("head", "head")]
-    if t.stage1_epochs or t.stage1_patience:
-        return [Phase("head", "head", epochs=t.stage1_epochs, patience=t.stage1_patience), Phase("all")]
+    if t.stage1_epochs or t.stage1_patience or t.stage2_epochs:
+        return [Phase("head", "head", epochs=t.stage1_epochs, patience=t.stage1_patience),
+                Phase("all", epochs=t.stage2_epochs)]
     return [Phase("all")]
 
 
@@ -198,7 +199,8 @@ class Trainer:
         self.phases = phases(cfg)
         lengths = [p.length(self.steps_per_epoch) for p in self.phases]
         # Phases that all have a length define the run's; otherwise the last runs to train.steps / train.epochs.
-        self.total_steps = sum(lengths) if t.phases and all(lengths) else t.steps or t.epochs * self.steps_per_epoch
+        self.total_steps = sum(lengths) if (t.phases or t.stage2_epochs) and all(lengths) \
+            else t.steps or t.epochs * self.steps_per_epoch
         self.eval_every = cfg.eval.every_steps or self.steps_per_epoch
         self.task.set_run_length(self.total_steps, self.steps_per_epoch)
         self.model, self.variables = self.task.build(jax.random.key(cfg.seed))
@@ -242,7 +244,8 @@ class Trainer:
         phase = self.phases[index]
         rule = optim.trainable_rule(phase.trainable, self.cfg, self.task.head, self.task.frozen)
         trainable = partition(variables, rule)[0]
-        length = phase.length(self.steps_per_epoch) if index < len(self.phases) - 1 else 0
+        length = phase.length(self.steps_per_epoch) if index < len(self.phases) - 1 or self.cfg.train.stage2_epochs \
+            else 0
         tx, schedule, mults = optim.make_optimizer(self.cfg, trainable, length or self.total_steps - start,
                                                    self.depth, phase.lr or None, phase.lr_mults,
                                                    self.task.lr_gates(self.steps_per_epoch))
@@ -254,7 +257,7 @@ class Trainer:
 
     def _phase_over(self, loop: LoopState, step: int) -> bool:
         phase, last = self.phases[loop.phase], loop.phase == len(self.phases) - 1
-        by_length = not last and phase.length(self.steps_per_epoch) and (
+        by_length = (not last or self.cfg.train.stage2_epochs) and phase.length(self.steps_per_epoch) and (
             step - loop.phase_start >= phase.length(self.steps_per_epoch))
         patience_over = phase.patience and loop.since_best >= phase.patience and step >= self.cfg.train.min_steps
         return bool(by_length or patience_over)
@@ -382,9 +385,11 @@ class Trainer:
                 self._eval_point(state, loop, step, (step - step_eval) * t.batch_size / (time.time() - t_eval), due)
                 t_eval, step_eval = time.time(), step
             stop = self._phase_over(loop, step) and loop.phase == len(self.phases) - 1
-            if stop:
+            if stop and loop.since_best >= self.phases[-1].patience > 0:
                 log.info("stopping early at step %d: %s has not improved for %d evaluations", step,
                          self.best_metric, loop.since_best)
+            elif stop:
+                log.info("the last phase's %d epochs are done at step %d", self.phases[-1].epochs, step)
             if stop or step == self.total_steps:
                 loop.final_step = step
             if at_eval or save_now or loop.final_step:  # before a phase switch: the state just evaluated

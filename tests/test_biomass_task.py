@@ -176,9 +176,9 @@ def test_a_target_missing_for_an_image_is_one_line(pasture_dir, tmp_path):
     bad.mkdir()
     for split in ("train", "val", "test"):
         lines = (pasture_dir / f"{split}.csv").read_text().splitlines()
-        if split == "val":  # drop the second image's Dead row
+        if split == "train":  # drop the second image's Dead row (the demo config's folds read train.csv)
             assert "Dry_Dead_g" in lines[7]
-        keep = [line for i, line in enumerate(lines) if not (split == "val" and i == 7)]
+        keep = [line for i, line in enumerate(lines) if not (split == "train" and i == 7)]
         (bad / f"{split}.csv").write_text("\n".join(keep) + "\n")
         (bad / split).symlink_to(pasture_dir / split)
     proc = subprocess.run([sys.executable, "-m", "jaxvit.main", "--config=configs/biomass.py:demo",
@@ -186,12 +186,12 @@ def test_a_target_missing_for_an_image_is_one_line(pasture_dir, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and "val.csv" in last and "no row for Dry_Dead_g" in last
+    assert last.startswith("error: ") and "train.csv" in last and "no row for Dry_Dead_g" in last
 
 
 def test_cross_validation_over_grouped_folds(pasture_dir, tmp_path):
     from jaxvit import cv, tasks
-    c = _config(pasture_dir)
+    c = _config(pasture_dir, fold_strategy="group")
     c.train.epochs = 1
     c.cv.folds, c.cv.n_folds = (0, 2), 3
     result = cv.run(c, tmp_path)

@@ -245,3 +245,26 @@ def test_results_json_atomic(tmp_path, data):
     assert json.loads(out.read_text())["loss"] == m["loss"]  # failed write left the old file intact
     assert os.listdir(tmp_path) == ["results.json"]
     assert not math.isnan(loaded["ece"])
+
+
+def test_top5_and_the_error_analysis_by_brute_force():
+    probs, labels = make_data(seed=3, n=400)
+    wide = np.concatenate([probs, np.full((400, 3), 1e-3)], axis=1)  # 8 classes: top-5 exists
+    wide /= wide.sum(1, keepdims=True)
+    names = [f"c{i}" for i in range(8)]
+    m = metrics.classification_metrics(wide, labels, names)
+    top5 = np.mean([labels[i] in np.argsort(-wide[i], kind="stable")[:5] for i in range(400)])
+    assert m["top5_accuracy"] == pytest.approx(top5)
+    pred = wide.argmax(1)
+    pairs = {}
+    for t, p in zip(labels, pred):
+        if t != p:
+            pairs[(names[t], names[p])] = pairs.get((names[t], names[p]), 0) + 1
+    got = m["error_analysis"]["most_confused"]
+    assert [g["count"] for g in got] == sorted(pairs.values(), reverse=True)[:5]
+    assert all(pairs[(g["true"], g["predicted"])] == g["count"] for g in got)
+    conf = wide.max(1)
+    ea = m["error_analysis"]
+    assert ea["confidence_correct"]["mean"] == pytest.approx(conf[pred == labels].mean())
+    assert ea["confidence_wrong"]["median"] == pytest.approx(np.median(conf[pred != labels]))
+    assert ea["confidence_correct"]["count"] + ea["confidence_wrong"]["count"] == 400

@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tifffile
 import pytest
 from flax import traverse_util
 
@@ -108,8 +109,11 @@ def test_a_short_run_trains_evaluates_and_writes_generated_tiles(tiles, tmp_path
     # predict: whole 64 px S1 tiles in, generated optical tiles (PNG + all-band .npy) out; a bad file is reported.
     inputs = tmp_path / "s1"
     inputs.mkdir()
-    for src in sorted((tiles / "s1").glob("*.tif"))[:2]:
-        (inputs / src.name).symlink_to(src)
+    for k, src in enumerate(sorted((tiles / "s1").glob("*.tif"))[:2]):
+        if k:
+            (inputs / src.name).symlink_to(src)
+        else:  # a georeferenced S1 tile: its prediction is a GeoTIFF on the same grid
+            tifffile.imwrite(inputs / src.name, tifffile.imread(src), extratags=GEO)
     (inputs / "broken.tif").write_bytes(b"not a tiff")
     records = predict.main([f"--workdir={tmp_path / 'run'}", f"--image_dir={inputs}",
                             f"--output={tmp_path / 'generated'}"])
@@ -117,6 +121,16 @@ def test_a_short_run_trains_evaluates_and_writes_generated_tiles(tiles, tmp_path
     for r in records:
         if "error" not in r:
             assert np.load(r["npy"]).shape == (64, 64, 12) and (tmp_path / "generated" / Path(r["png"]).name).exists()
+    geo = [r for r in records if "tif" in r]  # the demo's tiles are GeoTIFFs too
+    assert len(geo) == 2 and np.allclose(tifffile.imread(geo[0]["tif"]), np.moveaxis(np.load(geo[0]["npy"]), -1, 0))
+    with tifffile.TiffFile(geo[0]["tif"]) as tif:
+        tags = tif.pages[0].tags
+        assert [tuple(tags[code].value) for code, *_ in GEO] == [tuple(v) for *_, v, _ in GEO]
+
+
+# ModelPixelScale (10 m), ModelTiepoint (UTM 32N corner), GeoKeyDirectory (projected, EPSG 32632)
+GEO = [(33550, "d", 3, (10.0, 10.0, 0.0), True), (33922, "d", 6, (0.0, 0.0, 0.0, 500000.0, 5000000.0, 0.0), True),
+       (34735, "H", 16, (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32632), True)]
 
 
 @pytest.mark.slow
@@ -181,3 +195,11 @@ def test_debug_nans_names_the_operation_and_the_non_finite_gradients(tiles, tmp_
     message = str(info.value)
     assert "step 1 produced a non-finite value" in message and "sqrt" in message and "losses.py" in message
     assert "non-finite gradients" in message and "lora/terramind/decoder" in message, message
+
+
+def test_an_empty_terramind_checkpoint_is_refused():
+    from jaxvit.config import base_config
+    from jaxvit.errors import ConfigError
+    c = base_config("sar_grounding")
+    with pytest.raises(ConfigError, match="sar_grounding.terramind is empty.*'random'"):
+        tasks.create(c)

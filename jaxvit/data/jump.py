@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxvit.data import jump_tables, photo_aug
 from jaxvit.data.decode import load_array
 from jaxvit.data.labels import class_counts, resolve_labels
 from jaxvit.data.sources import ImageLoadError
@@ -48,6 +49,10 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "split_column": "Metadata_Split",  # the column of train / val / test; absent: every split is the whole table
     "intensity": "image",  # image: percentiles per site and channel | plate: per plate and channel
     "channel_mode": "average",  # average | per_channel | first3 (see to_rgb)
+    "path_map": (),  # ("s3://prefix=/local/dir", ...): PathName_* prefixes rewritten to a local mirror
+    "platemap_dir": "",  # metadata/platemaps/<batch>/ (relative to data_dir): the platemap columns joined by plate, well
+    "holdout_by": "well",  # no split column and data.val_fraction > 0: hold out whole wells | plates as "val"
+    "clahe": False,  # CLAHE on each uint8 view (the DINOv3 JUMP pretraining's preprocessing)
 }
 
 
@@ -57,44 +62,23 @@ def default_data_keys() -> dict[str, Any]:
 
 
 def open_split(data_cfg: Any, split: str, classes: Sequence[str] | None = None) -> JumpSource:
-    """The sites of `split` in <data.data_dir>/<ssl.jump.load_data>; `classes` fixes the label order."""
+    """The sites of `split` in the tables ssl.jump.load_data names (`jaxvit.data.jump_tables`); `classes` fixes the
+    label order."""
     get = lambda key: getattr(data_cfg, key, CONFIG_DEFAULTS[key])  # noqa: E731
-    data_dir = getattr(data_cfg, "data_dir", "")
-    if not data_dir:
-        raise ConfigError("data.data_dir is empty: set it to the folder of the JUMP load-data table")
-    return JumpSource(Path(data_dir) / get("load_data"), split, get("channels"), get("label_column"),
-                      get("split_column"), classes, get("intensity"), get("channel_mode"))
+    if not getattr(data_cfg, "data_dir", ""):
+        raise ConfigError("data.data_dir is empty: set it to the folder of the JUMP load-data table(s)")
+    cols, location = jump_tables.site_table(data_cfg, get)
+    return JumpSource(cols, split, get("channels"), get("label_column"), get("split_column"), classes,
+                      get("intensity"), get("channel_mode"), location=location, clahe=get("clahe"))
 
 
 def read_table(path: str | os.PathLike) -> dict[str, list[str]]:
-    """The columns of a CSV or parquet table as lists of stripped strings ("" where a value is missing)."""
+    """The columns of a CSV (optionally gzipped) or parquet table as lists of stripped strings ("" where missing)."""
     path = Path(path)
     if not path.is_file():
         raise MissingDataError(f"load-data table {str(path)!r} not found: set data.data_dir and ssl.jump.load_data "
                                "to a CSV (or parquet) with one row per imaging site")
-    if path.suffix.lower() in (".parquet", ".pq"):
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as e:
-            raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow); "
-                            "or save the table as CSV") from e
-        data = pq.read_table(path).to_pydict()
-        return {k.strip(): ["" if v is None else str(v).strip() for v in col] for k, col in data.items()}
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's BOM
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        if not header:
-            raise DataError(f"{path} is empty: expected a header row and one row per imaging site")
-        columns: dict[str, list[str]] = {h: [] for h in header}
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise DataError(f"{path}: line {reader.line_num} has {len(row)} fields, the header "
-                                f"{len(header)}; fix that row")
-            for h, v in zip(header, row):
-                columns[h].append(v.strip())
-    return columns
+    return jump_tables.read_any(path)
 
 
 def _channel_names(value: str | Sequence[str]) -> tuple[str, ...]:
@@ -132,17 +116,20 @@ class JumpSource:
 
     files = True  # `paths` are files (the first channel's) that the pre-flight check opens
 
-    def __init__(self, table: str | os.PathLike, split: str, channels: str | Sequence[str] = DEFAULT_CHANNELS,
-                 label_column: str = "Metadata_Treatment", split_column: str = "Metadata_Split",
-                 classes: Sequence[str] | None = None, intensity: str = "image", channel_mode: str = "average"):
-        self.split, self.location = split, str(table)
+    def __init__(self, table: str | os.PathLike | dict[str, list[str]], split: str,
+                 channels: str | Sequence[str] = DEFAULT_CHANNELS, label_column: str = "Metadata_Treatment",
+                 split_column: str = "Metadata_Split", classes: Sequence[str] | None = None,
+                 intensity: str = "image", channel_mode: str = "average", location: str = "", clahe: bool = False):
+        """`table`: a table file, or its columns already read (relative PathName_* then resolve against `location`'s
+        folder, absolute ones as they are)."""
+        self.split, self.location, self.clahe = split, location or str(table), clahe
         self.channels = _channel_names(channels)
         self.intensity = _check_mode("intensity", intensity, INTENSITY_MODES)
         self.channel_mode = _check_mode("channel_mode", channel_mode, CHANNEL_MODES)
         if channel_mode == "first3" and len(self.channels) < 3:
             raise ConfigError(f"ssl.jump.channel_mode='first3' needs at least 3 channels; ssl.jump.channels has "
                               f"{self.channels}")
-        cols = read_table(table)
+        cols = table if isinstance(table, dict) else read_table(table)
         self._check_columns(cols)
         rows = self._split_rows(cols, split_column)
         self.plates, self.wells, self.sites = (np.array([cols[c][i] for i in rows]) for c in META_COLUMNS)
@@ -155,7 +142,7 @@ class JumpSource:
         self._plate_sample = {p: [position[r] for r in rs] for p, rs in samples.items()}
         self._plate_stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.has_mask = {f"FileName_{MASK_CHANNEL}", f"PathName_{MASK_CHANNEL}"} <= cols.keys()
-        root = Path(table).parent
+        root = Path(self.location if isinstance(table, dict) else table).parent
         self._store(cols, stored, self.channels + ((MASK_CHANNEL,) if self.has_mask else ()), root)
         probe = [self._file(k, 0) for k in range(min(8, len(rows)))]
         if not any(os.path.isfile(p) for p in probe):
@@ -207,7 +194,8 @@ class JumpSource:
                                     f"{cols['Metadata_Well'][i]}) has no FileName_{c}; fill it in or drop the row")
                 if "://" in folder:
                     raise DataError(f"{self.location}: PathName_{c} is a URL ({folder!r}); download the images "
-                                    "and set the PathName_* columns to local directories")
+                                    "and map the prefix to their local folder with ssl.jump.path_map "
+                                    "('s3://bucket/prefix=/local/dir')")
                 idx[r, k] = dirs.setdefault(str(root / folder), len(dirs))  # an absolute folder replaces root
                 names.append(name.encode())
         self._dirs, self._dir_idx = list(dirs), idx
@@ -312,7 +300,17 @@ def _gray3(x: np.ndarray) -> np.ndarray:
 
 
 def to_rgb(stack: np.ndarray, mode: str = "average", rng: np.random.Generator | None = None,
-           n_views: int = 1) -> list[np.ndarray]:
+           n_views: int = 1, clahe: bool = False) -> list[np.ndarray]:
+    """`to_views`, then CLAHE on each distinct view when `clahe` (ssl.jump.clahe)."""
+    views = to_views(stack, mode, rng, n_views)
+    if not clahe:
+        return views
+    done: dict[int, np.ndarray] = {}
+    return [done.setdefault(id(v), photo_aug.clahe(v)) for v in views]
+
+
+def to_views(stack: np.ndarray, mode: str = "average", rng: np.random.Generator | None = None,
+             n_views: int = 1) -> list[np.ndarray]:
     """`n_views` uint8 (H, W, 3) images from a float [H, W, C] stack in [0, 1].
 
     average      the channels' mean as grey (the same array for every view)

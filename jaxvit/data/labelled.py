@@ -6,6 +6,12 @@
   npz         <data_dir>/<split>.npz with `images` uint8 [N, H, W] or [N, H, W, 1 | 3], `labels` int [N] and
               optionally `class_names` [K]
   tfds:NAME   the tensorflow-datasets builder NAME prepared in data.tfds_data_dir (jaxvit.data.tfds_source)
+  hf:NAME[:CONFIG]  a Hugging Face `datasets` image data set: hub id, save_to_disk folder or parquet files
+              (jaxvit.data.hf_source)
+  cifar_python  cifar-10-python.tar.gz / cifar-100-python.tar.gz as downloaded, or their unpacked folder
+
+`data.val_fraction` > 0: the split "val" is that fraction of `data.train_split`, held out by example
+(jaxvit.data.holdout), and the train split is the rest.
 
 Each source has `split`, `classes`, `labels` (int32 [N]), `paths` (a file, or `<file>#<index>` naming an in-memory
 example in reports), `location` (named in messages), `files` (whether `paths` are files the pre-flight check
@@ -19,16 +25,31 @@ from typing import Any
 
 import numpy as np
 
+from jaxvit.data import holdout
+from jaxvit.data.cifar_archive import CifarSource
+from jaxvit.data.hf_source import HfSource
 from jaxvit.data.labels import class_counts, resolve_labels
 from jaxvit.data.sources import CsvSource, ImageFolder
 from jaxvit.errors import ConfigError, DataError, MissingDataError
 
-SOURCES = ("folder", "csv", "npz", "tfds:NAME")
+SOURCES = ("folder", "csv", "npz", "tfds:NAME", "hf:NAME[:CONFIG]", "cifar_python")
 
 
 def open_split(data_cfg: Any, split: str, classes: Sequence[str] | None = None):
     """The split `split` of the source `data_cfg.source`; `classes` fixes the label order (None: the split's own)."""
+    fraction = data_cfg.get("val_fraction", 0.0)
+    if fraction and split in ("val", data_cfg.train_split):
+        return holdout.split_off(_open(data_cfg, data_cfg.train_split, classes), fraction, split)
+    return _open(data_cfg, split, classes)
+
+
+def _open(data_cfg: Any, split: str, classes: Sequence[str] | None):
     kind = data_cfg.source
+    if kind.startswith("hf:") and kind[3:]:
+        return HfSource(kind[3:], split, classes, data_cfg.get("hf_image_column", ""),
+                        data_cfg.get("hf_label_column", ""))
+    if kind == "cifar_python":
+        return CifarSource(data_cfg.data_dir, split, classes)
     if kind == "folder":
         return ImageFolder(data_cfg.data_dir, split, classes)
     if kind == "csv":

@@ -54,7 +54,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.source = "folder"  # folder | csv | npz | tfds:NAME (jaxvit.data.labelled) | jump (ssl: jaxvit.data.jump)
     cfg.tfds_data_dir = ""  # where tfds datasets are prepared ("" = ~/tensorflow_datasets)
     cfg.manual_dir = ""  # a tfds dataset's downloaded archive(s): jaxvit builds the dataset from them once
-    cfg.train_split = "train"  # the split trained on (tfds slices work: "train[:90%]")
+    cfg.train_split = "train"  # the split trained on (tfds / hf slices work: "train[:90%]")
+    cfg.val_fraction = 0.0  # > 0: split "val" = this fraction of train_split, held out by example (and removed from it)
+    cfg.hf_image_column = ""  # data.source=hf:NAME: the image column ("" = the first Image feature)
+    cfg.hf_label_column = ""  # data.source=hf:NAME: the label column ("" = the first ClassLabel feature)
     cfg.image_size = 224  # side of the square model input (train crops, eval resize + centre crop)
     cfg.crop_ratio = 0.875  # eval: resize shorter side to image_size / crop_ratio, centre crop
     cfg.mean = (0.485, 0.456, 0.406)  # normalisation per channel (ImageNet)

@@ -32,8 +32,8 @@ def write(name: str, data_dir: str | os.PathLike, seed: int = 0) -> None:
     elif name == "digits":
         write_digits(data_dir, seed)
     elif name == "pasture":
-        from jaxvit.demos.pasture import write_dataset as write_pasture
-        write_pasture(data_dir, seed=seed)
+        from jaxvit.demos.pasture import KAGGLE_PER_SPLIT, write_dataset as write_pasture
+        write_pasture(data_dir, per_split=KAGGLE_PER_SPLIT, seed=seed, hidden_test=True)  # the Kaggle layout
     elif name == "cells":
         from jaxvit.demos.cells import write_dataset as write_cells
         write_cells(data_dir, seed=seed)

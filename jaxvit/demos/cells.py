@@ -16,12 +16,18 @@ illumination gradient (batch effects). The acquisition adds blur and shot + read
 
 Wells are split 60/20/20 into train / val / test per plate and treatment (Metadata_Split), so no well straddles
 splits; PathName_* columns are relative to out_dir; the masks are the channel "CellMask" of the table.
+
+The same sites are also listed as the Cell Painting Gallery publishes CPJUMP1 (`PUBLISHED_TABLES`): per-plate
+`load_data_csv/<BATCH>/<plate>/load_data.csv.gz` without treatment or split, PathName_* under the S3 prefix
+DEMO_S3 (map it to out_dir with ssl.jump.path_map), and the treatments in `metadata/platemaps/<BATCH>/`
+(barcode_platemap.csv + platemap/<name>.txt with well_position, broad_sample).
 Run ``python -m jaxvit.demos.cells --out DIR`` to write the default set.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import gzip
 import json
 import os
 import shutil
@@ -41,6 +47,10 @@ COLUMNS = ("Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Treatme
            *(f"{k}_{c}" for c in (*CHANNELS, "CellMask") for k in ("FileName", "PathName")))
 SPLITS = ("train", "val", "test")
 TABLE_NAME = "load_data.csv"
+BATCH = "2020_11_04_CPJUMP1"
+DEMO_S3 = f"s3://cellpainting-gallery/cpg0000-jump-pilot/source_4/images/{BATCH}"  # stands for out_dir
+PUBLISHED_TABLES = f"load_data_csv/{BATCH}/*/load_data.csv.gz"
+PLATEMAPS = f"metadata/platemaps/{BATCH}"
 MARKER_NAME = ".synthetic_cells.json"
 PARTIAL_NAME = ".synthetic_cells.partial"
 _VERSION = 1  # bump when the renderer changes so written sets are redone
@@ -243,11 +253,12 @@ def write_dataset(out_dir: str | os.PathLike, seed: int = 0, n_plates: int = 3, 
         same = json.loads(marker.read_text()) == params
     except (OSError, ValueError):
         same = False
-    if same and (root / TABLE_NAME).is_file() and all(f.is_file() for f in _files(root, rows)):
+    if same and (root / TABLE_NAME).is_file() and (root / PLATEMAPS).is_dir() and \
+            all(f.is_file() for f in _files(root, rows)):
         return root
 
     ours = marker.exists() or partial.exists()
-    for p in (root / "images", root / "masks", root / TABLE_NAME):
+    for p in (root / "images", root / "masks", root / TABLE_NAME, root / "load_data_csv", root / "metadata"):
         if p.exists() and not ours:
             raise FileExistsError(f"{p} exists and was not written by synthetic_cells; choose an empty out_dir")
         if p.is_dir():
@@ -276,9 +287,32 @@ def write_dataset(out_dir: str | os.PathLike, seed: int = 0, n_plates: int = 3, 
                                          compress_level=1)
 
     atomic_write(root / TABLE_NAME, lambda tmp: write_csv(tmp, COLUMNS, rows))
+    write_published(root, rows)
     marker.write_text(json.dumps(params, indent=1))
     partial.unlink()
     return root
+
+
+def write_published(root: Path, rows: list[dict[str, Any]]) -> None:
+    """The sites' per-plate gzipped load-data tables (S3 paths) and platemaps, as the gallery publishes them."""
+    kept = [c for c in COLUMNS if c not in ("Metadata_Treatment", "Metadata_Split") and not c.endswith("CellMask")]
+    plates = sorted({r["Metadata_Plate"] for r in rows})
+    for plate in plates:
+        table = root / "load_data_csv" / BATCH / plate / "load_data.csv.gz"
+        table.parent.mkdir(parents=True, exist_ok=True)
+        with gzip.open(table, "wt", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=kept, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows({**r, **{k: f"{DEMO_S3}/{r[k]}" for k in kept if k.startswith("PathName_")}}
+                             for r in rows if r["Metadata_Plate"] == plate)
+    maps = root / PLATEMAPS
+    (maps / "platemap").mkdir(parents=True, exist_ok=True)
+    name = "JUMP-Target-1_synthetic_platemap"  # one platemap for every plate, as _layout draws it
+    (maps / "barcode_platemap.csv").write_text("Assay_Plate_Barcode,Plate_Map_Name\n"
+                                               + "".join(f"{p},{name}\n" for p in plates))
+    wells = dict.fromkeys((r["Metadata_Well"], r["Metadata_Treatment"]) for r in rows if r["Metadata_Plate"] == plates[0])
+    (maps / "platemap" / f"{name}.txt").write_text("plate_map_name\twell_position\tbroad_sample\n" + "".join(
+        f"{name}\t{well}\t{treatment}\n" for well, treatment in wells))
 
 
 def main(argv: list[str] | None = None) -> None:

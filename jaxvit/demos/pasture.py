@@ -31,8 +31,9 @@ with the columns ``sample_id,image_path,Sampling_Date,State,Species,
 Pre_GSHH_NDVI,Height_Ave_cm,target_name,target``; ``sample_id`` is
 ``<image id>__<target_name>`` and ``image_path`` is relative to ``root``. The
 real competition's ``test.csv`` only has ``sample_id,image_path,target_name``
-(its labels are hidden); this demo set writes labelled ``val.csv`` and
-``test.csv`` in the train layout so that a held-out figure can be reported.
+(its labels are hidden): with ``hidden_test=True`` (the demo) the test split is
+written that way, its labels going to ``test_solution.csv`` (sample_id, target)
+so that a submission can be scored; otherwise every split is labelled.
 
 The default set (240/80/80 images of 128 x 64 px) is written in a few seconds.
 Run ``python -m jaxvit.demos.pasture --root=DIR`` to write it.
@@ -62,6 +63,9 @@ COLUMNS: tuple[str, ...] = (
 STATES: tuple[str, ...] = ("Tas", "Vic", "NSW", "WA")
 SPECIES: tuple[str, ...] = ("Ryegrass_Clover", "Ryegrass", "Phalaris", "Fescue", "Clover")
 DEFAULT_PER_SPLIT: dict[str, int] = {"train": 240, "val": 80, "test": 80}
+KAGGLE_PER_SPLIT: dict[str, int] = {"train": 320, "test": 80}  # the demo: train.csv (folds) + unlabelled test.csv
+HIDDEN_COLUMNS = ("sample_id", "image_path", "target_name")  # the competition's test.csv
+SOLUTION_NAME = "test_solution.csv"  # hidden_test: the test labels (sample_id, target)
 DEFAULT_SIZE: tuple[int, int] = (128, 64)  # width x height, landscape 2:1 like the real photos
 MARKER_NAME = ".synthetic_pasture.json"
 PARTIAL_NAME = ".synthetic_pasture.partial"
@@ -206,9 +210,10 @@ def _sample(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray
     return img, {"targets": targets, "meta": meta}
 
 
-def _expected_files(root: pathlib.Path, per_split: dict[str, int], seed: int) -> list[pathlib.Path]:
+def _expected_files(root: pathlib.Path, per_split: dict[str, int], seed: int, hidden_test: bool) -> list[pathlib.Path]:
     taken: set[str] = set()
     files = [root / f"{split}.csv" for split in per_split]
+    files += [root / SOLUTION_NAME] if hidden_test and "test" in per_split else []
     for split, n in per_split.items():
         files += [root / split / f"{_image_id(seed, split, i, taken)}.jpg" for i in range(n)]
     return files
@@ -220,10 +225,12 @@ def write_dataset(
     per_split: dict[str, int] | None = None,
     size: tuple[int, int] = DEFAULT_SIZE,
     seed: int = 0,
+    hidden_test: bool = False,
 ) -> pathlib.Path:
     """Write the synthetic pasture set under `root` (skipped if already complete).
 
-    `per_split` maps split name -> number of images; `size` is (width, height).
+    `per_split` maps split name -> number of images; `size` is (width, height); `hidden_test`: test.csv in the
+    competition's unlabelled form, its labels in test_solution.csv.
     A marker file records the parameters and is written last, so an interrupted
     run is redone next time; split folders and CSVs are only deleted when this
     module wrote them (a marker or partial file is present).
@@ -232,14 +239,14 @@ def write_dataset(
     per_split = dict(DEFAULT_PER_SPLIT if per_split is None else per_split)
     size = (int(size[0]), int(size[1]))
     params = {"version": _VERSION, "targets": list(TARGETS), "per_split": per_split,
-              "size": list(size), "seed": seed}
+              "size": list(size), "seed": seed, "hidden_test": hidden_test}
     marker, partial = root / MARKER_NAME, root / PARTIAL_NAME
     if marker.exists():
         try:
             same = json.loads(marker.read_text()) == params
         except (OSError, ValueError):
             same = False
-        if same and all(f.exists() for f in _expected_files(root, per_split, seed)):
+        if same and all(f.exists() for f in _expected_files(root, per_split, seed, hidden_test)):
             return root
 
     # Only clear what this module wrote (splits named now or in an earlier marker);
@@ -259,6 +266,8 @@ def write_dataset(
         if d.is_dir():
             shutil.rmtree(d)
         table.unlink(missing_ok=True)
+    if ours:
+        (root / SOLUTION_NAME).unlink(missing_ok=True)
     root.mkdir(parents=True, exist_ok=True)
     marker.unlink(missing_ok=True)
     partial.write_text(json.dumps(params))
@@ -278,7 +287,11 @@ def write_dataset(
             for name in TARGETS:
                 rows.append({"sample_id": f"{image_id}__{name}", "image_path": rel, **meta,
                              "target_name": name, "target": f"{s['targets'][name] / 1e4:.4f}"})
-        atomic_write(root / f"{split}.csv", lambda tmp: write_csv(tmp, list(COLUMNS), rows))
+        tables = {f"{split}.csv": (COLUMNS, rows)}
+        if hidden_test and split == "test":
+            tables = {f"{split}.csv": (HIDDEN_COLUMNS, rows), SOLUTION_NAME: (("sample_id", "target"), rows)}
+        for name, (columns, table_rows) in tables.items():
+            atomic_write(root / name, lambda tmp: write_csv(tmp, list(columns), table_rows))
     marker.write_text(json.dumps(params, indent=1))
     partial.unlink()
     return root

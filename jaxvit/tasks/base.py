@@ -204,6 +204,9 @@ class Task:
         """{name: largest relative difference} of the export in `out` reloaded against the run's model on
         `images` [N, S, S, C]; None: the standard check of `jaxvit.export`."""
         return None
+    def write_submission(self, path: Path, src: Any, outputs: np.ndarray) -> None:
+        """The file a cross-validation ensemble's predictions of `src` go to (cv.predict_split)."""
+        self.write_predictions(path, src.paths, outputs)
 
     def write_predictions(self, path: Path, paths: list[str], outputs: np.ndarray) -> None:
         """A CSV of outputs [N, K], one row per image path."""

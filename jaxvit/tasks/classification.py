@@ -110,7 +110,8 @@ class Classification(Task):
 
     def describe_prediction(self, output: np.ndarray) -> dict:
         best = int(np.argmax(output))
-        return {"class": self.classes[best], "class_index": best, "confidence": float(output[best]),
+        return {"class": self.classes[best], "prediction": self.classes[best],  # the CIFAR-10 project's name
+                "class_index": best, "confidence": float(output[best]),
                 "probabilities": {c: float(v) for c, v in zip(self.classes, output)}}
 
     def write_predictions(self, path: Path, paths: list[str], outputs: np.ndarray) -> None:

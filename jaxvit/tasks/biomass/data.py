@@ -29,15 +29,17 @@ class PastureSource:
             raise DataError(f"{str(csv_path)!r} not found: the biomass task reads <data_dir>/<split>.csv in the "
                             "competition's long format (sample_id, image_path, ..., target_name, target)")
         records = maths.read_long_csv(csv_path)
+        self.labelled = all(r["targets"] is not None for r in records.values())
         if keep is not None:  # a cross-validation fold: keep(image paths, metadata) -> bool mask
             mask = keep(list(records), [r["metadata"] for r in records.values()])
             records = {p: r for (p, r), k in zip(records.items(), mask) if k}
         self.split, self.location = split, str(csv_path)
         self.paths = [str(csv_path.parent / p) for p in records]
         self.image_ids = [Path(p).stem for p in records]
-        if any(r["targets"] is None for r in records.values()):
-            raise DataError(f"{csv_path}: no target column; training and evaluation need labelled splits")
-        self.targets = np.stack([r["targets"] for r in records.values()]).astype(np.float32)
+        self.sample_ids = [r["sample_ids"] for r in records.values()]  # {target_name: sample_id} per image
+        unknown = np.full(len(maths.TARGETS), np.nan, np.float32)  # test.csv of the competition: no targets
+        self.targets = np.stack([unknown if r["targets"] is None else r["targets"]
+                                 for r in records.values()]).astype(np.float32)
         meta = [r["metadata"] for r in records.values()]
         self.height = np.asarray([m.get("Height_Ave_cm", np.nan) for m in meta], np.float32)
         self.ndvi = np.asarray([m.get("Pre_GSHH_NDVI", np.nan) for m in meta], np.float32)

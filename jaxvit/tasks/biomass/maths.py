@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxvit.errors import DataError
 
@@ -127,6 +128,19 @@ def smooth_l1(pred: Any, true: Any, weights: Any, beta: float = 1.0) -> jax.Arra
     pred, true, mask = _masked(pred, true)
     loss = jnp.where(mask, _smooth_l1(pred - true, beta), 0.0)
     return jnp.sum(jnp.asarray(weights, jnp.float32) * loss, axis=-1)
+
+
+def mse(pred: Any, true: Any, weights: Any) -> jax.Array:
+    """[B]: sum_j weights_j * (pred_j - true_j)^2 (the original's loss with --no-smoothl1)."""
+    pred, true, mask = _masked(pred, true)
+    return jnp.sum(jnp.where(mask, (pred - true) ** 2, 0.0) * jnp.asarray(weights), -1)
+
+
+def presence_bce(logits: Any, true: Any) -> jax.Array:
+    """[B]: mean over the known targets of the binary cross-entropy of `logits` against mass > 0 (presence heads)."""
+    logits, true, mask = _masked(logits, true)
+    bce = optax.sigmoid_binary_cross_entropy(logits, (true > 0).astype(jnp.float32))
+    return jnp.sum(jnp.where(mask, bce, 0.0), -1) / jnp.maximum(mask.sum(-1), 1)
 
 
 def huber(pred: Any, true: Any, delta: float = 5.0) -> jax.Array:
@@ -286,6 +300,21 @@ def read_long_csv(path: str | Path, allow_missing: bool = False) -> dict[str, di
         return pivot_long(csv.DictReader(f), str(path), allow_missing)
 
 
+def score_submission(submission: str | Path, solution: str | Path) -> dict[str, float]:
+    """`target_metrics` of a submission CSV (sample_id, target) against a solution CSV of the same columns (the
+    competition's hidden labels); every solution sample_id must be in the submission."""
+    def read(path):
+        with open(path, newline="") as f:
+            return {r["sample_id"]: _number(r["target"], "target", str(path)) for r in csv.DictReader(f)}
+    pred, true = read(submission), read(solution)
+    missing = sorted(set(true) - set(pred))
+    if missing:
+        raise DataError(f"{submission}: {len(missing)} sample_ids of {solution} are missing, e.g. {missing[:3]}")
+    images = sorted({sid.split("__")[0] for sid in true})
+    grid = lambda d: np.asarray([[d.get(f"{i}__{t}", np.nan) for t in TARGETS] for i in images], np.float32)  # noqa: E731
+    return target_metrics(grid(true), grid(pred))
+
+
 # ---------------------------------------------------------------------------------------------------- folds
 
 _SEASONS = {12: "summer", 1: "summer", 2: "summer", 3: "autumn", 4: "autumn", 5: "autumn",
@@ -318,6 +347,26 @@ def group_folds(metadata: list[Mapping[str, Any]], n_folds: int, seed: int = 0) 
         f = int(np.argmin(sizes))
         folds[groups[k]] = f
         sizes[f] += len(groups[k])
+    return folds
+
+
+def stratified_folds(metadata: list[Mapping[str, Any]], n_folds: int, seed: int = 0) -> np.ndarray:
+    """Fold per image [N]: each State x Season x Species stratum spread over the folds (the original's
+    `trainfold_group_location.csv` is stratified on these), its images in a seeded order dealt out one per fold,
+    starting at the fold with the fewest images so far; strata in a seeded order."""
+    keys = [(str(m.get("State", "")), season(m.get("Sampling_Date", "")), str(m.get("Species", ""))) for m in metadata]
+    strata: dict[tuple, list[int]] = {}
+    for i, k in enumerate(keys):
+        strata.setdefault(k, []).append(i)
+    folds, sizes = np.zeros(len(keys), np.int32), np.zeros(n_folds, np.int64)
+    for k in sorted(strata, key=lambda k: zlib.crc32(f"{seed}|{'|'.join(k)}".encode())):
+        members = strata[k]
+        order = np.random.default_rng([seed, zlib.crc32("|".join(k).encode())]).permutation(len(members))
+        start = int(np.argmin(sizes))
+        for j, m in enumerate(order):
+            f = (start + j) % n_folds
+            folds[members[m]] = f
+            sizes[f] += 1
     return folds
 
 

@@ -44,7 +44,8 @@ from jaxvit.tasks.biomass.data import PastureExample, PastureSource
 from jaxvit.tasks.biomass.model import BiomassModel
 
 log = logging.getLogger("jaxvit")
-LOSSES = ("smooth_l1", "planthydra")
+LOSSES = ("smooth_l1", "mse", "planthydra")
+FOLD_STRATEGIES = ("stratified", "group")
 
 
 class Biomass(Task):
@@ -55,12 +56,15 @@ class Biomass(Task):
     best_mode = "max"
     head = r"^params/head(_extra|_depth)?/"  # the head, the metadata priors and the depth attention
     frozen = r"^params/depth/"  # the Depth Anything model
-    history_metrics = ("loss", "weighted_r2", "r2_green", "r2_dead", "r2_clover", "r2_gdm", "r2_total")
+    history_metrics = ("loss", "loss_masses", "mse", "weighted_r2", "r2_green", "r2_dead", "r2_clover", "r2_gdm",
+                       "r2_total")
 
     @staticmethod
     def default_config() -> ml_collections.ConfigDict:
         c = ml_collections.ConfigDict()
-        c.loss = "smooth_l1"  # smooth_l1 (the CSIRO biomass project's default) | planthydra (--use-planthydra-loss)
+        c.loss = "smooth_l1"  # smooth_l1 (the project's default) | mse (--no-smoothl1) | planthydra (--use-planthydra-loss)
+        c.presence_weight = 0.0  # > 0: a presence logit per mass (BCE on mass > 0); absent masses predicted 0 (--use-presence-heads)
+        c.fold_strategy = "stratified"  # cv folds without cv.fold_csv: stratified (State x Season x Species spread) | group
         c.train_dead = False  # False: Dead = Total - GDM (the CSIRO biomass project's default)
         c.train_clover = True  # False: Clover = GDM - Green
         c.huber_dead_delta = 0.0  # > 0: Huber loss (this delta, grams) on Dead (--use-huber --huber-delta)
@@ -93,6 +97,8 @@ class Biomass(Task):
         b, out = cfg.biomass, []
         if b.loss not in LOSSES:
             out.append(f"biomass.loss={b.loss!r}: use one of {', '.join(LOSSES)}")
+        if b.fold_strategy not in FOLD_STRATEGIES:
+            out.append(f"biomass.fold_strategy={b.fold_strategy!r}: use one of {', '.join(FOLD_STRATEGIES)}")
         if b.cross_view_weight > 0 and not b.halves:
             out.append("biomass.cross_view_weight > 0 needs biomass.halves=True (two views to compare)")
         if b.depth_model and not (b.depth_features or b.depth_attention):
@@ -141,11 +147,12 @@ class Biomass(Task):
                              else split, names, keep)
 
     def folds(self, paths: list[str], metadata: list[dict]) -> np.ndarray:
-        """Fold of each train image: cv.fold_csv, else State x Season x Species groups (`biomass.group_folds`)."""
+        """Fold of each train image: cv.fold_csv, else by biomass.fold_strategy over State x Season x Species."""
         cv = self.cfg.cv
         if cv.fold_csv:
             return maths.read_fold_csv(cv.fold_csv, paths)
-        return maths.group_folds(metadata, cv.n_folds, self.cfg.seed)
+        make = maths.stratified_folds if self.cfg.biomass.fold_strategy == "stratified" else maths.group_folds
+        return make(metadata, cv.n_folds, self.cfg.seed)
 
     def train_transform(self) -> PastureExample:
         return PastureExample(TransformConfig.from_config(self.cfg.data), self.cfg.biomass)
@@ -164,6 +171,7 @@ class Biomass(Task):
         [state logits]."""
         b, sizes = self.cfg.biomass, [("mass", 5)]
         sizes += [("log_var", 5)] if b.uncertainty else []
+        sizes += [("presence", 5)] if b.presence_weight > 0 else []
         sizes += [("height", 1)] if b.height_weight > 0 else []
         sizes += [("ndvi", 1)] if b.ndvi_weight > 0 else []
         sizes += [("species", len(self.stats["species"]))] if b.species_weight > 0 else []
@@ -214,28 +222,40 @@ class Biomass(Task):
     def _views(self, images: jax.Array) -> jax.Array:
         return images.reshape(-1, *images.shape[-3:])  # [B, V, S, S, C] (halves) or [B, S, S, C] -> [B * V, ...]
 
+    def mass_terms(self, pred: jax.Array, true: jax.Array) -> dict[str, jax.Array]:
+        """The objective's terms on the five masses in grams ([B] each): the training loss and the validation
+        loss share them."""
+        b = self.cfg.biomass
+        scale = jnp.asarray(self.stats["scale"])
+        weights = jnp.asarray(maths.loss_weights(b.train_dead, b.train_clover))
+        if b.loss == "planthydra":
+            terms = {"masses": maths.planthydra(pred, true, weights, b.cosine_weight, b.compositional_weight)}
+        else:
+            terms = {"masses": (maths.smooth_l1 if b.loss == "smooth_l1" else maths.mse)(
+                pred / scale, true / scale, weights)}
+        if b.huber_dead_delta > 0:
+            terms["huber_dead"] = maths.WEIGHTS[maths.DEAD] * maths.huber(
+                pred[:, maths.DEAD], true[:, maths.DEAD], b.huber_dead_delta)
+        if b.mass_balance_weight > 0:
+            terms["mass_balance"] = b.mass_balance_weight * maths.mass_balance(pred)
+        if b.qc_weight > 0:
+            terms["qc"] = b.qc_weight * maths.qc_plausibility(pred / scale,
+                                                                jnp.asarray(self.stats["max_mass"]) / scale)
+        return terms
+
     def loss(self, model, variables: dict, batch: dict, rng: jax.Array, step=None):
         b, layout = self.cfg.biomass, self._layout()
         views, updates = apply_train(model, variables, self._views(batch["image"]), rng)
         out, disagreement = self._combine(views, batch["targets"].shape[0])
         pred, true = self._masses(out), batch["targets"]
         scale = jnp.asarray(self.stats["scale"])
-        weights = jnp.asarray(maths.loss_weights(b.train_dead, b.train_clover))
-        if b.loss == "smooth_l1":
-            total = maths.smooth_l1(pred / scale, true / scale, weights)
-        else:
-            total = maths.planthydra(pred, true, weights, b.cosine_weight, b.compositional_weight)
-        if b.huber_dead_delta > 0:
-            total += maths.WEIGHTS[maths.DEAD] * maths.huber(pred[:, maths.DEAD], true[:, maths.DEAD],
-                                                                    b.huber_dead_delta)
+        terms = self.mass_terms(pred, true)
         if b.cross_view_weight > 0:
-            total += b.cross_view_weight * disagreement
-        if b.mass_balance_weight > 0:
-            total += b.mass_balance_weight * maths.mass_balance(pred)
+            terms["cross_view"] = b.cross_view_weight * disagreement
         if b.uncertainty:
-            total += maths.gaussian_nll(pred / scale, out[:, layout["log_var"]], true / scale) / 5
-        if b.qc_weight > 0:
-            total += b.qc_weight * maths.qc_plausibility(pred / scale, jnp.asarray(self.stats["max_mass"]) / scale)
+            terms["nll"] = maths.gaussian_nll(pred / scale, out[:, layout["log_var"]], true / scale) / 5
+        if b.presence_weight > 0:
+            terms["presence"] = b.presence_weight * maths.presence_bce(out[:, layout["presence"]], true)
         for column, key, weight in (("height", "height", b.height_weight), ("ndvi", "ndvi", b.ndvi_weight),
                                     ("aos", "ndvi", b.aos_weight)):
             if column in layout:
@@ -243,13 +263,15 @@ class Biomass(Task):
                 target = (batch[key] - mean) / std
                 known = jnp.isfinite(target)
                 err = optax.huber_loss(out[:, layout[column]][:, 0] - jnp.where(known, target, 0.0))
-                total += weight * jnp.where(known, err, 0.0)
+                terms[column] = weight * jnp.where(known, err, 0.0)
         for key, weight in (("species", b.species_weight), ("state", b.state_weight)):
             if key in layout:
                 known = batch[key] >= 0
                 ce = optax.softmax_cross_entropy_with_integer_labels(out[:, layout[key]], jnp.maximum(batch[key], 0))
-                total += weight * jnp.where(known, ce, 0.0)
-        return total, {"abs_error_total_g": jnp.abs(pred[:, maths.TOTAL] - true[:, maths.TOTAL])}, updates
+                terms[key] = weight * jnp.where(known, ce, 0.0)
+        metrics = {f"loss_{name}": term for name, term in terms.items()}  # the history's per-component losses
+        metrics["abs_error_total_g"] = jnp.abs(pred[:, maths.TOTAL] - true[:, maths.TOTAL])
+        return sum(terms.values()), metrics, updates
 
     # -- evaluation and prediction
     def predict_fn(self, model) -> Callable:
@@ -258,22 +280,45 @@ class Biomass(Task):
         def predict(variables, images):
             per_view = lambda x: model.apply(variables, x).astype(jnp.float32)
             out = tta.average(per_view, self._views(images), names)  # TTA views of each photo view
-            return self._masses(self._combine(out, images.shape[0])[0])
+            whole = self._combine(out, images.shape[0])[0]
+            masses = self._masses(whole)
+            if "presence" in self._layout():  # a mass whose presence probability is below 1/2 is predicted 0
+                masses = jnp.where(whole[:, self._layout()["presence"]] >= 0, masses, 0.0)
+            return masses
         return predict
 
     def score(self, outputs: np.ndarray, ok: np.ndarray, src: PastureSource, out_dir: Path | None = None,
               extra: dict | None = None) -> dict:
         if not ok.any():
             raise DataError(f"no readable image in split {src.split!r} ({src.location})")
+        if not src.labelled:
+            raise DataError(f"{src.location} has no targets (the competition's test.csv): predict it "
+                            "(cv.predict_split, jaxvit predict) instead of evaluating it")
         result = maths.target_metrics(src.targets[ok], outputs[ok])
         scale = np.asarray(self.stats["scale"])
-        result["loss"] = float(np.mean(((outputs[ok] - src.targets[ok]) / scale) ** 2))  # MSE, standardised masses
+        terms = {k: float(np.mean(v)) for k, v in self.mass_terms(outputs[ok], src.targets[ok]).items()}
+        result["loss"] = sum(terms.values())  # the training objective's mass terms (the heads' terms need no photo)
+        result.update({f"loss_{k}": v for k, v in terms.items()})
+        result["mse"] = float(np.mean(((outputs[ok] - src.targets[ok]) / scale) ** 2))  # standardised masses
         kept = [src.paths[i] for i in np.flatnonzero(ok)]
         return finish_score(result, src, ok, extra, out_dir, "submission",
                             lambda path: self.write_predictions(path, kept, outputs[ok]))
 
     def describe_prediction(self, output: np.ndarray) -> dict:
         return {"targets": {n: float(v) for n, v in zip(maths.TARGETS, output)}}
+
+    def write_submission(self, path: Path, src: PastureSource, outputs: np.ndarray) -> None:
+        """The competition's submission.csv: one row per sample_id that `src`'s CSV lists (its order)."""
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["sample_id", "target"])
+            for ids, row in zip(src.sample_ids, outputs):
+                w.writerows([ids[name], repr(float(v))] for name, v in zip(maths.TARGETS, row) if name in ids)
+        solution = Path(src.location).with_name(f"{src.split}_solution.csv")  # hidden labels, where they exist
+        if solution.is_file():
+            scores = maths.score_submission(path, solution)
+            path.with_name(path.stem + "_score.json").write_text(json.dumps(scores, indent=2) + "\n")
+            log.info("%s scored against %s: weighted R^2 %.4f", path.name, solution, scores["weighted_r2"])
 
     def write_predictions(self, path: Path, paths: list[str], outputs: np.ndarray) -> None:
         """The competition's submission layout: sample_id (<image id>__<target>), target (grams)."""

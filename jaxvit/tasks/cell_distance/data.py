@@ -1,7 +1,8 @@
 """Paired microscopy images and instance masks, their transforms, and the synthetic demo set.
 
 Layout: `<data.data_dir>/<split>/images/` and `<data.data_dir>/<split>/masks/` (or `*_<split>/`), a mask for every
-image under the same relative path and file name (any supported extension, e.g. `a/001.tif` and `a/001.png`).
+image under the same relative path and file name (any supported extension, e.g. `a/001.tif` and `a/001.png`); or
+LIVECell's COCO files and Cellpose's NAME_img / NAME_masks pairs (`layouts.py`).
 Images are grayscale or multi-channel (PNG, TIFF stacks or CHW / HWC TIFFs, .npy; `jaxvit.data.decode`), any bit
 depth; masks are one channel of integer cell ids (0 background; 8/16-bit PNG or TIFF, integral floats accepted).
 
@@ -36,6 +37,7 @@ from jaxvit.data.geometry import Geometry, apply_geometry
 from jaxvit.data.photo_aug import clahe_channel
 from jaxvit.data.sources import ImageLoadError, find_split_dir, list_images
 from jaxvit.errors import ConfigError, DataError, MissingDataError
+from jaxvit.tasks.cell_distance import layouts
 from jaxvit.tasks.cell_distance.targets import distance_map
 
 log = logging.getLogger("jaxvit")
@@ -51,36 +53,20 @@ class PairedSource:
 
     files = True  # `paths` are files (read by the pre-flight check)
 
-    def __init__(self, data_dir: str | os.PathLike, split: str):
+    def __init__(self, data_dir: str | os.PathLike, split: str, coco_json: str = ""):
+        self.split = split
+        coco = layouts.find_coco_json(data_dir, split, coco_json)
+        if coco is not None:
+            self.location = str(coco)
+            self.paths, self.mask_paths = layouts.coco_pairs(coco, data_dir)
+            return
         split_dir = find_split_dir(data_dir, split)
-        images_dir, masks_dir = split_dir / "images", split_dir / "masks"
-        for d in (images_dir, masks_dir):
-            if not d.is_dir():
-                raise MissingDataError(f"{str(d)!r} not found: the cell_distance task reads <data_dir>/<split>/images/ "
-                                       "and <data_dir>/<split>/masks/ (a mask with the same file name per image)")
-        self.split, self.location = split, str(split_dir)
-        images = list_images(images_dir)
-        if not images:
-            raise MissingDataError(f"no images in {str(images_dir)!r}")
-        masks: dict[Path, Path] = {}
-        for m in list_images(masks_dir):
-            key = m.relative_to(masks_dir).with_suffix("")
-            if key in masks:
-                raise DataError(f"{masks_dir}: two masks for {str(key)!r} ({masks[key].name}, {m.name}); keep one")
-            masks[key] = m
-        keys = [p.relative_to(images_dir).with_suffix("") for p in images]
-        if len(set(keys)) < len(keys):
-            raise DataError(f"{images_dir}: several images share a name without extension; rename them")
-        missing = [str(k) for k in keys if k not in masks]
-        if missing:
-            raise DataError(f"{len(missing)} of {len(keys)} images in {str(images_dir)!r} have no mask in "
-                            f"{str(masks_dir)!r} (same relative path and name, any extension), e.g. "
-                            f"{', '.join(missing[:5])}")
-        extra = len(masks) - len(keys)
-        if extra:
-            log.warning("%s: %d masks without an image are ignored", masks_dir, extra)
-        self.paths = [str(p) for p in images]
-        self.mask_paths = [str(masks[k]) for k in keys]
+        self.location = str(split_dir)
+        cellpose = layouts.cellpose_pairs(split_dir)
+        if cellpose is not None:
+            self.paths, self.mask_paths = cellpose
+            return
+        self.paths, self.mask_paths = _folder_pairs(split_dir)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -92,8 +78,41 @@ class PairedSource:
         return f"PairedSource({self.location!r}, split={self.split!r}, n={len(self)})"
 
 
+def _folder_pairs(split_dir: Path) -> tuple[list[str], list[str]]:
+    images_dir, masks_dir = split_dir / "images", split_dir / "masks"
+    for d in (images_dir, masks_dir):
+        if not d.is_dir():
+            raise MissingDataError(f"{str(d)!r} not found: the cell_distance task reads <data_dir>/<split>/images/ "
+                                   "and <data_dir>/<split>/masks/ (a mask with the same file name per image), "
+                                   "Cellpose pairs (<split>/NAME_img.png + NAME_masks.png) or LIVECell's COCO files "
+                                   "(livecell_coco_<split>.json below data.data_dir)")
+    images = list_images(images_dir)
+    if not images:
+        raise MissingDataError(f"no images in {str(images_dir)!r}")
+    masks: dict[Path, Path] = {}
+    for m in list_images(masks_dir):
+        key = m.relative_to(masks_dir).with_suffix("")
+        if key in masks:
+            raise DataError(f"{masks_dir}: two masks for {str(key)!r} ({masks[key].name}, {m.name}); keep one")
+        masks[key] = m
+    keys = [p.relative_to(images_dir).with_suffix("") for p in images]
+    if len(set(keys)) < len(keys):
+        raise DataError(f"{images_dir}: several images share a name without extension; rename them")
+    missing = [str(k) for k in keys if k not in masks]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(keys)} images in {str(images_dir)!r} have no mask in "
+                        f"{str(masks_dir)!r} (same relative path and name, any extension), e.g. "
+                        f"{', '.join(missing[:5])}")
+    extra = len(masks) - len(keys)
+    if extra:
+        log.warning("%s: %d masks without an image are ignored", masks_dir, extra)
+    return [str(p) for p in images], [str(masks[k]) for k in keys]
+
+
 def load_mask(path: str) -> np.ndarray:
     """A mask file as int32 [H, W] cell ids; ImageLoadError naming the problem for anything else."""
+    if "#" in path and path.partition("#")[0].endswith(".json"):
+        return layouts.load_coco_mask(path)
     m = load_array(path)
     if m.shape[2] != 1:
         raise ImageLoadError(path, f"a mask must be one channel of integer cell ids (e.g. a 16-bit grayscale PNG or "

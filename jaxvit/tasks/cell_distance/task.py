@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from jaxvit import inference, xla_options
+from jaxvit.data import holdout
 from jaxvit.data.decode import load_array
 from jaxvit.data.sources import ImageLoadError
 from jaxvit.errors import ConfigError, DataError
@@ -68,6 +69,7 @@ class CellDistance(Task):
         c.invert_prob = 0.0  # train: probability of inverting the intensities
         c.eval_size = 0  # evaluation / prediction canvas side (>= the largest image); 0 = data.image_size
         c.tile_overlap = 32  # evaluation / prediction: minimum overlap of data.image_size tiles (px)
+        c.coco_json = ""  # COCO polygons per split ({split}), relative to data_dir; "" = livecell_coco_{split}.json if found
         return c
 
     @classmethod
@@ -92,7 +94,12 @@ class CellDistance(Task):
     # -- data
     def source(self, split: str) -> PairedSource:
         if split not in self._sources:
-            self._sources[split] = PairedSource(self.cfg.data.data_dir, split)
+            data, coco = self.cfg.data, self.cfg.cell_distance.coco_json
+            if data.val_fraction and split in ("val", data.train_split):  # validation held out of train
+                train = PairedSource(data.data_dir, data.train_split, coco)
+                self._sources[split] = holdout.split_off(train, data.val_fraction, split)
+            else:
+                self._sources[split] = PairedSource(data.data_dir, split, coco)
         return self._sources[split]
 
     def prepare(self) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from jaxvit import lora, report
+from jaxvit.data import geotiff
 from jaxvit.files import atomic_write
 from jaxvit.tasks.sar_grounding import pairs as sar_pairs
 from jaxvit.errors import ConfigError, DataError
@@ -67,7 +68,7 @@ class SarGrounding(Task):
     @staticmethod
     def default_config() -> ml_collections.ConfigDict:
         c = ml_collections.ConfigDict()
-        c.terramind = ""  # TerraMind v1 checkpoint (.pt / .safetensors, terratorch layout); "" = random `size`
+        c.terramind = ""  # TerraMind v1 checkpoint (.pt / .safetensors, terratorch layout); "random": random `size`
         c.size = "base"  # tiny | small | base | large (random init, or the fields `overrides` do not set)
         c.overrides = ml_collections.ConfigDict()  # TerraMindConfig fields (a custom size, e.g. the demo's)
         c.tokenizer = ""  # target tokenizer: checkpoint file or released name in the local HF cache; "" = random
@@ -99,6 +100,10 @@ class SarGrounding(Task):
                        "backbone: transformers dir or hub id); or set perceptual_weight=0")
         if s.timesteps < 1:
             out.append(f"sar_grounding.timesteps={s.timesteps}: use >= 1 denoising steps")
+        if not s.terramind:
+            out.append("sar_grounding.terramind is empty: set it to a TerraMind v1 checkpoint (.pt / .safetensors, "
+                       "e.g. TerraMind_v1_base.pt) or to 'random' for a randomly initialised TerraMind of "
+                       "sar_grounding.size (tests, demos)")
         return out
 
     def __init__(self, cfg, workdir: str | Path | None = None):
@@ -146,13 +151,13 @@ class SarGrounding(Task):
         tok, tok_params = self._tokenizer(s.tokenizer, s.target, 0)
         s1_tok, s1_params = (self._tokenizer(s.s1_tokenizer, s.input, 1) if s.cycle_weight > 0 else (None, None))
         runtime = dict(dtype=m.dtype, lora_alpha=self.cfg.lora.alpha, lora_dropout=self.cfg.lora.dropout)
-        if s.terramind:
+        if s.terramind != "random":
             terramind, tm_params = load_terramind(s.terramind, **runtime)
         else:
             tm_cfg = terramind_config(s.size, **(self._demo_modalities(tok, s1_tok) | s.overrides.to_dict()),
                                       **runtime)
             terramind, tm_params = TerraMind(tm_cfg), init_params(tm_cfg, self.cfg.seed)
-            log.info("TerraMind %s initialised at random (sar_grounding.terramind is empty)", s.size)
+            log.info("TerraMind %s initialised at random (sar_grounding.terramind='random')", s.size)
         self._check_vocab(terramind, tok, s.target)
         if s1_tok is not None:
             self._check_vocab(terramind, s1_tok, s.input)
@@ -332,7 +337,8 @@ class SarGrounding(Task):
     def predict_files(self, model: Stage3Model, variables: dict, paths: list[Path], output: Path, batch_size: int
                       ) -> list[dict]:
         """S1 tiles (GeoTIFF / .npy, sides multiples of 32 px) -> generated optical tiles in `output`
-        (<stem>.png RGB composite, <stem>.npy all bands in reflectance x 10000)."""
+        (<stem>.png RGB composite, <stem>.npy all bands in reflectance x 10000, and for a GeoTIFF input <stem>.tif:
+        the bands with the input's transform and CRS)."""
         from jaxvit.data.sources import ImageLoadError
         fmt, generate = sar_pairs.pair_transform(self.cfg.data).fmt, jax.jit(functools.partial(self._generate, model))
         records = []
@@ -347,8 +353,14 @@ class SarGrounding(Task):
                 continue
             tile = np.asarray(generate(variables, jnp.asarray(np.nan_to_num(s1))[None]))[0]
             self.write_tiles(output, [(Path(path).stem, tile)])
-            records.append({"path": str(path), "png": str(output / f"{Path(path).stem}.png"),
-                            "npy": str(output / f"{Path(path).stem}.npy")})
+            record = {"path": str(path), "png": str(output / f"{Path(path).stem}.png"),
+                      "npy": str(output / f"{Path(path).stem}.npy")}
+            georeference = geotiff.read_georeference(path)
+            if georeference:
+                record["tif"] = str(output / f"{Path(path).stem}.tif")
+                geotiff.write_geotiff(record["tif"], sar_pairs.denormalize(np.asarray(tile, np.float32),
+                                                                           self.s.target), georeference)
+            records.append(record)
         return records
 
 

@@ -29,7 +29,7 @@ class RGBViews:
         if "files" in example:  # a JUMP site: one file per channel
             from jaxvit.data import jump
             mode = self.source.channel_mode if rng is not None else "average"
-            return jump.to_rgb(self.source.load_stack(example), mode, rng, n)
+            return jump.to_rgb(self.source.load_stack(example), mode, rng, n, self.source.clahe)
         image = example["image"] if "image" in example else load_image(example["path"])
         return [np.asarray(image)] * n
 

@@ -112,7 +112,8 @@ class SSL(Task):
         if split not in self._sources:
             if self.jump:
                 from jaxvit.data import jump
-                keys = mlc.ConfigDict({"data_dir": self.cfg.data.data_dir, **self.s.jump.to_dict()})
+                keys = mlc.ConfigDict({"data_dir": self.cfg.data.data_dir, "val_fraction": self.cfg.data.val_fraction,
+                                       **self.s.jump.to_dict()})
                 self._sources[split] = jump.open_split(keys, split, self._classes)
             else:
                 self._sources[split] = labelled.open_split(self.cfg.data, split, self._classes)
