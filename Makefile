@@ -3,8 +3,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
-# The exact tested versions (constraints.txt); torch's CPU wheel comes from its own index.
-PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu
+# The exact tested versions (constraints.txt).
+PIP_INSTALL := $(PY) -m pip install -q -c constraints.txt
 
 .PHONY: demo test test-unit test-slow bench clean
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_config
+from helpers.tiny import ROOT, tiny_config
 from jaxvit import checkpoint, cluster, tasks
 from jaxvit.data import changes
 from jaxvit.errors import DataError, UserError

@@ -15,7 +15,8 @@ from flax import traverse_util
 
 from jaxvit import lora, optim, tasks
 from jaxvit.config import load_config_file
-from jaxvit.data import pipeline, sar_pairs
+from jaxvit.data import pipeline
+from jaxvit.tasks.sar_grounding import pairs as sar_pairs
 from jaxvit.train import Trainer, partition
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from helpers.tiny import ROOT
 from test_cluster import _assert_same_result, _cli
 
 pytestmark = pytest.mark.slow

@@ -46,7 +46,7 @@ def _datasets():
     try:
         import datasets
     except ImportError as e:
-        raise UserError("data.source='hf:...' needs the datasets package: pip install datasets") from e
+        raise UserError("data.source='hf:...' needs the datasets package: pip install 'jaxvit[hf]'") from e
     return datasets
 
 
