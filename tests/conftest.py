@@ -21,6 +21,9 @@ if _OWN_CACHE:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxvit_xla_cache_")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# LLVM at -O0: the tests' tiny programs spend more time compiling than running; this takes ~30% off the CPU
+# time of tests/test_train.py (docs/testing.md). Same HLO, same tolerances; set XLA_FLAGS to choose otherwise.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 sys.path.insert(0, str(Path(__file__).parent))  # `import helpers` from the test modules
 
 import pytest  # noqa: E402

@@ -189,6 +189,7 @@ def test_a_target_missing_for_an_image_is_one_line(pasture_dir, tmp_path):
     assert last.startswith("error: ") and "train.csv" in last and "no row for Dry_Dead_g" in last
 
 
+@pytest.mark.integration
 def test_cross_validation_over_grouped_folds(pasture_dir, tmp_path):
     from jaxvit import cv, tasks
     c = _config(pasture_dir, fold_strategy="group")

@@ -147,6 +147,7 @@ def test_official_parity_and_roundtrip(hf_checkpoint, tmp_path):
     assert rel_err(flax_forward(module2, params2, x), ref) <= 1e-5
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("arch,model_cls,config_cls,extra", [
     ("dinov2_vits14", Dinov2Model, Dinov2Config, dict(image_size=518, patch_size=14)),
     ("dinov3_vits16", DINOv3ViTModel, DINOv3ViTConfig, dict(patch_size=16, num_register_tokens=4)),
@@ -240,6 +241,7 @@ def test_jit_and_grad_run(hf_checkpoint):
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree_util.tree_leaves(g))
 
 
+@pytest.mark.integration
 def test_attention_implementations_agree(hf_checkpoint):
     """The CPU default (heads-first einsum) equals jax.nn.dot_product_attention's XLA path, with gradients."""
     name, _, path = hf_checkpoint

@@ -94,6 +94,7 @@ def _setup(gz2_dir, configure=None, **ssl):
     return c, task, jax.jit(make_step(task, model, c, tx, schedule)), state, data, spe
 
 
+@pytest.mark.integration
 def test_teacher_is_the_ema_of_the_student_and_prototypes_wait_one_epoch(gz2_dir):
     c, task, step, state, data, spe = _setup(gz2_dir, epoch_length=2, head_weight_norm=True)
     assert spe == 2
@@ -115,6 +116,7 @@ def test_teacher_is_the_ema_of_the_student_and_prototypes_wait_one_epoch(gz2_dir
     assert float(task.teacher_temp(0)) == pytest.approx(0.04) and float(task.teacher_temp(spe)) == pytest.approx(0.07)
 
 
+@pytest.mark.integration
 def test_ibot_masks_of_a_batch(gz2_dir):
     _, task, _, _, data, _ = _setup(gz2_dir)
     batch = next(data)
@@ -126,6 +128,7 @@ def test_ibot_masks_of_a_batch(gz2_dir):
     assert masks.sum() <= task.mask_batch().max_masked(8)
 
 
+@pytest.mark.integration
 def test_softmax_centering_updates_the_centres(gz2_dir):
     _, task, step, state, data, _ = _setup(gz2_dir, centering="softmax")
     before = flat(state["mutable"]["centers"])
@@ -173,6 +176,7 @@ def test_killed_ssl_run_resumes_to_the_same_teacher(gz2_dir, tmp_path):
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"{part}/{k}")
 
 
+@pytest.mark.integration
 def test_a_batch_without_masked_crops_has_zero_ibot_loss(gz2_dir):
     _, task, step, state, data, _ = _setup(gz2_dir)
     batch = next(data)
@@ -229,6 +233,7 @@ def test_continued_pretraining_starts_from_the_checkpoint_with_a_resized_patch_e
     assert variables["params"]["dino_head"].keys() == variables["teacher"]["dino_head"].keys()
 
 
+@pytest.mark.integration
 def test_gram_anchoring_adds_its_term(gz2_dir):
     def gram_on(c):
         c.ssl.gram.weight = 0.5  # against the EMA teacher's patch features

@@ -212,6 +212,7 @@ def test_strict_key_report():
 SEED_TARGETS = ("decoder/.*/cross_attn/(q|kv|proj)",)
 
 
+@pytest.mark.integration
 def test_lora_cross_attention_gradients_reach_every_adapter_only():
     """Frozen base stored in bfloat16 (model.frozen_dtype); a token cross-entropy reaches every adapter, and the
     trainer's partition trains the adapters and nothing else."""

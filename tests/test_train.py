@@ -63,6 +63,7 @@ def test_lora_run_trains_adapters_and_head_only(lora_run):
     assert (workdir / "eval_test" / "test_results.json").exists()
 
 
+@pytest.mark.integration
 def test_merged_lora_equals_unmerged_forward():
     cfg = get_config("dinov2_vits14", **TINY_VIT, lora_alpha=8.0)
     model = Classifier(cfg, 5)
