@@ -22,7 +22,7 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
 
     c.model = mlc.ConfigDict()
     c.model.arch = "dinov2_vits14"  # preset name (jaxvit.models.PRESETS)
-    c.model.pretrained = ""  # transformers dir, cached hub id or original .pth; "" = random init
+    c.model.pretrained = ""  # transformers dir, hub id (downloaded / cached) or original .pth; "" = random init
     c.model.overrides = mlc.ConfigDict()  # ViTConfig fields, e.g. hidden_size=192 for a custom size
     c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     c.model.remat = "none"  # none | full | dots

@@ -59,7 +59,7 @@ def test_two_processes_match_one(data_dir, env, tmp_path):
     print(f"one process {t1 - t0:.0f} s, two processes {time.time() - t1:.0f} s")
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
     assert "[0] " in proc.stdout and "[1] " in proc.stdout
-    assert "process 1 of 2, 1 local / 2 global devices" in proc.stdout
+    assert "process 1 of 2 on 1 x cpu; 2 global devices" in proc.stdout
     assert proc.stdout.count("heap kept between steps (ok)") == 2  # keep_cpu_heap ran before the backends
     one, two = _rows(tmp_path / "one" / "training_history.csv"), _rows(tmp_path / "two" / "training_history.csv")
     assert [r["step"] for r in two] == [r["step"] for r in one] == ["5", "10"]

@@ -22,19 +22,25 @@ def is_hub_id(source: str | os.PathLike) -> bool:
 def _explain(repo: str, what: str, e: Exception) -> WeightLoadError:
     cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
     return WeightLoadError(
-        f"{what}: neither downloaded nor in the Hugging Face cache {cache} ({type(e).__name__}). Either go online "
+        f"{what}: not downloaded and not in the local Hugging Face cache {cache} ({type(e).__name__}). "
+        f"Either go online "
         f"(HF_HUB_OFFLINE unset; for a gated repository accept its licence on huggingface.co and set HF_TOKEN), or "
         f"fill the cache where there is internet (`huggingface-cli download {repo}`), copy it to HF_HOME and set "
         f"HF_HUB_OFFLINE=1; or pass a local path.")
+
+
+def _offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def snapshot(repo: str) -> Path:
     """The directory of a hub repository's weights and configs (a transformers checkpoint, a .pt file, ...)."""
     try:
         from huggingface_hub import snapshot_download
-        path = Path(snapshot_download(repo, allow_patterns=_WEIGHTS))
+        path = Path(snapshot_download(repo, allow_patterns=_WEIGHTS, local_files_only=_offline()))
         if not any(path.glob("*.safetensors")) and not any(path.glob("*.pt*")):
-            path = Path(snapshot_download(repo, allow_patterns=_WEIGHTS + ["*.bin"]))
+            path = Path(snapshot_download(repo, allow_patterns=_WEIGHTS + ["*.bin"], local_files_only=_offline()))
         return path
     except Exception as e:  # offline and not cached, gated without a token, no such repository, no network
         raise _explain(repo, repo, e) from e
@@ -44,6 +50,6 @@ def file(repo: str, filename: str) -> Path:
     """One file of a hub repository."""
     try:
         from huggingface_hub import hf_hub_download
-        return Path(hf_hub_download(repo, filename))
+        return Path(hf_hub_download(repo, filename, local_files_only=_offline()))
     except Exception as e:
         raise _explain(repo, f"{repo}/{filename}", e) from e
