@@ -277,7 +277,12 @@ class Saved:
     def ema(self) -> bool:
         return "ema" in self.state
 
+    missing_frozen: bool = False  # a lean checkpoint read without its source: the frozen leaves are not in `state`
+
     def variables(self) -> dict:
+        if self.missing_frozen:
+            raise CheckpointError(f"{self.directory} is lean (the frozen weights are not stored): read it with "
+                                  "source=jaxvit.run_io.source_of(workdir), or load it with jaxvit.run_io.load_run")
         return eval_variables(self.state)
 
 
@@ -324,8 +329,9 @@ def _try_read(directory: Path) -> tuple[dict, LoopState, dict] | str:
 
 def read(workdir: str | Path, which: str | int = "best", source: Source | None = None) -> Saved:
     """The checkpoint `which` of a run: "best" | "final" | "latest" (the newest that restores) | a step.
-    `source` (default: from the run's config.json) fills the frozen weights a lean checkpoint does not store;
-    they must match its fingerprint."""
+    `source` (`jaxvit.run_io.source_of(workdir)`) fills the frozen weights a lean checkpoint does not store; they
+    must match its fingerprint. Without it a lean checkpoint's state has only what it stores (its `variables()`
+    refuse; `jaxvit.run_io.load_run` passes the source)."""
     root = Path(workdir).absolute() / "checkpoints"
     _refuse_old_layout(root)
     steps = _steps(root)
@@ -363,10 +369,7 @@ def read(workdir: str | Path, which: str | int = "best", source: Source | None =
         raise CheckpointError(f"checkpoint {spec} ({root / str(step)}) does not restore ({got}); good checkpoints: "
                               f"{', '.join(map(str, good())) or 'none'} (pass one as the checkpoint)")
     state, loop, frozen = got
-    if not frozen.get("stored", True):
-        if source is None:
-            from jaxvit import run_io
-            source = run_io.source_of(workdir)
+    if not frozen.get("stored", True) and source is not None:
         try:
             variables = source.variables()
         except (OSError, ValueError) as e:
@@ -379,7 +382,8 @@ def read(workdir: str | Path, which: str | int = "best", source: Source | None =
         picked = {k: v for k, v in traverse_util.flatten_dict(variables).items() if optim.path_str(k) in names}
         state = fill_frozen(state, jax.device_get(traverse_util.unflatten_dict(picked)), source.frozen_dtype)
         state = jax.tree_util.tree_map(np.asarray, state)
-    return Saved(step, spec if spec in ROLES else "step", state, loop, frozen, root / str(step))
+    missing = not frozen.get("stored", True) and source is None and bool(frozen.get("leaves"))
+    return Saved(step, spec if spec in ROLES else "step", state, loop, frozen, root / str(step), missing)
 
 
 def eval_variables(state: dict) -> dict:

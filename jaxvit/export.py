@@ -12,8 +12,8 @@ base model plus a PEFT adapter.
     D/peft_adapter/          (LoRA runs) adapter_config.json + adapter_model.safetensors:
                              peft.PeftModel.from_pretrained(AutoModel.from_pretrained(D/base_model), D/peft_adapter)
 
-    D/classifier/            (classification, linear head, DINOv2) transformers *ForImageClassification +
-                             its image processor: pipeline("image-classification", model="D/classifier")
+    D/classifier/            (classifier runs with a linear head on DINOv2) a transformers image classifier +
+                             its image processor: transformers.pipeline(..., model="D/classifier")
 
 Tasks with other models write their own files (`Task.export`, described in the task's module) or refuse in one line.
 
@@ -158,7 +158,7 @@ def export_run(run: run_io.Run, output: str | Path) -> Path:
     vit_cfg = run.model.backbone
     save_pretrained(vit_cfg, run.backbone_params(), out / "model")
     write_head(out, run)
-    run.task.export_extra(run, out)  # e.g. a classifier's transformers *ForImageClassification
+    run.task.export_extra(run, out)  # e.g. a classifier in transformers format
     if "lora" in run.variables:
         base = run.variables["params"]["backbone"]
         save_pretrained(vit_cfg, base, out / "base_model")

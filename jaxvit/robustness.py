@@ -44,7 +44,7 @@ def markdown(result: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = cli.parser("robustness", __doc__)
-    ap.add_argument("--workdir", required=True, help="the trained run's directory (a classification run)")
+    ap.add_argument("--workdir", required=True, help="the trained run's directory (a classifier run)")
     ap.add_argument("--split", default="test", help="the split corrupted and evaluated")
     cli.add_checkpoint(ap)
     ap.add_argument("--corruptions", default=",".join(SEVERITY), help="corruptions, comma-separated")

@@ -21,7 +21,7 @@ def test_reference_lists_every_key_with_its_default_and_comment():
     assert "| `model.arch` | `\"dinov2_vits14\"` | preset name (jaxvit.models.PRESETS) |" in text
     # comments reached through a called function, a module-level dict and a wrapped comment
     assert "| `data.num_workers` | `2` | grain worker processes; 0 = in-process (threads) |" in text
-    assert "| `data.load_data` | `\"load_data.csv\"` | the table, relative to data.data_dir (or absolute) |" in text
+    assert "| `ssl.jump.load_data` | `\"load_data.csv\"` | the table (or a glob of per-plate tables), relative to data.data_dir (or absolute) |" in text
     assert "fit a small tokenizer of tokenizer_overrides on the train tiles first" in text
     assert "| `ssl.crops.blur_probs` | `(0.0, 0.9, 0.5)` | global 1, global 2, locals" in text
 

@@ -43,7 +43,7 @@ _PLATE_PIXELS = 2**18  # at most about this many pixels per site and channel ent
 
 # The keys open_split reads (the config's ssl.jump section), with their defaults.
 CONFIG_DEFAULTS: dict[str, Any] = {
-    "load_data": "load_data.csv",  # the table, relative to data.data_dir (or absolute)
+    "load_data": "load_data.csv",  # the table (or a glob of per-plate tables), relative to data.data_dir (or absolute)
     "channels": DEFAULT_CHANNELS,  # channel names X of the FileName_X / PathName_X columns, in stack order
     "label_column": "Metadata_Treatment",  # the column of the labels (k-NN monitoring)
     "split_column": "Metadata_Split",  # the column of train / val / test; absent: every split is the whole table

@@ -26,6 +26,7 @@ Run ``python -m jaxvit.demos.cells --out DIR`` to write the default set.
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
 import gzip
 import json
