@@ -226,7 +226,7 @@ def test_errors_name_what_to_fix(small, tmp_path):
         jump.open_split(_cfg(small, channels=("OrigDNA", "OrigFoo")), "train")
     with pytest.raises(DataError, match=r"no sites with Metadata_Split == 'holdout'.*\['test', 'train', 'val'\]"):
         jump.open_split(_cfg(small), "holdout")
-    with pytest.raises(MissingDataError, match="data.load_data='nope.csv': no table matches"):
+    with pytest.raises(MissingDataError, match="ssl.jump.load_data='nope.csv': no table matches"):
         jump.open_split(_cfg(small, load_data="nope.csv"), "train")
     with pytest.raises(ConfigError, match="ssl.jump.channel_mode='rgb'"):
         jump.open_split(_cfg(small, channel_mode="rgb"), "train")

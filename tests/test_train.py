@@ -29,8 +29,9 @@ def flat(tree):
 
 
 def saved_state(workdir: Path, step: int | None = None) -> dict:
-    """The train state of a resume point (default: the newest), read back from disk as numpy."""
-    return checkpoint.read(workdir, "latest" if step is None else step).state
+    """The train state of a resume point (default: the newest), read back from disk as numpy (a lean checkpoint's
+    frozen weights filled from the run's source)."""
+    return checkpoint.read(workdir, "latest" if step is None else step, run_io.source_of(workdir)).state
 
 
 def history(workdir: Path) -> list[dict]:
@@ -58,7 +59,9 @@ def test_lora_run_trains_adapters_and_head_only(lora_run):
     after_head = flat(optim.combine(at_switch["trainable"], at_switch["frozen"])["lora"])
     assert not any(v.any() for k, v in after_head.items() if k.endswith("lora_b"))
     assert np.abs(flat(state["trainable"]["lora"])["backbone/encoder/layer_0/attention/query/lora_b"]).max() > 0
-    best = checkpoint.read(workdir, "best")
+    with pytest.raises(checkpoint.CheckpointError, match="is lean"):
+        checkpoint.read(workdir, "best").variables()  # the frozen base is not stored: its source fills it
+    best = checkpoint.read(workdir, "best", run_io.source_of(workdir))
     assert best.ema and set(best.variables()) == {"params", "lora"}
     assert (workdir / "eval_test" / "test_results.json").exists()
 

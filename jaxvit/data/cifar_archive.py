@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxvit.data.hf_source import parse_split, slice_rows
-from jaxvit.data.labels import class_counts, resolve_labels
+from jaxvit.data.labels import InMemoryImages, resolve_labels
 from jaxvit.errors import DataError, MissingDataError
 
 # member names inside the archive (and the unpacked folder): (folder, train batches, test batch, meta, names, labels)
@@ -71,7 +71,7 @@ def load(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, list
     return np.ascontiguousarray(images[rows.start:rows.stop]), labels[rows.start:rows.stop], names, str(location)
 
 
-class CifarSource:
+class CifarSource(InMemoryImages):
     """A CIFAR split -> examples {"image": uint8 (32, 32, 3), "label"}; the arrays (150 MB for train) are read again
     in each grain worker rather than pickled into it."""
 
@@ -85,19 +85,8 @@ class CifarSource:
         self._images = images
         self.paths = [f"{self.location}#{i}" for i in range(len(labels))]
 
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_images"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _images=None)
-
-    def __len__(self) -> int:
-        return len(self.labels)
+    def _load_images(self) -> np.ndarray:
+        return load(self.data_dir, self.split)[0]
 
     def __getitem__(self, i: int) -> dict:
-        if self._images is None:
-            self._images = load(self.data_dir, self.split)[0]
-        return {"image": self._images[i], "label": int(self.labels[i])}
-
-    def class_counts(self) -> np.ndarray:
-        return class_counts(self.labels, self.classes)
+        return {"image": self.image(i), "label": int(self.labels[i])}

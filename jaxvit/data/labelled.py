@@ -28,7 +28,7 @@ import numpy as np
 from jaxvit.data import holdout
 from jaxvit.data.cifar_archive import CifarSource
 from jaxvit.data.hf_source import HfSource
-from jaxvit.data.labels import class_counts, resolve_labels
+from jaxvit.data.labels import InMemoryImages, class_counts, resolve_labels
 from jaxvit.data.sources import CsvSource, ImageFolder
 from jaxvit.errors import ConfigError, DataError, MissingDataError
 
@@ -85,7 +85,7 @@ class LabelledCsv:
         return class_counts(self.labels, self.classes)
 
 
-class NpzSource:
+class NpzSource(InMemoryImages):
     """`<split>.npz` arrays -> examples {"image": uint8 (H, W, 3), "label"}. The images are read again in each
     grain worker rather than pickled into it."""
 
@@ -119,20 +119,12 @@ class NpzSource:
                             f"with N = {n} (the number of labels)")
         return images
 
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_images"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _images=None)
-
-    def __len__(self) -> int:
-        return len(self.labels)
+    def _load_images(self) -> np.ndarray:
+        with np.load(self.npz_path, allow_pickle=False) as z:
+            return self._check(z["images"], len(self.labels))
 
     def __getitem__(self, i: int) -> dict:
-        if self._images is None:
-            with np.load(self.npz_path, allow_pickle=False) as z:
-                self._images = self._check(z["images"], len(self.labels))
-        image = self._images[i]
+        image = self.image(i)
         return {"image": np.repeat(image[:, :, None], 3, 2) if image.ndim == 2 else image,
                 "label": int(self.labels[i])}
 

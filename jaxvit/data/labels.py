@@ -40,3 +40,28 @@ def _int(v) -> int | None:
         return int(v) if not isinstance(v, float) or float(v).is_integer() else None
     except (TypeError, ValueError):
         return None
+
+
+class InMemoryImages:
+    """A labelled source whose images live in one array: dropped when pickled into a grain worker and read again
+    there by `_load_images()` on first use. Subclasses set `labels`, `classes` and `_images`."""
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_images"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _images=None)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _load_images(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def image(self, i: int) -> np.ndarray:
+        if self._images is None:
+            self._images = self._load_images()
+        return self._images[i]
+
+    def class_counts(self) -> np.ndarray:
+        return class_counts(self.labels, self.classes)
