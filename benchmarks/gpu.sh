@@ -44,7 +44,7 @@ else
   declare -A MODEL_BATCH=([s]=128 [b]=64 [l]=32)
   SSL_ARGS=(--steps=5 --warmup=2)
   SSL_VARIANT=""
-  DATA_ARGS=(--data_workers=16 --data_files=4 --batch=64 --steps=10)
+  DATA_ARGS=(--data_workers=16 --data_files=4 --batch=64 --steps=24)
   DEVICE=$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1)
 fi
 
@@ -105,6 +105,6 @@ item "SSL gz2_ssl (ViT-S/14)" 60 --mode=ssl --config="configs/gz2_ssl.py$SSL_VAR
 item "SSL jump_ssl (ViT-S/8)" 70 --mode=ssl --config="configs/jump_ssl.py$SSL_VARIANT" "${SSL_ARGS[@]}"
 # Input pipelines alone (transform + batching) with 16 workers, on files in each workload's published format.
 for config in jump_ssl dinocell biomass gz2_lora terramind_stage3 cifar10_dinov2 gz2_ssl gz2_full; do
-  item "data $config" 40 --data --config="configs/$config.py" "${DATA_ARGS[@]}"
+  item "data $config" 50 --data --config="configs/$config.py" "${DATA_ARGS[@]}"
 done
 echo "== done in $((SECONDS - START)) s: $TABLE"

@@ -389,11 +389,13 @@ def eval_iterator(
 
 def measure_throughput(source: Any, transform: Callable, cfg: Any, n_batches: int, global_batch: int,
                        seed: int = 0) -> float:
-    """Training-pipeline examples/s (single process), after one warm-up batch (worker start-up)."""
+    """Training-pipeline examples/s (single process), after warm-up batches: one per worker (or one), so the
+    workers' start-up and the batches they made side by side before the first one arrived are not timed."""
     it = train_iterator(source, transform, cfg, global_batch=global_batch, seed=seed,
                         process_index=0, process_count=1)
     try:
-        next(it)
+        for _ in range(max(1, int(_cfg(cfg, "num_workers", 0)))):
+            next(it)
         start = time.perf_counter()
         for _ in range(n_batches):
             next(it)
