@@ -129,6 +129,7 @@ def test_cli_ssl_has_no_peer():
         benchmark.parse_args(SSL_TINY + ["--peer"])
 
 
+@pytest.mark.integration
 def test_cli_ssl_from_a_config(capsys):
     """--config: the recipe's arch, patch, crops, heads (here its CPU demo variant), batch from --batch."""
     (r,) = benchmark.main(["--mode=ssl", "--config=configs/jump_ssl.py:demo", "--batch=2", "--steps=1",

@@ -136,6 +136,7 @@ def test_rotation_keeps_the_best_and_final_steps(tmp_path):
     assert checkpoint.steps(tmp_path) == [2, 5, 6]
 
 
+@pytest.mark.integration
 def test_lean_checkpoint_needs_the_same_frozen_weights(lora_run, tmp_path):
     """The LoRA base is not stored; a changed pretrained file is a one-line error naming it."""
     workdir, c = lora_run
