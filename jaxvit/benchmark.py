@@ -652,7 +652,7 @@ def write_workload_files(cfg, root: str, n: int = 8) -> str:
         write_dataset(root, per_split={"train": n, "val": 1, "test": 1}, size=(2000, 1000))
         return f"{n} pasture photos 2000x1000 JPEG"
     if cfg.task == "sar_grounding":
-        from jaxvit.data.synthetic_sar import write_dataset
+        from jaxvit.demos.sar import write_dataset
         write_dataset(root, scenes={"train": n, "val": 1, "test": 1}, tile=256)
         return f"{n} S1 (2 x float32) / S2 (12 x uint16) GeoTIFF pairs 256 px"
     if cfg.task == "cell_distance":

@@ -285,13 +285,9 @@ class Trainer:
             state, metrics = step_fn(state, self._global_batch(next(data)))
             loss = float(jax.device_get(metrics["loss"]))
             split = c.eval.val_split or c.eval.test_split
-            if split:  # the task's evaluation, on sources cut to one batch
-                full = self.task.source
-                self.task.source = lambda name: pipeline.FirstN(full(name), c.eval.batch_size)
-                try:
-                    self.task.evaluate(self.model, eval_variables(state), split, self.mesh)
-                finally:
-                    del self.task.source
+            if split:  # the task's evaluation outputs (what every evaluator scores) on one batch
+                src = pipeline.FirstN(self.task.source(split), c.eval.batch_size)
+                self.task.outputs(self.model, eval_variables(state), src, self.mesh)
         finally:
             data.close()
             self.stop_signals.restore()

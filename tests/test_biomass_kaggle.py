@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers.tiny import tiny_config
 
-from jaxvit import optim, tasks, train
+from jaxvit import cv, optim, tasks, train
 from jaxvit.tasks.biomass import maths as biomass
 from jaxvit.demos import pasture as syn
 from jaxvit.errors import DataError
@@ -103,7 +103,7 @@ def test_folds_then_one_submission_with_every_test_sample_id(kaggle_dir, tmp_pat
     c.cv.folds = (0, 1)
     c.train.stage1_epochs, c.train.stage2_epochs = 1, 1
     c.optim.backbone_lr = 5e-4
-    result = train.run(c, tmp_path)
+    result = cv.run(c, tmp_path)
     assert set(result["folds"]) == {0, 1} and np.isfinite(result["mean"]["weighted_r2"])
     rows = list(csv.DictReader((tmp_path / "submission.csv").open()))
     listed = [r["sample_id"] for r in csv.DictReader((kaggle_dir / "test.csv").open())]

@@ -157,7 +157,7 @@ def test_sigterm_mid_epoch_saves_exits_75_and_resumes_to_the_uninterrupted_resul
     stopped = _stopped_step(out)
     assert 3 <= stopped <= 4, out[-3000:]  # the step in flight (or the next), mid-epoch (an epoch is 5 steps)
     assert out.strip().splitlines()[-1].startswith("preempted: SIGTERM: stopped after step") and "Traceback" not in out
-    assert (tmp_path / "run" / "checkpoints" / "periodic" / str(stopped)).is_dir()
+    assert (tmp_path / "run" / "checkpoints" / str(stopped)).is_dir()
     assert not (tmp_path / "run" / "run.lock").exists()  # released on the way out
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     _assert_same_result(tmp_path / "run", uninterrupted)
@@ -213,7 +213,7 @@ def test_second_run_on_a_live_workdir_is_refused_and_a_dead_ones_lock_is_taken_o
     finally:
         first.kill()  # SIGKILL: it leaves its lock behind
         first.wait()
-    periodic = tmp_path / "run" / "checkpoints" / "periodic"
+    periodic = tmp_path / "run" / "checkpoints"
     saved = sorted(int(p.name) for p in periodic.iterdir() if p.name.isdigit())
     assert saved and (tmp_path / "run" / "run.lock").exists()
     rc, out, _ = _signal_at_step(cmd, env, at=saved[-1] + 1)  # the third run takes over, resumes, is preempted
@@ -229,7 +229,7 @@ def test_a_file_removed_between_runs_stops_the_resume_until_allowed(gz2_dir, env
     cmd = _cli(tmp_path / "run", data)
     rc, out, _ = _signal_at_step(cmd, env, at=2)
     assert rc == 75, out[-3000:]
-    periodic = tmp_path / "run" / "checkpoints" / "periodic"
+    periodic = tmp_path / "run" / "checkpoints"
     saved = sorted(p.name for p in periodic.iterdir())
     victim = sorted((data / "gz2_5class_train").rglob("*.png"))[-1]
     victim.unlink()
@@ -259,8 +259,8 @@ def test_nonfinite_run_stops_after_the_limit_in_one_line(gz2_dir, env, tmp_path)
     assert last.startswith("error: 3 non-finite step(s) in a row up to step "), last
     assert "(loss nan)" in last and "non-finite gradients: ['params']" in last and "optim.lr" in last
     stopped = int(last.split("up to step ")[1].split()[0])
-    periodic = tmp_path / "run" / "checkpoints" / "periodic"
+    periodic = tmp_path / "run" / "checkpoints"
     saved = sorted(int(p.name) for p in periodic.iterdir())
     assert saved and max(saved) < stopped  # the resume points before the limit, none after
-    state = checkpoint._restore_numpy(periodic / str(max(saved)) / "state")
+    state = checkpoint.read(tmp_path / "run", max(saved)).state
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state["trainable"]))

@@ -170,7 +170,7 @@ def test_overfit_variant_memorises_one_batch(tiles, tmp_path):
     c.lora.enabled = False
     c.train.batch_size, c.train.steps, c.optim.lr, c.train.log_every_steps = 8, 150, 3e-3, 10
     c.eval.every_steps, c.eval.at_start, c.eval.val_split, c.eval.test_split = 25, False, "", ""
-    c.eval.test_checkpoint = "final"
+    c.eval.test_checkpoint, c.checkpoint.best_metric = "final", ""  # no validation: no best checkpoint
     Trainer(c, tmp_path / "run").run()
     rows = list(csv.DictReader((tmp_path / "run" / "training_history.csv").open()))
     first, last = (float(rows[i]["train_loss"]) for i in (0, -1))

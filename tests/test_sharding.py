@@ -332,7 +332,7 @@ def _script(data_dir: Path, root: Path) -> None:
     c.eval.test_checkpoint = "final"
     workdir = root / "lora"
     results = Trainer(c, workdir).run()
-    state = checkpoint.read(workdir, "latest").state
+    state = checkpoint.read(workdir, "latest", run_io.source_of(workdir)).state  # the lean base filled in
     run = run_io.load_run(workdir, "final")
     one = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1))
     reevaluated = run.task.evaluate(run.model, inference.place(run.variables, one, run.cfg), "test", one)

@@ -82,7 +82,7 @@ def map_paths(cols: Columns, path_map: tuple[str, ...], data_dir: str = "") -> N
         if not sep or not prefix:
             raise ConfigError(f"ssl.jump.path_map entry {rule!r} is not PREFIX=LOCAL_DIR (e.g. "
                               "'s3://cellpainting-gallery/cpg0000-jump-pilot/source_4/images=/data/jump/images')")
-        local = local if Path(local).is_absolute() else str(Path(data_dir) / local)
+        local = str((Path(data_dir) / local).absolute())  # an absolute LOCAL_DIR stays as it is
         rules.append((prefix.rstrip("/"), local.rstrip("/")))
     for name, values in cols.items():
         if name.startswith("PathName_"):
@@ -142,7 +142,8 @@ def _absolute_paths(cols: Columns, folder: Path) -> Columns:
     """Relative PathName_* values (not URLs) resolved against their table's folder."""
     for name, values in cols.items():
         if name.startswith("PathName_"):
-            cols[name] = [v if not v or "://" in v or Path(v).is_absolute() else str(folder / v) for v in values]
+            cols[name] = [v if not v or "://" in v or Path(v).is_absolute() else str(folder.absolute() / v)
+                          for v in values]
     return cols
 
 
