@@ -737,6 +737,7 @@ def bench_workload_data(args: argparse.Namespace) -> list[dict]:
         cfg.model.pretrained = ""
         if cfg.task == "sar_grounding":
             cfg.sar_grounding.perceptual_weight = 0.0  # no model is built: its files need not be here
+            cfg.sar_grounding.terramind = cfg.sar_grounding.terramind or "random"
         task = tasks.create(cfg)
         flops = step_flops(cfg, task)
         source, transform = task.source(cfg.data.train_split), task.train_transform()
