@@ -530,5 +530,9 @@ def _hms(seconds: float) -> str:
 def run(cfg, workdir: str | Path, dry_run: bool = False) -> dict:
     """Train (and test) one run (cross-validation, cv.folds, is `jaxvit.cv.run`); `dry_run`: see Trainer.dry_run."""
     if dry_run:
+        cfg = tasks.task_class(cfg.task).dry_run_config(cfg)
+        if cfg.cv.folds:  # cross-validation: the first fold stands for all
+            cfg = cfg.copy_and_resolve_references()
+            cfg.cv.fold, cfg.cv.folds = int(cfg.cv.folds[0]), ()
         return Trainer(cfg, workdir).dry_run()
     return Trainer(cfg, workdir).run()

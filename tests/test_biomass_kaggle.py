@@ -117,3 +117,11 @@ def test_folds_then_one_submission_with_every_test_sample_id(kaggle_dir, tmp_pat
     total = float(history[-1]["train_loss"])
     parts = sum(float(history[-1][k]) for k in history[-1] if k.startswith("train_loss_"))
     assert total == pytest.approx(parts, rel=1e-4)  # the components add up to the objective
+
+
+@pytest.mark.integration
+def test_a_dry_run_of_the_folds_checks_the_first_fold(kaggle_dir, tmp_path):
+    c = _config(kaggle_dir)
+    c.cv.folds = (1, 2)
+    assert np.isfinite(train.run(c, tmp_path, dry_run=True)["dry_run_loss"])
+    assert not any(p.is_dir() and any(p.iterdir()) for p in tmp_path.glob("checkpoints"))

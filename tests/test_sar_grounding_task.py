@@ -204,3 +204,14 @@ def test_an_empty_terramind_checkpoint_is_refused():
     c = base_config("sar_grounding")
     with pytest.raises(ConfigError, match="sar_grounding.terramind is empty.*'random'"):
         tasks.create(c)
+
+
+def test_a_dry_run_does_not_fit_the_demo_tokenizer(tmp_path):
+    from jaxvit.tasks.sar_grounding.task import SarGrounding
+    c = load_config_file("configs/terramind_stage3.py:demo")
+    c.sar_grounding.tokenizer = str(tmp_path / "not_yet.safetensors")
+    dry = SarGrounding.dry_run_config(c)
+    assert (dry.sar_grounding.tokenizer, dry.sar_grounding.fit_tokenizer_steps) == ("", 0)
+    assert c.sar_grounding.fit_tokenizer_steps == 400  # the run's own config is untouched
+    (tmp_path / "not_yet.safetensors").write_bytes(b"")  # once fitted, a dry run checks the real one
+    assert SarGrounding.dry_run_config(c) is c

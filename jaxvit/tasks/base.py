@@ -45,6 +45,12 @@ class Task:
     classifier = False  # class_probabilities gives [B, K] (the robustness report)
     class_labels = False  # sources carry integer labels and class names (k-NN and linear-probe evaluators)
 
+    @classmethod
+    def dry_run_config(cls, cfg):
+        """The config a dry run (`jaxvit train --dry_run`) checks: the run's own, unless the task would first spend
+        minutes on a preparation a real run does once (then the dry run skips it and says so)."""
+        return cfg
+
     def __init__(self, cfg, workdir: str | Path | None = None):
         self.cfg, self.workdir = cfg, workdir
         if problems := self.config_problems(cfg):

@@ -130,6 +130,17 @@ class SarGrounding(Task):
         fmt = sar_pairs.pair_transform(self.cfg.data).fmt
         check_files(self.cfg, list(pairs), lambda path: fmt.load(pairs[path]), manifest)
 
+    @classmethod
+    def dry_run_config(cls, cfg):
+        s = cfg.sar_grounding
+        if s.fit_tokenizer_steps <= 0 or not s.tokenizer or Path(s.tokenizer).exists():
+            return cfg
+        log.info("dry run: the stand-in tokenizer (%d fitting steps) is not fitted; a random one of "
+                 "sar_grounding.tokenizer_overrides stands in", s.fit_tokenizer_steps)
+        cfg = cfg.copy_and_resolve_references()
+        cfg.sar_grounding.tokenizer, cfg.sar_grounding.fit_tokenizer_steps = "", 0
+        return cfg
+
     def prepare(self) -> None:
         """The demo set, then (fit_tokenizer_steps) a stand-in target tokenizer fitted on the train tiles."""
         super().prepare()
