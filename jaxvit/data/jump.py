@@ -13,7 +13,6 @@ ImageLoadError, so the training pipeline replaces the example) and `to_rgb` make
 """
 from __future__ import annotations
 
-import csv
 import functools
 import logging
 import os
