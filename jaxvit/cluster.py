@@ -72,13 +72,17 @@ class StopSignals:
 # ------------------------------------------------------------------------------------------- workdir lock
 
 def _pid_alive(pid: int) -> bool:
+    """Whether `pid` runs on this host; a killed process not yet reaped by its parent (a zombie) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): the signal test above is all there is
 
 
 class WorkdirLock:
