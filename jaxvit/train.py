@@ -341,7 +341,7 @@ class Trainer:
         self._log_overview(state, mults)
         if c.eval.at_start and not resumed and self.evals:
             self._eval_point(state, loop, 0, 0.0, self._due(0))  # the curves' start (k-NN of the initial teacher)
-            if loop.best_step == 0:
+            if 0 in loop.kept_steps():  # a best (of any metric) at the start
                 self.save(0, state, data, loop)
         try:
             if loop.final_step is None:

@@ -141,9 +141,14 @@ def test_softmax_centering_updates_the_centres(gz2_dir):
 def test_a_short_run_trains_evaluates_and_draws_attention(gz2_dir, tmp_path):
     c = tiny_ssl_config(gz2_dir, epochs=3)
     c.eval.at_start = True
+    c.checkpoint.keep, c.checkpoint.also_best = 1, ("val/knn_f1_macro",)
     Trainer(c, tmp_path).run()
     rows = list(csv.DictReader((tmp_path / "training_history.csv").open()))
     assert [int(r["step"]) for r in rows] == [0, 5, 10, 15]
+    from jaxvit import checkpoint
+    loop = checkpoint.read(tmp_path, "final").loop  # every best (step 0 included) is on disk, kept by rotation
+    assert set(loop.bests) == {"val/knn_accuracy", "val/knn_f1_macro"}
+    assert checkpoint.steps(tmp_path) == sorted(loop.kept_steps())
     assert all(0.0 <= float(r["val_knn_accuracy"]) <= 1.0 for r in rows)
     losses = [float(r["train_loss"]) for r in rows[1:]]
     assert losses[-1] < losses[0], losses
