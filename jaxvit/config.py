@@ -123,7 +123,8 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     # "knn/accuracy"); "" = the task's (of the default evaluator "val")
     c.checkpoint.best_mode = ""  # max | min; "" = the task's
     # More best checkpoints, kept beside the best_metric one: "<evaluator>/<metric>[:max|min]" each (e.g.
-    # "val/f1_macro"; direction: the evaluator's), read with --checkpoint=best_<evaluator>_<metric>
+    # "val/f1_macro", "val/loss:min"; no suffix: the direction best_mode="" picks), read as
+    # --checkpoint=best_<evaluator>_<metric>
     c.checkpoint.also_best = ()
     c.checkpoint.keep_every_epochs = 0  # also keep the checkpoint of every N-th epoch (0 = none), never rotated
 
