@@ -8,9 +8,9 @@
 
 The newest `checkpoint.keep` steps are kept, plus the steps the loop state records as `best` (and the bests of
 `checkpoint.also_best`) and as `final`, and every `checkpoint.keep_every_epochs`-th epoch's, so rotation never
-deletes them. Weights frozen for the whole run (the LoRA base, a task's frozen
-models) are reloaded from their source (model.pretrained, or the initialisation from the run's seed) and checked
-against the fingerprint. `read(workdir, which)` is the one reader (evaluate, predict, export, tests).
+deletes them. Weights frozen for the whole run (the LoRA base, a task's frozen models) are reloaded from their
+source (model.pretrained, or the initialisation from the run's seed) and checked against the fingerprint.
+`read(workdir, which)` is the one reader (evaluate, predict, export, tests).
 
 Orbax writes each step into a temporary directory and renames it when complete, so a killed save leaves the
 previous step intact; a step that does not restore (truncated file, missing item) is skipped by a resume with a

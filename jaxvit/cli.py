@@ -6,8 +6,8 @@
     jaxvit data gz2 --hart_csv=... --mapping_csv=... --images_dir=... --out=data/gz2
 
 Shared flag names: --workdir (a run directory), --output_dir (a directory written), --checkpoint (best | final |
-latest | a step), --batch_size, --image_size, --data_dir, --config / --config.KEY=VALUE. Older spellings still work
-for a while (hidden, with a deprecation warning).
+latest | a step | best_<evaluator>_<metric>), --batch_size, --image_size, --data_dir, --config /
+--config.KEY=VALUE. Older spellings still work for a while (hidden, with a deprecation warning).
 """
 from __future__ import annotations
 
