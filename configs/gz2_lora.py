@@ -32,6 +32,9 @@ def get_config(arg: str = ""):
     c.data.image_size = 224
     c.data.num_workers = 4
     c.data.aug.crop_ratio = (1.0, 1.0)  # keep galaxy axis ratios: they define the smooth classes
+    # as the project keeps them: best by validation accuracy (best) and by F1 (best_val_f1_macro), every 5th epoch
+    c.checkpoint.also_best = ("val/f1_macro",)
+    c.checkpoint.keep_every_epochs = 5
     return apply_variant(c, arg, "gz2_lora.py", demo=demo)
 
 

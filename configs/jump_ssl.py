@@ -10,7 +10,7 @@ The student and teacher start from the released ViT-S/16 backbone with its patch
 replicated to RGB (`ssl.jump.channel_mode="average"`, the project's choice; "per_channel" makes each crop one
 channel).
 The load-data table's Metadata_Treatment labels (and Metadata_Split val rows) drive the k-NN monitor. Then
-`python -m jaxvit.export --workdir=runs/jump_ssl --output=E` writes E/model (transformers) and
+`python -m jaxvit.export --workdir=runs/jump_ssl --output=E` writes the final teacher as E/model (transformers) and
 E/teacher_checkpoint.pth (the official format the project copies for DINOCell).
 
     python -m jaxvit.main --config=configs/jump_ssl.py:demo --workdir=runs/jump_ssl_demo

@@ -6,10 +6,11 @@
                                 /loop     the loop state (`LoopState`, JSON): phase, best metric and step, history, ...
                                 /frozen   fingerprint of the weights not stored (names, shapes, dtypes, CRC32)
 
-The newest `checkpoint.keep` steps are kept, plus the step recorded as `best` and the one recorded as `final` in
-the loop state, so rotation never deletes them. Weights frozen for the whole run (the LoRA base, a task's frozen
-models) are reloaded from their source (model.pretrained, or the initialisation from the run's seed) and checked
-against the fingerprint. `read(workdir, which)` is the one reader (evaluate, predict, export, tests).
+The newest `checkpoint.keep` steps are kept, plus the steps the loop state records as `best` (and the bests of
+`checkpoint.also_best`) and as `final`, and every `checkpoint.keep_every_epochs`-th epoch's, so rotation never
+deletes them. Weights frozen for the whole run (the LoRA base, a task's frozen models) are reloaded from their
+source (model.pretrained, or the initialisation from the run's seed) and checked against the fingerprint.
+`read(workdir, which)` is the one reader (evaluate, predict, export, tests).
 
 Orbax writes each step into a temporary directory and renames it when complete, so a killed save leaves the
 previous step intact; a step that does not restore (truncated file, missing item) is skipped by a resume with a
@@ -51,6 +52,8 @@ class LoopState:
     phase_start: int = 0  # the step the phase began at
     best: float | None = None  # best value of checkpoint.best_metric so far
     best_step: int | None = None  # the step that reached it (kept by rotation)
+    bests: dict = dataclasses.field(default_factory=dict)  # {"<evaluator>/<metric>": [best value, its step]} of
+    # checkpoint.best_metric and checkpoint.also_best (read as best_<evaluator>_<metric>; kept by rotation)
     since_best: int = 0  # evaluations without improvement (patience)
     final_step: int | None = None  # set on the run's last checkpoint
     history: list = dataclasses.field(default_factory=list)  # the rows of training_history.csv
@@ -60,6 +63,11 @@ class LoopState:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    def kept_steps(self) -> set[int]:
+        """The steps this loop state names (best ones, final), which rotation keeps."""
+        return {s for s in (self.best_step, self.final_step, *(step for _, step in self.bests.values()))
+                if s is not None}
 
     @classmethod
     def from_json(cls, d: dict) -> LoopState:
@@ -142,10 +150,10 @@ def _abstract(tree: Any) -> Any:
 class Checkpoints:
     """A run's checkpoints (async orbax saves; errors of a save surface at the next save or `wait`)."""
 
-    def __init__(self, root: str | Path, keep: int = 3):
+    def __init__(self, root: str | Path, keep: int = 3, keep_period: int = 0):
         self.root = Path(root).absolute()  # orbax needs absolute paths
         _refuse_old_layout(self.root)
-        self.keep = keep
+        self.keep, self.keep_period = keep, keep_period  # keep_period: steps that are its multiples are kept too
         self.mngr = ocp.CheckpointManager(self.root, options=ocp.CheckpointManagerOptions(
             create=True, cleanup_tmp_directories=True))  # a killed save's temporary directory is removed
         self._pending: tuple[int, int] | None = None  # (step, bytes) of a save in flight
@@ -156,7 +164,8 @@ class Checkpoints:
 
     def save(self, step: int, state: dict, data: Any, loop: LoopState, frozen: dict) -> None:
         """One step: the train state without the leaves `frozen` fingerprints, the iterator and the loop state;
-        older steps beyond `keep` that are neither best nor final are deleted."""
+        older steps beyond `keep` that the loop state does not name (best, final) and that are not multiples of
+        `keep_period` are deleted."""
         if step in self.mngr.all_steps():
             return
         stored = lean(state, frozen)
@@ -168,9 +177,9 @@ class Checkpoints:
                 loop=ocp.args.JsonSave(loop.to_json()), frozen=ocp.args.JsonSave(frozen)))
         except Exception as e:  # noqa: BLE001 - any write failure is reported the same way
             raise self._write_error(e) from e
-        kept = set(sorted({*self.steps(), step})[-self.keep:]) | {loop.best_step, loop.final_step}
+        kept = set(sorted({*self.steps(), step})[-self.keep:]) | loop.kept_steps()
         for old in self.mngr.all_steps():
-            if old not in kept:
+            if old not in kept and not (self.keep_period and old % self.keep_period == 0):
                 self.mngr.delete(old)
 
     def wait(self) -> None:
@@ -267,7 +276,7 @@ class Saved:
     the loop state and the frozen-weights fingerprint."""
 
     step: int
-    which: str  # what was asked: best | final | latest | step
+    which: str  # what was asked: best | best_<evaluator>_<metric> | final | latest | step
     state: dict
     loop: LoopState
     frozen: dict
@@ -327,8 +336,14 @@ def _try_read(directory: Path) -> tuple[dict, LoopState, dict] | str:
         return _reason(e)
 
 
+def best_name(tag: str) -> str:
+    """The checkpoint name of the best step by "<evaluator>/<metric>": best_<evaluator>_<metric>."""
+    return "best_" + tag.replace("/", "_", 1)
+
+
 def read(workdir: str | Path, which: str | int = "best", source: Source | None = None) -> Saved:
-    """The checkpoint `which` of a run: "best" | "final" | "latest" (the newest that restores) | a step.
+    """The checkpoint `which` of a run: "best" | "final" | "latest" (the newest that restores) | a step |
+    "best_<evaluator>_<metric>" (the best by checkpoint.best_metric or one of checkpoint.also_best).
     `source` (`jaxvit.run_io.source_of(workdir)`) fills the frozen weights a lean checkpoint does not store; they
     must match its fingerprint. Without it a lean checkpoint's state has only what it stores (its `variables()`
     refuse; `jaxvit.run_io.load_run` passes the source)."""
@@ -336,8 +351,9 @@ def read(workdir: str | Path, which: str | int = "best", source: Source | None =
     _refuse_old_layout(root)
     steps = _steps(root)
     spec = str(which)
-    if spec not in ROLES and not spec.isdigit():
-        raise MissingDataError(f"checkpoint {spec!r}: use best, final, latest or a step number")
+    if spec not in ROLES and not spec.isdigit() and not spec.startswith("best_"):
+        raise MissingDataError(f"checkpoint {spec!r}: use best, final, latest, best_<evaluator>_<metric> or a step "
+                               "number")
     if not steps:
         raise MissingDataError(f"no checkpoint under {root}: has the run saved one yet?")
     newest, broken = None, []
@@ -354,15 +370,17 @@ def read(workdir: str | Path, which: str | int = "best", source: Source | None =
         log.warning("checkpoint(s) %s under %s do not restore; the newest good one is step %d", ", ".join(broken),
                     root, newest[0])
     loop = newest[1][1]
-    step = dict(latest=newest[0], best=loop.best_step, final=loop.final_step).get(spec, int(spec) if
-                                                                                   spec.isdigit() else None)
+    named = dict(latest=newest[0], best=loop.best_step, final=loop.final_step,
+                 **{best_name(tag): s for tag, (_, s) in loop.bests.items()})
+    step = int(spec) if spec.isdigit() else named.get(spec)
     good = lambda: [s for s in steps if s != step and not isinstance(_try_read(root / str(s)), str)]  # noqa: E731
     if step is None and broken:
         raise CheckpointError(f"checkpoint {spec!r} of {root}: the newest checkpoints, which would name it, do not "
                               f"restore: {'; '.join(broken)}; good checkpoints: {', '.join(map(str, good()))} (pass "
                               "one as the checkpoint)")
     if step not in steps:
-        available = f"steps {', '.join(map(str, steps))}; best {loop.best_step}; final {loop.final_step}"
+        available = f"steps {', '.join(map(str, steps))}; " + "; ".join(
+            f"{k} {v}" for k, v in named.items() if k != "latest")
         raise MissingDataError(f"no checkpoint {spec!r} under {root}; available: {available}")
     got = newest[1] if step == newest[0] else _try_read(root / str(step))
     if isinstance(got, str):
@@ -383,7 +401,7 @@ def read(workdir: str | Path, which: str | int = "best", source: Source | None =
         state = fill_frozen(state, jax.device_get(traverse_util.unflatten_dict(picked)), source.frozen_dtype)
         state = jax.tree_util.tree_map(np.asarray, state)
     missing = not frozen.get("stored", True) and source is None and bool(frozen.get("leaves"))
-    return Saved(step, spec if spec in ROLES else "step", state, loop, frozen, root / str(step), missing)
+    return Saved(step, "step" if spec.isdigit() else spec, state, loop, frozen, root / str(step), missing)
 
 
 def eval_variables(state: dict) -> dict:

@@ -3,10 +3,11 @@
     jaxvit train --config=gz2_lora:demo --workdir=runs/demo      (also: python -m jaxvit.main ...)
     jaxvit evaluate --workdir=runs/demo --split=test
     jaxvit configs
+    jaxvit data gz2 --hart_csv=... --mapping_csv=... --images_dir=... --out=data/gz2
 
 Shared flag names: --workdir (a run directory), --output_dir (a directory written), --checkpoint (best | final |
-latest | a step), --batch_size, --image_size, --data_dir, --config / --config.KEY=VALUE. Older spellings still work
-for a while (hidden, with a deprecation warning).
+latest | a step | best_<evaluator>_<metric>), --batch_size, --image_size, --data_dir, --config /
+--config.KEY=VALUE. Older spellings still work for a while (hidden, with a deprecation warning).
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ COMMANDS = {  # name -> (module, what it does)
     "robustness": ("jaxvit.robustness", "accuracy under corruptions (classification runs)"),
     "benchmark": ("jaxvit.benchmark", "training and inference speed, optionally against PyTorch"),
     "configs": ("jaxvit.cli", "list the shipped configs"),
+    "data": ("jaxvit.cli", "build a data set from its published files into the layout a config reads"),
+}
+DATA_BUILDERS = {  # `jaxvit data NAME`: name -> (module with main(argv, prog), what it builds)
+    "gz2": ("jaxvit.data.gz2", "Galaxy Zoo 2 five-class folders from the Hart et al. table and images_gz2"),
 }
 
 
@@ -59,10 +64,11 @@ def deprecated(ap: argparse.ArgumentParser, old: str, new: str, dest: str | None
     ap.add_argument(old, dest=dest or new.lstrip("-"), action=action, help=argparse.SUPPRESS, **kwargs)
 
 
-def add_checkpoint(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--checkpoint", default="best", type=lambda s: "periodic" if s == "latest" else s,
-                    help="which weights: best (best validation metric) | final (end of training) | latest (the "
-                         "newest resume point; also 'periodic') | a step number")
+def add_checkpoint(ap: argparse.ArgumentParser, default: str | None = "best", default_help: str = "") -> None:
+    ap.add_argument("--checkpoint", default=default, type=lambda s: "latest" if s == "periodic" else s,
+                    help="which weights: best (best validation metric) | best_<evaluator>_<metric> (a best of "
+                         "checkpoint.also_best, e.g. best_val_f1_macro) | final (end of training) | latest (the "
+                         "newest resume point; also 'periodic') | a step number" + default_help)
 
 
 OVERRIDE_PREFIX = "--config.model.overrides."
@@ -103,6 +109,18 @@ def list_configs() -> str:
     return "\n".join(lines)
 
 
+def data(argv: list[str]) -> Any:
+    """`jaxvit data NAME [flags]`: the builder NAME's command line (its --help lists its flags)."""
+    rows = "\n".join(f"  {name:6s} {what}" for name, (_, what) in DATA_BUILDERS.items())
+    ap = argparse.ArgumentParser(prog="jaxvit data", usage="jaxvit data NAME [flags]   (jaxvit data NAME --help: "
+                                 "its flags)", description=f"{COMMANDS['data'][1]}.\n\nbuilders:\n{rows}",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", choices=DATA_BUILDERS, help="the data set to build")
+    ap.parse_args(argv[:1] if argv and not argv[0].startswith("-") else argv)  # --help, or a name it knows
+    module, _ = DATA_BUILDERS[argv[0]]
+    return importlib.import_module(module).main(argv[1:], prog=f"jaxvit data {argv[0]}")
+
+
 def usage() -> str:
     rows = "\n".join(f"  {name:11s} {what}" for name, (_, what) in COMMANDS.items())
     return (f"usage: jaxvit COMMAND [flags]   (jaxvit COMMAND --help: its flags)\n\ncommands:\n{rows}\n\n"
@@ -122,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
     if command == "configs":
         print(list_configs())
         return None
+    if command == "data":
+        return data(rest)
     module = importlib.import_module(COMMANDS[command][0])
     if command == "train":
         return module.cli([f"jaxvit {command}", *rest])

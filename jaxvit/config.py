@@ -122,6 +122,11 @@ def base_config(task: str = "classification") -> mlc.ConfigDict:
     c.checkpoint.best_metric = ""  # "<evaluator>/<metric>" picking the best checkpoint (e.g. "val/accuracy",
     # "knn/accuracy"); "" = the task's (of the default evaluator "val")
     c.checkpoint.best_mode = ""  # max | min; "" = the task's
+    # More best checkpoints, kept beside the best_metric one: "<evaluator>/<metric>[:max|min]" each (e.g.
+    # "val/f1_macro", "val/loss:min"; no suffix: the direction best_mode="" picks), read as
+    # --checkpoint=best_<evaluator>_<metric>
+    c.checkpoint.also_best = ()
+    c.checkpoint.keep_every_epochs = 0  # also keep the checkpoint of every N-th epoch (0 = none), never rotated
 
     # Device mesh (jaxvit/sharding.py): batch over data*fsdp; params over fsdp (FSDP) and tensor (heads / MLP).
     # data: data parallel (-1 = the devices left over); fsdp: parameter + optimizer-state sharding; tensor:
@@ -227,7 +232,8 @@ _POSITIVE = ("train.batch_size", "eval.batch_size", "train.grad_accum", "train.l
 _NON_NEGATIVE = ("seed", "train.epochs", "train.steps", "train.freeze_first_n_layers", "train.stage1_epochs",
                  "train.stage1_patience", "train.stage2_epochs", "optim.backbone_lr", "train.mixup_alpha", "train.cutmix_alpha", "optim.weight_decay",
                  "optim.warmup_steps", "optim.grad_clip", "model.drop_path", "data.num_workers", "data.prefetch",
-                 "eval.every_steps", "checkpoint.every_steps", "train.min_steps", "data.train_limit")
+                 "eval.every_steps", "checkpoint.every_steps", "checkpoint.keep_every_epochs", "train.min_steps",
+                 "data.train_limit")
 _UNIT = ("train.label_smoothing", "train.ema_decay", "optim.warmup_ratio", "optim.lr_min_ratio", "lora.dropout",
          "model.head_dropout", "data.aug.erasing_prob", "data.aug.color_jitter_prob", "data.val_fraction")  # in [0, 1)
 _PHASE_KEYS = ("name", "trainable", "epochs", "steps", "patience", "lr", "lr_mults")

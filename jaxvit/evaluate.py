@@ -80,7 +80,8 @@ def evaluate_runs(workdirs: Sequence[str | Path], split: str = "test", checkpoin
         for workdir in workdirs:
             history = Path(workdir) / "training_history.csv"
             if history.exists():
-                report.plot_training_curves(history, Path(workdir) / "training_curves.png")
+                report.plot_training_curves(history, Path(workdir) / "training_curves.png",
+                                            run.task.history_aliases.values())
     return result
 
 

@@ -3,6 +3,9 @@ base model plus a PEFT adapter.
 
     python -m jaxvit.export --workdir=W --output=D [--checkpoint=best] [--no_check]
 
+Without --checkpoint the task's choice (`Task.default_export_checkpoint`, logged): best, or final where "best" means
+little (a self-supervised run exports its final teacher, as the official training does).
+
     D/model/                 fine-tuned backbone, LoRA merged: transformers.AutoModel.from_pretrained(D/model)
     D/head.safetensors       the head as torch Linear weights: `weight` (out, in) and `bias` for a linear head,
                              the keys of nn.Sequential(Linear, [BatchNorm1d,] GELU() | ReLU(), ..., Linear) when
@@ -243,12 +246,20 @@ def check_export(run: run_io.Run, export_dir: str | Path, n: int = 4, seed: int 
     return diffs
 
 
+def default_checkpoint(task: str) -> str:
+    """The checkpoint exported when none is asked for: the task's `default_export_checkpoint` (logged)."""
+    which = tasks.task_class(task).default_export_checkpoint
+    log.info("exporting the %s checkpoint (the %s task's default; --checkpoint chooses another)", which, task)
+    return which
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     ap = cli.parser("export", __doc__)
     ap.add_argument("--workdir", required=True, help="the trained run's directory")
     ap.add_argument("--output_dir", help="export directory (required)")
     cli.deprecated(ap, "--output", "--output_dir")
-    cli.add_checkpoint(ap)
+    cli.add_checkpoint(ap, default=None, default_help=" (default: the task's choice, logged: final for a "
+                                                      "self-supervised run, else best)")
     ap.add_argument("--no_check", action="store_true", help="skip reloading the export with torch/transformers")
     ap.add_argument("--tolerance", type=float, default=1e-4,
                     help="largest accepted relative difference in the check")
@@ -256,8 +267,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if not args.output_dir:
         ap.error("--output_dir is required")
     run_io.setup_logging()
-    exit_on_user_error(lambda: check_exportable(run_io.load_config(args.workdir).task))
-    run = exit_on_user_error(run_io.load_run, args.workdir, args.checkpoint)
+    task = exit_on_user_error(lambda: run_io.load_config(args.workdir).task)
+    exit_on_user_error(lambda: check_exportable(task))
+    which = args.checkpoint or default_checkpoint(task)
+    run = exit_on_user_error(run_io.load_run, args.workdir, which)
     out = export_run(run, args.output_dir)
     if args.no_check:
         return {}

@@ -12,7 +12,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -123,14 +123,16 @@ def _read_history(path: PathLike) -> dict[str, np.ndarray]:
     return {c.strip(): np.array([to_float(r.get(c)) for r in rows]) for c in cols if c}
 
 
-def plot_training_curves(history_csv_path: PathLike, path: PathLike) -> None:
+def plot_training_curves(history_csv_path: PathLike, path: PathLike, aliases: Iterable[str] = ()) -> None:
     """Loss, the task's other metrics (every other train_* / val_* column), learning-rate and throughput panels
-    against epoch. Columns absent from the CSV are skipped, as are panels with nothing to show.
+    against epoch. Columns absent from the CSV are skipped, as are panels with nothing to show, and columns
+    train_<alias> / val_<alias> that repeat another (`aliases`: the task's `history_aliases` names).
     """
     hist = _read_history(history_csv_path)
     n = len(next(iter(hist.values()))) if hist else 0
     epoch = hist.get("epoch", np.arange(1, n + 1, dtype=np.float64))
-    others = [c for c in hist if c.startswith(("train_", "val_")) and c not in ("train_loss", "val_loss")]
+    repeated = {f"{split}_{a}" for a in aliases for split in ("train", "val")}
+    others = [c for c in hist if c.startswith(("train_", "val_")) and c not in ("train_loss", "val_loss", *repeated)]
     panels = [
         ("Loss", [("train_loss", "train"), ("val_loss", "val")]),
         ("Metrics", [(c, c.replace("_", " ", 1)) for c in others]),

@@ -207,12 +207,20 @@ class Trainer:
         self.depth = self.task.depth(self.model)
         self.evals = evals.declared(cfg)  # name -> Evaluator (jaxvit.evals): run at the evaluation points
         self.best_metric = cfg.checkpoint.best_metric or self.task.best_metric
-        best_eval = self.evals.get(self.best_metric.split("/", 1)[0])
-        mode = self.task.best_mode if best_eval is None or best_eval.kind == "task" else best_eval.mode
-        self.best_sign = 1.0 if (cfg.checkpoint.best_mode or mode) == "max" else -1.0
+        self.best_sign = self._sign(self.best_metric, cfg.checkpoint.best_mode)
+        # every metric with a best checkpoint -> its sign (LoopState.bests)
+        self.bests = {self.best_metric: self.best_sign} | {
+            tag: self._sign(tag, mode) for tag, _, mode in (t.partition(":") for t in cfg.checkpoint.also_best)}
         self.writer = create_writer(self.workdir, self.is_main)
-        self.ckpts = Checkpoints(self.workdir / "checkpoints", keep=cfg.checkpoint.keep)
+        self.keep_period = cfg.checkpoint.keep_every_epochs * self.steps_per_epoch
+        self.ckpts = Checkpoints(self.workdir / "checkpoints", keep=cfg.checkpoint.keep, keep_period=self.keep_period)
         self.frozen = self._frozen_fingerprint()
+
+    def _sign(self, tag: str, mode: str = "") -> float:
+        """1 when a higher value of "<evaluator>/<metric>" is better, else -1: `mode`, else the evaluator's."""
+        e = self.evals.get(tag.split("/", 1)[0])
+        mode = mode or (self.task.best_mode if e is None or e.kind == "task" else e.mode)
+        return 1.0 if mode == "max" else -1.0
 
     def _frozen_fingerprint(self) -> dict:
         """The fingerprint of the weights no phase trains (not stored in checkpoints unless store_frozen)."""
@@ -333,7 +341,7 @@ class Trainer:
         self._log_overview(state, mults)
         if c.eval.at_start and not resumed and self.evals:
             self._eval_point(state, loop, 0, 0.0, self._due(0))  # the curves' start (k-NN of the initial teacher)
-            if loop.best_step == 0:
+            if 0 in loop.kept_steps():  # a best (of any metric) at the start
                 self.save(0, state, data, loop)
         try:
             if loop.final_step is None:
@@ -347,7 +355,8 @@ class Trainer:
                 if self.lock:
                     self.lock.release()
         if self.is_main and loop.history:
-            plot_training_curves(self.workdir / "training_history.csv", self.workdir / "training_curves.png")
+            plot_training_curves(self.workdir / "training_history.csv", self.workdir / "training_curves.png",
+                                 self.task.history_aliases.values())
         return self._final_test(state)
 
     def save(self, step: int, state: dict, data: Any, loop: LoopState) -> None:
@@ -371,7 +380,8 @@ class Trainer:
             due = self._due(step)
             at_eval = step % self.eval_every == 0 or step == self.total_steps or bool(due)
             preempt = self.stop_signals.requested(step)  # every process gets the same answer
-            save_now = c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0 or preempt
+            save_now = (c.checkpoint.every_steps and step % c.checkpoint.every_steps == 0 or preempt
+                        or self.keep_period and step % self.keep_period == 0)
             if step % t.log_every_steps == 0 or at_eval or save_now:
                 ips = n_log * t.batch_size / (time.time() - t_log)
                 # the one host sync per log period
@@ -408,14 +418,18 @@ class Trainer:
         n = max(sums.pop("steps", 0), 1)
         train = {f"train_{k}": v / n for k, v in sums.items()}
         row = dict(epoch=_epochs(step, self.steps_per_epoch), step=step, phase=self.phases[loop.phase].name,
-                   **train, **{tag.replace("/", "_", 1): v for tag, v in scalars.items()}, lr=loop.lr,
-                   images_per_s=ips)
+                   **self._columns({f"train/{k}": v / n for k, v in sums.items()}), **self._columns(scalars),
+                   lr=loop.lr, images_per_s=ips)
         loop.sums = {}
         loop.history.append(row)
         self._write_history(loop.history)
         columns = ("epoch", *train, "lr", "images_per_s")  # TensorBoard: eval/<column>; evaluators: <name>/<metric>
         self.writer.write_scalars(step, {f"eval/{k}": row[k] for k in columns} | scalars)
         log.info("step %d (epoch %s): %s", step, row["epoch"], ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+        for tag, sign in self.bests.items():
+            if (value := scalars.get(tag)) is not None and (
+                    tag not in loop.bests or sign * (value - loop.bests[tag][0]) > 0):
+                loop.bests[tag] = [float(value), step]
         value = scalars.get(self.best_metric)
         if value is None:
             return
@@ -423,6 +437,19 @@ class Trainer:
         loop.since_best = 0 if improved else loop.since_best + 1
         if improved:
             loop.best, loop.best_step = float(value), step
+
+    def _columns(self, scalars: dict[str, float]) -> dict[str, float]:
+        """History columns of {"<evaluator or train>/<metric>": value}: <evaluator>_<metric>, each followed by
+        <evaluator>_<alias> where the task names an alias of the metric (`Task.history_aliases`; train metrics and
+        the task's own evaluators)."""
+        out = {}
+        for tag, v in scalars.items():
+            name, metric = tag.split("/", 1)
+            out[f"{name}_{metric}"] = v
+            alias = self.task.history_aliases.get(metric)
+            if alias and (name == "train" or self.evals[name].kind == "task"):
+                out[f"{name}_{alias}"] = v
+        return out
 
     def _next_phase(self, state: dict, loop: LoopState, step: int):
         index = loop.phase + 1

@@ -37,10 +37,13 @@ def rows(workdir: Path) -> list[dict]:
 
 
 def test_loop_state_keeps_fields_it_does_not_know():
-    loop = LoopState(phase=1, best=0.5, best_step=10, extra={"data_fingerprint": {"train": "abc"}})
+    loop = LoopState(phase=1, best=0.5, best_step=10, extra={"data_fingerprint": {"train": "abc"}},
+                     bests={"val/accuracy": [0.5, 10], "val/f1_macro": [0.4, 5]})
     again = LoopState.from_json({**loop.to_json(), "added_later": 3})
-    assert again.phase == 1 and again.best_step == 10
+    assert again.phase == 1 and again.best_step == 10 and again.bests == loop.bests
     assert again.extra == {"data_fingerprint": {"train": "abc"}, "added_later": 3}
+    older = {k: v for k, v in loop.to_json().items() if k != "bests"}  # written before checkpoint.also_best
+    assert LoopState.from_json(older).bests == {} and LoopState.from_json(older).kept_steps() == {10}
 
 
 @pytest.mark.slow
@@ -134,6 +137,23 @@ def test_rotation_keeps_the_best_and_final_steps(tmp_path):
         ckpts.save(step, dict(state, step=jnp.int32(step)), data, LoopState(best_step=2), {})
     ckpts.wait()
     assert checkpoint.steps(tmp_path) == [2, 5, 6]
+
+
+def test_rotation_keeps_every_best_and_the_periodic_steps_readable_by_name(tmp_path):
+    state = {"step": jnp.int32(0), "trainable": {"w": jnp.ones(3)}, "frozen": {}}
+    data = _grain_iterator()
+    ckpts = Checkpoints(tmp_path / "checkpoints", keep=2, keep_period=4)  # e.g. every 2nd epoch of 2 steps
+    for step in range(1, 10):
+        loop = LoopState(best_step=2, bests={"val/accuracy": [0.9, 2], "val/f1_macro": [0.8, min(step, 3)]})
+        ckpts.save(step, dict(state, step=jnp.int32(step), trainable={"w": jnp.full(3, step)}), data, loop, {})
+    ckpts.wait()
+    assert checkpoint.steps(tmp_path) == [2, 3, 4, 8, 9]  # best, best by F1, periodic 4 and 8, newest 2
+    assert checkpoint.read(tmp_path, "best_val_f1_macro").step == 3
+    assert checkpoint.read(tmp_path, "best_val_accuracy").state["trainable"]["w"].tolist() == [2, 2, 2]
+    with pytest.raises(FileNotFoundError, match="no checkpoint 'best_val_loss' .*best_val_f1_macro 3"):
+        checkpoint.read(tmp_path, "best_val_loss")
+    with pytest.raises(FileNotFoundError, match="use best, final, latest, best_<evaluator>_<metric>"):
+        checkpoint.read(tmp_path, "f1")
 
 
 @pytest.mark.integration

@@ -85,6 +85,10 @@ def test_one_vocabulary_with_deprecated_aliases(capsys):
     new = benchmark.parse_args(["--batch_size=4", "--image_size=32", "--config.model.overrides.depth=2"])
     assert (new.batch_size, new.image_size, new.override) == (4, 32, "depth=2")
     assert "deprecated" not in capsys.readouterr().err
+    ap = cli.parser("evaluate", None)
+    cli.add_checkpoint(ap)
+    assert [ap.parse_args(a).checkpoint for a in ([], ["--checkpoint=periodic"], ["--checkpoint=best_val_f1_macro"])] \
+        == ["best", "latest", "best_val_f1_macro"]  # 'periodic': the old name of latest, which checkpoint.read takes
 
 
 def test_platform_line_and_gpu_check(tmp_path, caplog):

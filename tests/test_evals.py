@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from jaxvit import config, evals, run_io
+from jaxvit import checkpoint, config, evals, run_io
 from jaxvit.errors import ConfigError
 
 
@@ -59,6 +59,17 @@ def test_bad_evaluators_are_named(tmp_path, spec, best, message):
     assert message in str(e.value), str(e.value)
 
 
+def test_more_best_metrics_are_checked_like_the_best_metric(tmp_path):
+    c = tiny_config(tmp_path)
+    c.checkpoint.also_best = ("val/f1_macro", "val/loss:min")
+    assert config.problems(c) == []
+    c.checkpoint.also_best = ("val/f1", "knn/accuracy", "val/loss:down")
+    found = "\n".join(config.problems(c))
+    assert "checkpoint.also_best='val/f1': evaluator 'val' reports val/loss, val/accuracy, val/f1_macro" in found
+    assert "checkpoint.also_best='knn/accuracy': no evaluator is named 'knn'" in found
+    assert "checkpoint.also_best: val/loss:down: the direction after ':' is max or min" in found
+
+
 def test_evaluators_on_tasks_that_cannot_have_them(tmp_path):
     c = tiny_config(tmp_path, "regression")
     c.evals.val = dict(type="task")
@@ -80,6 +91,7 @@ def test_declared_evaluators_run_on_their_schedules(gz2_dir, tmp_path):
     c.evals.attn = dict(type="attention", images=2)
     c.evals.rob = dict(type="robustness", corruptions=("contrast",), severities=(5,))
     c.checkpoint.best_metric = "knn/accuracy"
+    c.checkpoint.also_best = ("val/loss:min", "probe/accuracy")
     from jaxvit.train import Trainer
     Trainer(c, tmp_path / "run").run()
     rows = list(csv.DictReader((tmp_path / "run" / "training_history.csv").open()))
@@ -94,6 +106,16 @@ def test_declared_evaluators_run_on_their_schedules(gz2_dir, tmp_path):
     knn = {int(r["step"]): float(r["knn_accuracy"]) for r in rows if r["knn_accuracy"]}
     best_step = next(s for s, v in knn.items() if v == max(knn.values()))  # the first of the best
     assert run_io.load_run(tmp_path / "run", "best").step == best_step
+    # The other bests (checkpoint.also_best), each in its direction: the first step of the lowest / highest value.
+    loss = {int(r["step"]): float(r["val_loss"]) for r in rows if r["val_loss"]}
+    probe = {int(r["step"]): float(r["probe_accuracy"]) for r in rows if r["probe_accuracy"]}
+    assert checkpoint.read(tmp_path / "run", "best_val_loss").step == min(loss, key=loss.get)
+    assert checkpoint.read(tmp_path / "run", "best_probe_accuracy").step == max(probe, key=probe.get)
+    assert checkpoint.read(tmp_path / "run", "best_knn_accuracy").step == best_step
+    # The task's columns also under the GZ2 DINOv3 project's names; the other evaluators' are not renamed.
+    assert all(r["val_acc"] == r["val_accuracy"] and r["val_f1"] == r["val_f1_macro"] for r in rows)
+    assert all(r["train_acc"] == r["train_accuracy"] != "" for r in rows)
+    assert not {"knn_acc", "probe_acc", "knn_f1"} & set(rows[0])
 
     scalars = read_scalars(tmp_path / "run" / "tensorboard")
     assert sorted(scalars["knn/accuracy"]) == [3, 6, 9, 10]

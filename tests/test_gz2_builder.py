@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from jaxvit import cli
 from jaxvit.data import gz2
 from jaxvit.data.sources import ImageFolder
 from jaxvit.demos.gz2 import CLASSES, METADATA_NAME
@@ -95,3 +96,16 @@ def test_short_classes_and_bad_tables_are_one_line(tmp_path):
     with pytest.raises(MissingDataError, match="image of dr7objid .*asset_id 14"):
         gz2.build(gz2.parser().parse_args(_args(tmp_path, "--out", str(tmp_path / "gz2b"), "--train", "5",
                                                 "--val", "5", "--test", "5")))
+
+
+def test_the_jaxvit_data_gz2_command(tmp_path, capsys):
+    _release(tmp_path, per_class=4)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["data", "gz2", "--help"])
+    text = capsys.readouterr().out
+    assert done.value.code == 0 and text.startswith("usage: jaxvit data gz2") and "--hart_csv" in text
+    cli.main(["data", "gz2", *_args(tmp_path, "--train", "10", "--val", "5", "--test", "5")])
+    assert [len(ImageFolder(tmp_path / "gz2", s, CLASSES)) for s in ("train", "val", "test")] == [10, 5, 5]
+    with pytest.raises(SystemExit) as done:
+        cli.main(["data", "gz3"])
+    assert done.value.code == 2 and "invalid choice: 'gz3' (choose from 'gz2')" in capsys.readouterr().err

@@ -141,9 +141,14 @@ def test_softmax_centering_updates_the_centres(gz2_dir):
 def test_a_short_run_trains_evaluates_and_draws_attention(gz2_dir, tmp_path):
     c = tiny_ssl_config(gz2_dir, epochs=3)
     c.eval.at_start = True
+    c.checkpoint.keep, c.checkpoint.also_best = 1, ("val/knn_f1_macro",)
     Trainer(c, tmp_path).run()
     rows = list(csv.DictReader((tmp_path / "training_history.csv").open()))
     assert [int(r["step"]) for r in rows] == [0, 5, 10, 15]
+    from jaxvit import checkpoint
+    loop = checkpoint.read(tmp_path, "final").loop  # every best (step 0 included) is on disk, kept by rotation
+    assert set(loop.bests) == {"val/knn_accuracy", "val/knn_f1_macro"}
+    assert checkpoint.steps(tmp_path) == sorted(loop.kept_steps())
     assert all(0.0 <= float(r["val_knn_accuracy"]) <= 1.0 for r in rows)
     losses = [float(r["train_loss"]) for r in rows[1:]]
     assert losses[-1] < losses[0], losses
@@ -152,7 +157,8 @@ def test_a_short_run_trains_evaluates_and_draws_attention(gz2_dir, tmp_path):
 
 @pytest.mark.slow
 def test_killed_ssl_run_resumes_to_the_same_teacher(gz2_dir, tmp_path):
-    """kill -9 after step 3 of 10, resume: the same history and bit-identical student and teacher."""
+    """kill -9 after step 3 of 10, resume: the same history and bit-identical student and teacher; the export
+    defaults to the final teacher."""
     import sys
     from helpers.processes import run_killed_and_resumed
     overrides = [f"--config.model.overrides.{k}={v}" for k, v in TINY_VIT.items()]
@@ -174,6 +180,21 @@ def test_killed_ssl_run_resumes_to_the_same_teacher(gz2_dir, tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"{part}/{k}")
+
+    # `jaxvit export` without --checkpoint: the final teacher (as the official training copies it), not the best
+    # by k-NN (made step 5 here); --checkpoint=best still exports that one.
+    from helpers.tiny import set_best_step
+    from jaxvit import export, run_io
+    from jaxvit.models.weights import export_state_dict
+    set_best_step(tmp_path / "ref", 5)
+    for which, flags in (("final", []), ("best", ["--checkpoint=best"])):
+        export.main([f"--workdir={tmp_path / 'ref'}", f"--output_dir={tmp_path / which}", "--no_check", *flags])
+        got = torch.load(tmp_path / which / "teacher_checkpoint.pth")["teacher"]
+        run = run_io.load_run(tmp_path / "ref", which)
+        want = export_state_dict(run.model.backbone, run.variables["teacher"]["backbone"], "official")
+        assert run.step == {"final": 10, "best": 5}[which]
+        for k, v in want.items():
+            np.testing.assert_array_equal(got[f"backbone.{k}"].numpy(), v, err_msg=k)
 
 
 @pytest.mark.integration

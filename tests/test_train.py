@@ -286,17 +286,24 @@ def _cli(workdir, data_dir, *extra):
     return [sys.executable, "-m", "jaxvit.main", "--config=configs/gz2_lora.py:demo", f"--workdir={workdir}",
             f"--config.data.data_dir={data_dir}", "--config.data.demo=", "--config.data.image_size=32",
             "--config.data.num_workers=0", "--config.train.batch_size=8", "--config.eval.batch_size=8",
-            "--config.train.epochs=3", "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=50",
-            *overrides, *extra]
+            "--config.train.epochs=3", "--config.checkpoint.every_steps=1", "--config.checkpoint.keep=2",
+            "--config.checkpoint.keep_every_epochs=2", *overrides, *extra]
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(gz2_dir, tmp_path):
-    # Killed with SIGKILL after its third step's checkpoint, in the middle of epoch 1 (5 steps per epoch).
-    run_killed_and_resumed(lambda w: _cli(w, gz2_dir), tmp_path)
-    keys = ("epoch", "step", "train_loss", "val_loss", "val_accuracy")
+    # Killed with SIGKILL after its tenth step's checkpoint, in epoch 3 (5 steps per epoch, a resume point at every
+    # step, the newest 2 kept, and every 2nd epoch's, and the bests by validation accuracy and F1 as gz2_lora keeps).
+    run_killed_and_resumed(lambda w: _cli(w, gz2_dir), tmp_path, kill_after=10)
+    keys = ("epoch", "step", "train_loss", "train_acc", "val_loss", "val_accuracy", "val_acc", "val_f1")
     assert [[r[k] for k in keys] for r in history(tmp_path / "run")] == [[r[k] for k in keys]
                                                                          for r in history(tmp_path / "ref")]
+    acc, f1 = ({int(r["step"]): float(r[k]) for r in history(tmp_path / "ref")} for k in ("val_acc", "val_f1"))
+    best_acc, best_f1 = max(acc, key=acc.get), max(f1, key=f1.get)  # the first of the highest
+    for d in ("ref", "run"):
+        assert checkpoint.steps(tmp_path / d) == sorted({best_acc, best_f1, 10, 14, 15})
+        assert checkpoint.read(tmp_path / d, "best").step == best_acc
+        assert checkpoint.read(tmp_path / d, "best_val_f1_macro").step == best_f1
     fa, fb = (flat(saved_state(tmp_path / d)["trainable"]) for d in ("ref", "run"))
     for k in fa:
         np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)

@@ -1,4 +1,5 @@
-"""Build the five-class Galaxy Zoo 2 folders from the public release (`python -m jaxvit.data.gz2`).
+"""Build the five-class Galaxy Zoo 2 folders from the public release (`jaxvit data gz2`, or
+`python -m jaxvit.data.gz2`).
 
 Inputs, as published:
   --hart_csv     gz2_hart16.csv(.gz): Hart et al. (2016) debiased vote fractions, one row per galaxy (`dr7objid`)
@@ -146,8 +147,8 @@ def _place(src: Path, dst: Path, how: str) -> None:
         shutil.copyfile(src, dst)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jaxvit.data.gz2", description=__doc__,
+def parser(prog: str = "python -m jaxvit.data.gz2") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hart_csv", required=True, help="gz2_hart16.csv or gz2_hart16.csv.gz")
     p.add_argument("--mapping_csv", required=True, help="gz2_filename_mapping.csv (objid, sample, asset_id)")
@@ -163,9 +164,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m jaxvit.data.gz2") -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    counts = exit_on_user_error(build, parser().parse_args(argv))
+    counts = exit_on_user_error(build, parser(prog).parse_args(argv))
     for split, classes in counts.items():
         log.info("%-5s %s (total %d)", split, classes, sum(classes.values()))
 

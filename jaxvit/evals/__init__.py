@@ -230,13 +230,19 @@ def problems(cfg: Any) -> list[str]:
                            "eval.test_split)" if split else f"evals.{name}.{key} is empty and eval.val_split too")
         out += e.problems(task_cls)
     best = cfg.checkpoint.best_metric or task_cls.best_metric
-    name, _, key = best.partition("/")
-    if name in made and key not in made[name].metrics(task_cls):
-        out.append(f"checkpoint.best_metric={best!r}: evaluator {name!r} reports "
-                   + (", ".join(f"{name}/{m}" for m in made[name].metrics(task_cls)) or "no metrics"))
-    elif name not in made and (cfg.checkpoint.best_metric or (made and cfg.eval.test_checkpoint == "best")):
-        out.append(f"checkpoint.best_metric={best!r}: no evaluator is named {name!r}; use '<evaluator>/<metric>' "
-                   f"with one of {', '.join(made) or '(none declared)'}")
+    given = bool(cfg.checkpoint.best_metric or (made and cfg.eval.test_checkpoint == "best"))
+    for key, (tag, _, mode), check in (("checkpoint.best_metric", (best, "", ""), given),
+                                       *(("checkpoint.also_best", t.partition(":"), True)
+                                         for t in cfg.checkpoint.also_best)):
+        name, _, metric = tag.partition("/")
+        if name in made and metric not in made[name].metrics(task_cls):
+            out.append(f"{key}={tag!r}: evaluator {name!r} reports "
+                       + (", ".join(f"{name}/{m}" for m in made[name].metrics(task_cls)) or "no metrics"))
+        elif name not in made and check:
+            out.append(f"{key}={tag!r}: no evaluator is named {name!r}; use '<evaluator>/<metric>' with one of "
+                       f"{', '.join(made) or '(none declared)'}")
+        if mode not in ("", "max", "min"):
+            out.append(f"{key}: {tag}:{mode}: the direction after ':' is max or min")
     return out
 
 

@@ -38,6 +38,9 @@ class Task:
     best_metric = "val/loss"  # "<evaluator>/<metric>" (jaxvit.evals; "val": the default): picks `best`
     best_mode = "min"  # "min" | "max"
     history_metrics: tuple[str, ...] = ("loss",)  # evaluate() results written to training_history.csv
+    # metric -> a second history column name that the original project's scripts read (train_<alias>, val_<alias>)
+    history_aliases: dict[str, str] = {}
+    default_export_checkpoint = "best"  # what `jaxvit export` reads without --checkpoint
     head = r"^params/head/"  # regex of the variables a head-only phase trains
     frozen = ""  # regex of variables no phase trains (e.g. a feature model), stored in model.frozen_dtype
     export_refusal = ""  # non-empty: no PyTorch export, refused in one line saying what to use instead

@@ -33,6 +33,7 @@ class Classification(Task):
     best_metric = "val/accuracy"
     best_mode = "max"
     history_metrics = ("loss", "accuracy", "f1_macro")
+    history_aliases = {"accuracy": "acc", "f1_macro": "f1"}  # the GZ2 DINOv3 project's train_acc, val_acc, val_f1
     class_labels = True
 
     def __init__(self, cfg, workdir: str | Path | None = None):

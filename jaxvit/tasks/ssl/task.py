@@ -55,6 +55,8 @@ class SSL(Task):
     best_metric = "val/knn_accuracy"
     best_mode = "max"
     history_metrics = ("knn_accuracy", "knn_f1_macro")
+    # the final teacher, as the official training copies it (on unlabelled data the k-NN "best" is meaningless)
+    default_export_checkpoint = "final"
     head = r"^params/(dino|ibot)_head/"
     class_labels = True
 
