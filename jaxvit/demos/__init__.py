@@ -1,12 +1,14 @@
 """Demo data sets written into `data.data_dir` before a run (`data.demo`), so demos need no download:
 
-  gz2      synthetic galaxy images in the GZ2 folder layout (jaxvit.demos.gz2)
+  gz2      synthetic galaxies in the Galaxy Zoo 2 release's layout (Hart et al. 2016 table, filename mapping,
+           images_gz2/images/), built into the five-class folders by jaxvit.data.gz2 (jaxvit.demos.gz2)
   digits   scikit-learn's 1,797 handwritten digits (8x8, 10 classes), real data shipped inside the package,
            as <data_dir>/{train,val,test}.npz (60/20/20, stratified) for data.source="npz"
   pasture  synthetic top-down pasture photos with five dry masses, in the CSIRO Image2Biomass long-CSV layout
            (jaxvit.demos.pasture)
   cells    synthetic multi-channel Cell Painting sites (4 treatments, 3 plates, instance masks) in the JUMP
-           load-data layout (jaxvit.demos.cells; data.source="jump")
+           load-data layout (jaxvit.demos.cells; data.source="jump"); for the cell_distance task (DINOCell) in
+           LIVECell's layout (images + COCO polygon annotations)
   sar      synthetic paired Sentinel-1 / Sentinel-2 L2A tiles (64 px GeoTIFFs) with a pairs.csv
            (jaxvit.demos.sar; the TerraMind stage-3 task)
 """
@@ -29,8 +31,8 @@ DEMO_SETS = ("", "gz2", "digits", "pasture", "cells", "sar")
 def write(name: str, data_dir: str | os.PathLike, seed: int = 0) -> None:
     """Write demo set `name` into `data_dir` unless it is there already."""
     if name == "gz2":
-        from jaxvit.demos.gz2 import write_dataset
-        write_dataset(data_dir, seed=seed)
+        from jaxvit.demos.gz2 import write_demo
+        write_demo(data_dir, seed=seed)
     elif name == "digits":
         write_digits(data_dir, seed)
     elif name == "pasture":
