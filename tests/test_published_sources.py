@@ -3,6 +3,7 @@ the CIFAR python archives, and validation held out of train (data.val_fraction).
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import subprocess
@@ -117,10 +118,11 @@ def _hub_cache_download(hub_cache: Path, repo: str, files: dict[str, bytes]) -> 
     return root / "snapshots" / revision
 
 
-@pytest.mark.slow  # two subprocesses importing datasets (~10 s each on 2 busy cores)
+@pytest.mark.slow  # trains a tiny ViT in a subprocess
 def test_hf_hub_id_offline_from_the_hub_cache_of_a_download(tmp_path, cifar_like):
     """`hf download uoft-cs/cifar10 --repo-type dataset` (or any hub download) fills HF_HUB_CACHE only; datasets
-    5.x offline reads only its own Arrow cache, so jaxvit falls back to the hub cache's snapshot of the repo."""
+    5.x offline reads only its own Arrow cache, so jaxvit falls back to the hub cache's snapshot of the repo:
+    with HF_HUB_OFFLINE=1 a run trains and tests on `hf:uoft-cs/cifar10`."""
     files = {"README.md": CIFAR_CARD.encode()}
     for split, (x, y) in cifar_like.items():
         buffer = io.BytesIO()
@@ -128,43 +130,27 @@ def test_hf_hub_id_offline_from_the_hub_cache_of_a_download(tmp_path, cifar_like
         files[f"plain_text/{split}-00000-of-00001.parquet"] = buffer.getvalue()
     _hub_cache_download(tmp_path / "hf" / "hub", "uoft-cs/cifar10", files)
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    # a tiny run trained and tested offline on hf:uoft-cs/cifar10 (validation test[:6], test test[6:])
+    from helpers.tiny import TINY_VIT
+    train = [sys.executable, "-m", "jaxvit.main", "--config=configs/gz2_lora.py:demo", f"--workdir={tmp_path / 'w'}",
+             "--config.data.demo=", "--config.data.source=hf:uoft-cs/cifar10", "--config.data.image_size=16",
+             "--config.data.num_workers=0", "--config.train.batch_size=8", "--config.eval.batch_size=8",
+             "--config.train.epochs=1", "--config.eval.val_split=test[:6]", "--config.eval.test_split=test[6:]",
+             *[f"--config.model.overrides.{k}={v}" for k, v in TINY_VIT.items()]]
+    proc = subprocess.run(train, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "w" / "eval_test_6" / "test_6_results.json").read_text())  # test[6:]
+    assert result["num_samples"] == 6 and 0.0 <= result["accuracy"] <= 1.0
+    assert json.loads((tmp_path / "w" / "classes.json").read_text()) == CIFAR_NAMES
+    # the repo's config by name: the rows of a slice, their labels and pixels
     code = ("import sys; from jaxvit.config import base_config; from jaxvit.data import labelled; "
             "c = base_config().data; c.source = sys.argv[1]; s = labelled.open_split(c, 'test[2:8]'); "
             "print(len(s), s.classes[3], s.labels.tolist(), int(s[0]['image'].sum()))")
-    for source in ("hf:uoft-cs/cifar10", "hf:uoft-cs/cifar10:plain_text"):
-        proc = subprocess.run([sys.executable, "-c", code, source], env=env, capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        expected = f"6 cat {[3] * 4 + [7] * 2} {int(cifar_like['test'][0][2].sum())}"
-        assert proc.stdout.strip().splitlines()[-1] == expected
-
-
-@pytest.mark.slow  # trains a tiny ViT (compiles)
-def test_jaxvit_evaluate_of_a_run_on_a_locally_built_cifar10_layout_hf_data_set(tmp_path):
-    """A data set built locally in uoft-cs/cifar10's layout (plain_text/<split>-*.parquet, img + label ClassLabel):
-    train on it, then `jaxvit evaluate` a slice of its test split."""
-    import csv
-    import json
-    from helpers.tiny import tiny_config
-    from jaxvit import evaluate
-    from jaxvit.train import Trainer
-    root = tmp_path / "cifar10"
-    (root / "plain_text").mkdir(parents=True)
-    for split, n, seed in (("train", 40, 0), ("test", 24, 1)):
-        _hf_split(_images(n, seed, 32), [i % 10 for i in range(n)]).to_parquet(
-            str(root / "plain_text" / f"{split}-00000-of-00001.parquet"))
-    c = tiny_config("", epochs=1)
-    c.data.source = f"hf:{root}"
-    c.eval.val_split, c.eval.test_split = "test[:8]", ""
-    Trainer(c, tmp_path / "run").run()
-    result = evaluate.main(["--workdir", str(tmp_path / "run"), "--split", "test[8:]", "--checkpoint", "final",
-                            "--output_dir", str(tmp_path / "eval")])
-    assert result["num_samples"] == 16 and result["split"] == "test[8:]" and 0.0 <= result["accuracy"] <= 1.0
-    saved = json.loads(next((tmp_path / "eval").glob("*results.json")).read_text())
-    assert saved["accuracy"] == pytest.approx(result["accuracy"])
-    rows = list(csv.DictReader(next((tmp_path / "eval").glob("*predictions.csv")).open()))
-    assert len(rows) == 16 and rows[0]["path"] == f"hf:{root}[test[8:]]#0"
-    assert [r["true"] for r in rows] == [CIFAR_NAMES[(8 + i) % 10] for i in range(16)]  # rows 8.. of test
+    proc = subprocess.run([sys.executable, "-c", code, "hf:uoft-cs/cifar10:plain_text"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = f"6 cat {[3] * 4 + [7] * 2} {int(cifar_like['test'][0][2].sum())}"
+    assert proc.stdout.strip().splitlines()[-1] == expected
 
 
 def _cifar_archive(path, train_batches, test, names=CIFAR_NAMES):
