@@ -264,7 +264,8 @@ def write_dataset(out_dir: str | os.PathLike, seed: int = 0, n_plates: int = 3, 
         write_csv(root / TABLE_NAME, COLUMNS, rows)
         write_published(root, rows)
 
-    return write_once(out_dir, DEMO_NAME, params, write, ("images", "masks", TABLE_NAME, "load_data_csv", "metadata"))
+    entries = ("images", "masks", TABLE_NAME, "load_data_csv", "metadata")
+    return write_once(out_dir, DEMO_NAME, params, write, entries)
 
 
 def _phenotype(treatment: str, potency: float) -> dict[str, float]:
@@ -339,7 +340,7 @@ def cell_polygons(mask: np.ndarray) -> list[list[float]]:
     outlines half-way between the cell's pixel centres and the others', pixel (r, c) centred at (c + 0.5, r + 0.5)."""
     contours = measure.find_contours(np.pad(mask, 1).astype(np.float32), 0.5)
     signed = [0.5 * np.sum(c[:-1, 0] * c[1:, 1] - c[1:, 0] * c[:-1, 1]) for c in contours]
-    outer = np.sign(signed[int(np.argmax(np.abs(signed)))])  # the largest outline is an outer one; holes turn the other way
+    outer = np.sign(signed[int(np.argmax(np.abs(signed)))])  # the largest outline is outer; holes turn the other way
     return [np.round(c[:-1, ::-1] - 0.5, 2).ravel().tolist() for c, a in zip(contours, signed) if np.sign(a) == outer]
 
 

@@ -1,10 +1,11 @@
 """Cell instance segmentation by distance-map regression (DINOCell): `config.task="cell_distance"`.
 
 Data: `<data.data_dir>/<split>/{images,masks}/`, LIVECell's COCO files or Cellpose pairs (`data.py`);
-`data.demo="cells"` renders synthetic Cell Painting sites in LIVECell's layout (`jaxvit.demos.cells`). Model: backbone + U-Net decoder (`model.py`); the backbone is frozen
-(train.freeze_backbone), LoRA-adapted (lora.enabled) or fine-tuned, as for classification; the decoder is the
-task's head (`params/head/`, BatchNorm statistics in `batch_stats/head/`). Loss: MSE between the sigmoid map and
-the per-cell normalised distance transform of the mask (`targets.py`).
+`data.demo="cells"` renders synthetic Cell Painting sites in LIVECell's layout (`jaxvit.demos.cells`).
+Model: backbone + U-Net decoder (`model.py`); the backbone is frozen (train.freeze_backbone), LoRA-adapted
+(lora.enabled) or fine-tuned, as for classification; the decoder is the task's head (`params/head/`, BatchNorm
+statistics in `batch_stats/head/`). Loss: MSE between the sigmoid map and the per-cell normalised distance
+transform of the mask (`targets.py`).
 
 Evaluation and prediction see each image whole on the evaluation canvas: overlapping data.image_size tiles
 (cell_distance.tile_overlap apart at least; the training crop size, so cells keep their scale) blended with
