@@ -17,8 +17,8 @@ map > 0.09. Variants:
     :frozen   the backbone frozen, only the decoder trained (the per-channel heads on the JUMP backbone;
               pick a channel with --config.cell_distance.channels=4, e.g. Hoechst of a 5-channel stack)
     :lora     LoRA r16 on the backbone's attention, decoder trained
-    :demo     renders synthetic Cell Painting sites with touching cells into runs/dinocell_demo_data (no
-              download) and trains a small ViT from random init on the CPU (docs/dinocell.md: time and AP@0.5)
+    :demo     renders synthetic Cell Painting sites with touching cells into runs/dinocell_demo_data in
+              LIVECell's layout (images + COCO polygons; no download) and trains a small ViT from random init on the CPU (docs/dinocell.md: time and AP@0.5)
 """
 from jaxvit.config import apply_variant, base_config
 

@@ -315,10 +315,10 @@ def test_config_mistakes_are_named(tmp_path):
 def cell_run(tmp_path_factory):
     """A tiny run on a small demo set (32 train / 8 val / 8 test sites of 48 px): 6 epochs of 4 steps, evaluated
     at the start, after 3 and 6 epochs, tested at the end. Returns (workdir, data_dir, config)."""
-    from jaxvit.tasks.cell_distance.data import write_demo
+    from jaxvit.demos.cells import write_livecell
     from jaxvit.train import Trainer
     root = tmp_path_factory.mktemp("cell_run")
-    write_demo(root / "data", counts=(32, 8, 8), size=48)  # the demo renderer, smaller
+    write_livecell(root / "data", counts=(32, 8, 8), size=48)  # the demo set, smaller
     c = tiny_cell_config(root / "data", epochs=6)
     c.data.demo = ""
     c.eval.every_steps = 12  # at the start, half-way and at the end
@@ -411,9 +411,9 @@ def test_training_on_the_demo_renderer_beats_the_untrained_ap(tmp_path):
     """A small ViT from random init on 96 rendered 64 px sites with touching cells: AP@0.5 on whole validation
     images rises far above the untrained model's (measured 0.0 -> ~0.7 after 60 steps on an AMD EPYC machine,
     0.0 -> 0.36-0.38 on an Intel Xeon one, also from the unchanged main branch: to be looked into)."""
-    from jaxvit.tasks.cell_distance.data import write_demo
+    from jaxvit.demos.cells import write_livecell
     from jaxvit.train import Trainer
-    write_demo(tmp_path / "data", counts=(96, 16, 8), size=64)
+    write_livecell(tmp_path / "data", counts=(96, 16, 8), size=64)
     c = tiny_cell_config(tmp_path / "data", epochs=12)
     c.data.demo, c.data.image_size, c.cell_distance.eval_size = "", 64, 64
     c.train.batch_size, c.eval.batch_size, c.eval.every_steps = 16, 16, 72

@@ -80,8 +80,10 @@ def test_write_is_idempotent_and_guards_foreign_folders(small, tmp_path):
     before = table.stat().st_mtime_ns
     assert syn.write_dataset(small, seed=3, **SMALL) == small and table.stat().st_mtime_ns == before
     (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "r01c01f01p01-ch1sk1fk1fl1.tiff").write_bytes(b"a user's image")
     with pytest.raises(FileExistsError, match="not written by synthetic_cells"):
         syn.write_dataset(tmp_path, **SMALL)
+    assert (tmp_path / "images" / "r01c01f01p01-ch1sk1fk1fl1.tiff").read_bytes() == b"a user's image"
 
 
 def test_default_set_has_600_sites_in_three_splits(default_set):

@@ -3,6 +3,7 @@ the CIFAR python archives, and validation held out of train (data.val_fraction).
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import subprocess
@@ -83,6 +84,73 @@ def test_hf_hub_id_offline_without_a_cache_says_both_ways(tmp_path):
     message = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and message.startswith("jaxvit.errors.MissingDataError")
     assert "hf:uoft-cs/cifar10" in message and "HF_TOKEN" in message and "save_to_disk" in message
+
+
+CIFAR_CARD = """---
+configs:
+- config_name: plain_text
+  data_files:
+  - split: train
+    path: plain_text/train-*
+  - split: test
+    path: plain_text/test-*
+  default: true
+---
+# CIFAR-10 (a copy written by the test)
+"""
+
+
+def _hub_cache_download(hub_cache: Path, repo: str, files: dict[str, bytes]) -> Path:
+    """Files of a data set repo as a hub download leaves them: blobs/<sha256>, snapshots/<revision>/<path> linking
+    to its blob, refs/main naming the revision. Returns the snapshot folder."""
+    import hashlib
+    root = hub_cache / f"datasets--{repo.replace('/', '--')}"
+    revision = hashlib.sha1(repo.encode()).hexdigest()  # a commit hash
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(revision)
+    (root / "blobs").mkdir()
+    for name, data in files.items():
+        blob = root / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = root / "snapshots" / revision / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return root / "snapshots" / revision
+
+
+@pytest.mark.slow  # trains a tiny ViT in a subprocess
+def test_hf_hub_id_offline_from_the_hub_cache_of_a_download(tmp_path, cifar_like):
+    """`hf download uoft-cs/cifar10 --repo-type dataset` (or any hub download) fills HF_HUB_CACHE only; datasets
+    5.x offline reads only its own Arrow cache, so jaxvit falls back to the hub cache's snapshot of the repo:
+    with HF_HUB_OFFLINE=1 a run trains and tests on `hf:uoft-cs/cifar10`."""
+    files = {"README.md": CIFAR_CARD.encode()}
+    for split, (x, y) in cifar_like.items():
+        buffer = io.BytesIO()
+        _hf_split(x, y).to_parquet(buffer)
+        files[f"plain_text/{split}-00000-of-00001.parquet"] = buffer.getvalue()
+    _hub_cache_download(tmp_path / "hf" / "hub", "uoft-cs/cifar10", files)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    # a tiny run trained and tested offline on hf:uoft-cs/cifar10 (validation test[:6], test test[6:])
+    from helpers.tiny import TINY_VIT
+    train = [sys.executable, "-m", "jaxvit.main", "--config=configs/gz2_lora.py:demo", f"--workdir={tmp_path / 'w'}",
+             "--config.data.demo=", "--config.data.source=hf:uoft-cs/cifar10", "--config.data.image_size=16",
+             "--config.data.num_workers=0", "--config.train.batch_size=8", "--config.eval.batch_size=8",
+             "--config.train.epochs=1", "--config.eval.val_split=test[:6]", "--config.eval.test_split=test[6:]",
+             *[f"--config.model.overrides.{k}={v}" for k, v in TINY_VIT.items()]]
+    proc = subprocess.run(train, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "w" / "eval_test_6" / "test_6_results.json").read_text())  # test[6:]
+    assert result["num_samples"] == 6 and 0.0 <= result["accuracy"] <= 1.0
+    assert json.loads((tmp_path / "w" / "classes.json").read_text()) == CIFAR_NAMES
+    # the repo's config by name: the rows of a slice, their labels and pixels
+    code = ("import sys; from jaxvit.config import base_config; from jaxvit.data import labelled; "
+            "c = base_config().data; c.source = sys.argv[1]; s = labelled.open_split(c, 'test[2:8]'); "
+            "print(len(s), s.classes[3], s.labels.tolist(), int(s[0]['image'].sum()))")
+    proc = subprocess.run([sys.executable, "-c", code, "hf:uoft-cs/cifar10:plain_text"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    expected = f"6 cat {[3] * 4 + [7] * 2} {int(cifar_like['test'][0][2].sum())}"
+    assert proc.stdout.strip().splitlines()[-1] == expected
 
 
 def _cifar_archive(path, train_batches, test, names=CIFAR_NAMES):

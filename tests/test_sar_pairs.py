@@ -240,7 +240,7 @@ def test_synthetic_set(tmp_path):
     csv_file = root / "pairs.csv"
     stamp = csv_file.stat().st_mtime_ns
     synthetic_sar.write_dataset(root, scenes={"train": 2, "val": 1}, seed=5)
-    assert csv_file.stat().st_mtime_ns == stamp and not list(root.glob(".synthetic_sar.tmp*"))
+    assert csv_file.stat().st_mtime_ns == stamp and not list(root.glob(".synthetic_sar.partial*"))
     cfg = _cfg(root, image_size=64)
     train, val = sar_pairs.open_split(cfg, "train"), sar_pairs.open_split(cfg, "val")
     assert (len(train), len(val)) == (32, 16)

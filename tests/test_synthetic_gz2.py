@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import pathlib
 
@@ -79,7 +80,7 @@ def test_write_dataset_layout_and_metadata(tmp_path: pathlib.Path) -> None:
             "brightness", "n_arms"} <= set(rows[0])
     for r in rows:
         assert (root / f"gz2_5class_{r['split']}" / r["class"] / r["filename"]).exists()
-    assert json.loads((root / ".synthetic_gz2.json").read_text())["seed"] == 1
+    assert json.loads((root / ".synthetic_gz2.json").read_text())["params"]["seed"] == 1
 
 
 def test_write_dataset_is_idempotent(tmp_path: pathlib.Path) -> None:
@@ -127,6 +128,29 @@ def test_splits_are_independent_and_seeded(tmp_path: pathlib.Path) -> None:
     assert not np.array_equal(load("train"), load("train", other))
 
 
-def test_cli_writes_dataset(tmp_path: pathlib.Path) -> None:
-    syn.main([f"--root={tmp_path}", "--train=1", "--val=1", "--test=1", "--size=32"])
-    assert len(_files(tmp_path)) == 3 * len(syn.CLASSES)
+def test_the_demo_is_the_public_release_built_into_balanced_class_folders(tmp_path: pathlib.Path) -> None:
+    """data.demo="gz2": a Hart et al. style table (gzipped), the filename mapping and images_gz2/images/*.jpg; the
+    builder (jaxvit.data.gz2) puts each galaxy in the class its votes give, the same number per class and split;
+    the undecided galaxies are left out. A second call reuses the files."""
+    from jaxvit.data import gz2 as builder
+    from jaxvit.data.sources import ImageFolder
+    syn.main([f"--root={tmp_path}", "--train=4", "--val=1", "--test=2", "--size=32"])  # the CLI writes the demo
+    with gzip.open(tmp_path / syn.HART_NAME, "rt") as f:
+        hart = {r["dr7objid"]: r for r in csv.DictReader(f)}
+    mapping = {r["asset_id"]: r["objid"] for r in csv.DictReader((tmp_path / syn.MAPPING_NAME).open())}
+    assert set(builder.COLUMNS.values()) <= set(next(iter(hart.values())))
+    assert len(hart) == len(mapping) == round(1.1 * 7 * 5) == len(list((tmp_path / syn.IMAGES_DIR).glob("*.jpg")))
+    built = set()
+    for split, n in (("train", 4), ("val", 1), ("test", 2)):
+        folder = ImageFolder(tmp_path, split, syn.CLASSES)
+        assert np.bincount(folder.labels, minlength=5).tolist() == [n] * 5
+        for path, label in zip(folder.paths, folder.labels):
+            row = hart[mapping[pathlib.Path(path).stem]]
+            assert row["gz2_class"] == syn.GZ2_CLASS[syn.CLASSES[label]]
+            assert Image.open(path).size == (32, 32)
+            built.add(path)
+    undecided = [r for r in hart.values() if r["gz2_class"] == "S"]
+    assert len(undecided) == 4 and all(float(r[builder.COLUMNS["smooth"]]) < 0.5 for r in undecided)
+    stamp = {p: pathlib.Path(p).stat().st_mtime_ns for p in built}
+    syn.write_demo(tmp_path, per_class={"train": 4, "val": 1, "test": 2}, size=32)
+    assert {p: pathlib.Path(p).stat().st_mtime_ns for p in built} == stamp

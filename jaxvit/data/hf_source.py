@@ -1,6 +1,7 @@
 """Hugging Face `datasets` image data (`data.source=hf:NAME[:CONFIG]`).
 
-NAME is a hub id (`uoft-cs/cifar10`: downloaded when online, read from the datasets cache offline), a directory
+NAME is a hub id (`uoft-cs/cifar10`: downloaded when online; offline read from the datasets cache, or else from the
+hub cache's snapshot of the repo that `hf download` / huggingface_hub left), a directory
 written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a directory of parquet files in the hub's layout
 (`<config>/<split>-00000-of-00001.parquet` or `<split>-*.parquet`). Splits take slices: `test[:5000]`,
 `train[10%:]`. The image column is the first `Image` feature (or `data.hf_image_column`), the label column the
@@ -70,6 +71,9 @@ def load_split(name: str, split: str):
     except ValueError as e:  # unknown split
         raise MissingDataError(f"data.source='hf:{name}': {e}") from e
     except Exception as e:  # noqa: BLE001 - offline without a cache, unknown id, gated repository, ...
+        snapshot = None if path.is_dir() else _hub_snapshot(repo)
+        if snapshot is not None:  # offline, downloaded by huggingface_hub but never loaded by datasets
+            return load_split(f"{snapshot}:{config}" if config else str(snapshot), split)
         if path.is_dir():
             raise DataError(f"data.source='hf:{name}': cannot read {str(path)!r} as a data set ({e}); it needs "
                             "parquet files named <split>-*.parquet (optionally under <config>/) or a "
@@ -77,8 +81,19 @@ def load_split(name: str, split: str):
         raise MissingDataError(
             f"data.source='hf:{name}': cannot load split {split!r} ({type(e).__name__}: {e}). Online: check the id "
             "(and set HF_TOKEN for a gated data set); offline (HF_HUB_OFFLINE=1): download it once where there is "
-            f"internet (python -c \"import datasets; datasets.load_dataset('{repo}')\") so the cache holds it, or "
+            f"internet (python -c \"import datasets; datasets.load_dataset('{repo}')\", or hf download {repo} "
+            "--repo-type dataset) so the cache holds it, or "
             "point data.source at a save_to_disk directory (hf:/path/to/dir)") from e
+
+
+def _hub_snapshot(repo: str) -> Path | None:
+    """The hub cache's snapshot folder of data set `repo` (refs/main), as a download left it; None if absent.
+    Offline, datasets reads only its own Arrow cache, not files that `hf download` (huggingface_hub) fetched."""
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(repo, repo_type="dataset", local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the cache, or not a repo id
+        return None
 
 
 def _pick(features, wanted: str, kind: str, key: str, location: str) -> str:

@@ -31,7 +31,6 @@ import functools
 import gzip
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +38,10 @@ import numpy as np
 import tifffile
 from PIL import Image
 from scipy.ndimage import gaussian_filter
+from skimage import measure
 
-from jaxvit.files import atomic_write, write_csv
+from jaxvit.demos import write_once
+from jaxvit.files import write_csv
 
 CHANNELS = ("OrigDNA", "OrigER", "OrigRNA", "OrigAGP", "OrigMito", "OrigBrightfield", "OrigBrightfield_H")
 TREATMENTS = ("DMSO", "compound_A", "compound_B", "compound_C")
@@ -52,8 +53,7 @@ BATCH = "2020_11_04_CPJUMP1"
 DEMO_S3 = f"s3://cellpainting-gallery/cpg0000-jump-pilot/source_4/images/{BATCH}"  # stands for out_dir
 PUBLISHED_TABLES = f"load_data_csv/{BATCH}/*/load_data.csv.gz"
 PLATEMAPS = f"metadata/platemaps/{BATCH}"
-MARKER_NAME = ".synthetic_cells.json"
-PARTIAL_NAME = ".synthetic_cells.partial"
+DEMO_NAME = "synthetic_cells"  # its marker: <out_dir>/.synthetic_cells.json
 _VERSION = 1  # bump when the renderer changes so written sets are redone
 _REF_AREA = 96 * 96  # cell counts are per 96 x 96 px; cells keep their size in pixels at any image size
 
@@ -232,66 +232,46 @@ def _table_rows(wells: list[dict[str, Any]], sites_per_well: int) -> list[dict[s
     return rows
 
 
-def _files(root: Path, rows: list[dict[str, Any]]) -> list[Path]:
-    return [root / r[f"PathName_{c}"] / r[f"FileName_{c}"] for r in rows for c in (*CHANNELS, "CellMask")]
-
-
 def write_dataset(out_dir: str | os.PathLike, seed: int = 0, n_plates: int = 3, wells_per_treatment: int = 10,
                   sites_per_well: int = 5, image_size: int = 96,
                   fractions: tuple[float, float] = (0.6, 0.2)) -> Path:
-    """Write the set under `out_dir` (skipped when it is complete with the same parameters); returns out_dir.
+    """Write the set under `out_dir` once (`jaxvit.demos.write_once`: redone when incomplete or the parameters
+    change); returns out_dir.
 
     n_plates x (4 x wells_per_treatment) wells x sites_per_well sites of image_size^2 px; `fractions` of each
-    plate's wells per treatment go to train and val, the rest to test. The marker file is written last.
+    plate's wells per treatment go to train and val, the rest to test.
     """
-    root = Path(out_dir)
     params = {"version": _VERSION, "seed": seed, "n_plates": n_plates, "wells_per_treatment": wells_per_treatment,
               "sites_per_well": sites_per_well, "image_size": image_size, "fractions": list(fractions)}
-    marker, partial = root / MARKER_NAME, root / PARTIAL_NAME
     wells = _layout(n_plates, wells_per_treatment, seed, fractions)
     rows = _table_rows(wells, sites_per_well)
-    try:
-        same = json.loads(marker.read_text()) == params
-    except (OSError, ValueError):
-        same = False
-    if same and (root / TABLE_NAME).is_file() and (root / PLATEMAPS).is_dir() and \
-            all(f.is_file() for f in _files(root, rows)):
-        return root
 
-    ours = marker.exists() or partial.exists()
-    for p in (root / "images", root / "masks", root / TABLE_NAME, root / "load_data_csv", root / "metadata"):
-        if p.exists() and not ours:
-            raise FileExistsError(f"{p} exists and was not written by synthetic_cells; choose an empty out_dir")
-        if p.is_dir():
-            shutil.rmtree(p)
-        else:
-            p.unlink(missing_ok=True)
-    root.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
-    partial.write_text(json.dumps(params))
+    def write(root: Path) -> None:
+        plates = [plate_effects(np.random.default_rng([seed, 2, p]), image_size) for p in range(n_plates)]
+        for wi, w in enumerate(wells):
+            (root / "images" / w["plate"]).mkdir(parents=True, exist_ok=True)
+            (root / "masks" / w["plate"]).mkdir(parents=True, exist_ok=True)
+            potency = np.random.default_rng([seed, 3, w["plate_index"], w["well_index"]]).uniform(*_POTENCY)
+            for s in range(sites_per_well):
+                rng = np.random.default_rng([seed, 4, w["plate_index"], w["well_index"], s])
+                stains, labels = render_site(_phenotype(w["treatment"], potency), rng, image_size)
+                counts = acquire(stains, plates[w["plate_index"]], rng)
+                row = rows[wi * sites_per_well + s]
+                for c, name in enumerate(CHANNELS):
+                    tifffile.imwrite(root / row[f"PathName_{name}"] / row[f"FileName_{name}"], counts[c])
+                Image.fromarray(labels).save(root / row["PathName_CellMask"] / row["FileName_CellMask"],
+                                             compress_level=1)
+        write_csv(root / TABLE_NAME, COLUMNS, rows)
+        write_published(root, rows)
 
-    plates = [plate_effects(np.random.default_rng([seed, 2, p]), image_size) for p in range(n_plates)]
-    for wi, w in enumerate(wells):
-        (root / "images" / w["plate"]).mkdir(parents=True, exist_ok=True)
-        (root / "masks" / w["plate"]).mkdir(parents=True, exist_ok=True)
-        potency = np.random.default_rng([seed, 3, w["plate_index"], w["well_index"]]).uniform(*_POTENCY)
-        base, full = PHENOTYPES["DMSO"], PHENOTYPES[w["treatment"]]
-        ph = {k: base[k] + potency * (full[k] - base[k]) for k in base}
-        for s in range(sites_per_well):
-            rng = np.random.default_rng([seed, 4, w["plate_index"], w["well_index"], s])
-            stains, labels = render_site(ph, rng, image_size)
-            counts = acquire(stains, plates[w["plate_index"]], rng)
-            row = rows[wi * sites_per_well + s]
-            for c, name in enumerate(CHANNELS):
-                tifffile.imwrite(root / row[f"PathName_{name}"] / row[f"FileName_{name}"], counts[c])
-            Image.fromarray(labels).save(root / row["PathName_CellMask"] / row["FileName_CellMask"],
-                                         compress_level=1)
+    entries = ("images", "masks", TABLE_NAME, "load_data_csv", "metadata")
+    return write_once(out_dir, DEMO_NAME, params, write, entries)
 
-    atomic_write(root / TABLE_NAME, lambda tmp: write_csv(tmp, COLUMNS, rows))
-    write_published(root, rows)
-    marker.write_text(json.dumps(params, indent=1))
-    partial.unlink()
-    return root
+
+def _phenotype(treatment: str, potency: float) -> dict[str, float]:
+    """A well's phenotype: DMSO + potency * (treatment - DMSO)."""
+    base, full = PHENOTYPES["DMSO"], PHENOTYPES[treatment]
+    return {k: base[k] + potency * (full[k] - base[k]) for k in base}
 
 
 def write_published(root: Path, rows: list[dict[str, Any]]) -> None:
@@ -314,6 +294,54 @@ def write_published(root: Path, rows: list[dict[str, Any]]) -> None:
     wells = dict.fromkeys((r["Metadata_Well"], r["Metadata_Treatment"]) for r in rows if r["Metadata_Plate"] == plates[0])
     (maps / "platemap" / f"{name}.txt").write_text("plate_map_name\twell_position\tbroad_sample\n" + "".join(
         f"{name}\t{well}\t{treatment}\n" for well, treatment in wells))
+
+
+def write_livecell(out_dir: str | os.PathLike, seed: int = 0, counts: tuple[int, int, int] = (240, 48, 48),
+                   size: int = 96) -> Path:
+    """Synthetic sites in LIVECell's published layout (the DINOCell demo; once, `jaxvit.demos.write_once`):
+
+        images/livecell_train_val_images/<split>_site_NNNN.tif   the 5 fluorescent channels, one uint16 CYX TIFF
+        images/livecell_test_images/test_site_NNNN.tif
+        annotations/LIVECell/livecell_coco_{train,val,test}.json  COCO instances: one polygon annotation per cell
+
+    `counts` sites per split (train, val, test), of 4 treatments and 3 plates' gains and illumination.
+    """
+    params = {"version": _VERSION, "seed": seed, "counts": list(counts), "size": size}
+
+    def write(root: Path) -> None:
+        fluor = len(CHANNELS) - 2
+        plates = [plate_effects(np.random.default_rng([seed, 2, p]), size) for p in range(3)]
+        (root / "annotations" / "LIVECell").mkdir(parents=True)
+        for s, (split, n) in enumerate(zip(SPLITS, counts)):
+            folder = root / "images" / ("livecell_test_images" if split == "test" else "livecell_train_val_images")
+            folder.mkdir(parents=True, exist_ok=True)
+            images, annotations = [], {}
+            for i in range(n):
+                rng = np.random.default_rng([seed, 7, s, i])
+                treatment = TREATMENTS[i % len(TREATMENTS)]
+                stains, labels = render_site(_phenotype(treatment, rng.uniform(*_POTENCY)), rng, size)
+                name = f"{split}_site_{i:04d}.tif"
+                tifffile.imwrite(folder / name, acquire(stains, plates[i % len(plates)], rng)[:fluor],
+                                 photometric="minisblack", metadata={"axes": "CYX"})
+                images.append({"id": i + 1, "file_name": name, "width": size, "height": size})
+                for cell in range(1, int(labels.max()) + 1):
+                    k = len(annotations) + 1
+                    annotations[str(k)] = {"id": k, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                                           "area": int((labels == cell).sum()),
+                                           "segmentation": cell_polygons(labels == cell)}
+            coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "cell"}]}
+            (root / "annotations" / "LIVECell" / f"livecell_coco_{split}.json").write_text(json.dumps(coco))
+
+    return write_once(out_dir, "synthetic_livecell", params, write, ("images", "annotations"))
+
+
+def cell_polygons(mask: np.ndarray) -> list[list[float]]:
+    """COCO polygons [x1, y1, x2, y2, ...] of a cell's pixels (one per connected piece, holes left out): the
+    outlines half-way between the cell's pixel centres and the others', pixel (r, c) centred at (c + 0.5, r + 0.5)."""
+    contours = measure.find_contours(np.pad(mask, 1).astype(np.float32), 0.5)
+    signed = [0.5 * np.sum(c[:-1, 0] * c[1:, 1] - c[1:, 0] * c[:-1, 1]) for c in contours]
+    outer = np.sign(signed[int(np.argmax(np.abs(signed)))])  # the largest outline is outer; holes turn the other way
+    return [np.round(c[:-1, ::-1] - 0.5, 2).ravel().tolist() for c, a in zip(contours, signed) if np.sign(a) == outer]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,29 +5,33 @@ exponential disks with dust lanes, logarithmic spirals), convolves them with a
 Gaussian PSF, adds star/neighbour contaminants and Poisson + sky noise, then
 applies a Lupton-style asinh colour stretch like SDSS gri composites.
 
-``write_dataset`` lays the images out like the real GZ2 guide::
+``write_demo`` (data.demo="gz2") writes them as the Galaxy Zoo 2 release publishes its galaxies, then builds the
+five-class folders of the Galaxy Zoo 2 DINOv3 project from them with ``python -m jaxvit.data.gz2``::
 
-    root/gz2_5class_{train,val,test}/<class>/<name>.png
-    root/gz2_5class_metadata.csv
+    root/gz2_hart16.csv.gz            Hart et al. (2016) style: dr7objid, ra, dec, ..., *_debiased vote fractions
+    root/gz2_filename_mapping.csv     objid, sample, asset_id
+    root/images_gz2/images/<asset_id>.jpg
+    root/gz2_5class_{train,val,test}/<class>/<asset_id>.jpg, root/gz2_5class_metadata.csv   (built)
 
-Run ``python -m jaxvit.demos.gz2 --root=DIR`` to write the default set.
+``write_dataset`` renders the five-class folders directly (lossless PNGs, for tests and benchmarks).
+Run ``python -m jaxvit.demos.gz2 --root=DIR`` to write the demo set.
 """
-
 from __future__ import annotations
 
 import argparse
+import csv
 import functools
-import json
+import gzip
 import os
 import pathlib
-import shutil
 import zlib
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from jaxvit.files import atomic_write, write_csv
+from jaxvit.demos import write_once
+from jaxvit.files import write_csv
 
 CLASSES: tuple[str, ...] = (
     "completely_round_smooth",
@@ -38,8 +42,7 @@ CLASSES: tuple[str, ...] = (
 )
 DEFAULT_PER_CLASS: dict[str, int] = {"train": 400, "val": 60, "test": 100}
 METADATA_NAME = "gz2_5class_metadata.csv"
-MARKER_NAME = ".synthetic_gz2.json"
-PARTIAL_NAME = ".synthetic_gz2.partial"
+DEMO_NAME = "synthetic_gz2"  # its marker: <root>/.synthetic_gz2.json
 _VERSION = 2  # bump when the renderer changes so cached datasets are redone
 
 # Intrinsic axis-ratio and Sersic-index ranges for the smooth classes: round
@@ -241,15 +244,6 @@ def _split_rng(seed: int, split: str, class_index: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(split.encode()), class_index])
 
 
-def _expected_files(root: pathlib.Path, per_class: dict[str, int]) -> list[pathlib.Path]:
-    return [
-        split_dir(root, split) / cls / f"{split}_{ci}_{i:05d}.png"
-        for split, n in per_class.items()
-        for ci, cls in enumerate(CLASSES)
-        for i in range(n)
-    ]
-
-
 def _fmt(x: Any) -> str:
     return f"{x:.4g}" if isinstance(x, float) else str(x)
 
@@ -261,54 +255,121 @@ def write_dataset(
     size: int = 64,
     seed: int = 0,
 ) -> pathlib.Path:
-    """Write the synthetic dataset under `root` (skipped if already complete).
-
-    `per_class` maps split name -> images per class. A marker file records the
-    parameters and is written last, so an interrupted run is redone next time.
-    """
-    root = pathlib.Path(root)
+    """Render the five-class folders directly (lossless PNGs, with the rendering parameters in the metadata; for
+    tests and benchmarks), once (`jaxvit.demos.write_once`). `per_class` maps split name -> images per class."""
     per_class = dict(DEFAULT_PER_CLASS if per_class is None else per_class)
-    params = {"version": _VERSION, "classes": list(CLASSES), "per_class": per_class,
-              "size": size, "seed": seed}
-    marker, partial = root / MARKER_NAME, root / PARTIAL_NAME
-    files = _expected_files(root, per_class)
-    if marker.exists():
-        try:
-            same = json.loads(marker.read_text()) == params
-        except (OSError, ValueError):
-            same = False
-        if same and all(f.exists() for f in files):
-            return root
+    params = {"version": _VERSION, "classes": list(CLASSES), "per_class": per_class, "size": size, "seed": seed}
 
-    # Only clear split folders this module wrote; refuse to touch anything else.
-    ours = marker.exists() or partial.exists()
-    for d in root.glob("gz2_5class_*"):
-        if d.is_dir() and any(d.iterdir()):
-            if not ours:
-                raise FileExistsError(f"{d} exists and was not written by synthetic_gz2")
-            shutil.rmtree(d)
-    root.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
-    partial.write_text(json.dumps(params))
+    def write(out: pathlib.Path) -> None:
+        rows: list[dict[str, Any]] = []
+        for split, n in per_class.items():
+            for ci, cls in enumerate(CLASSES):
+                folder = split_dir(out, split) / cls
+                folder.mkdir(parents=True)
+                rng = _split_rng(seed, split, ci)
+                for i in range(n):
+                    img, p = _render(cls, rng, size)
+                    name = f"{split}_{ci}_{i:05d}.png"
+                    Image.fromarray(img).save(folder / name, compress_level=1)
+                    rows.append({"split": split, "class": cls, "label": ci, "filename": name, **p})
+        fields = ["split", "class", "label", "filename", *PARAM_COLUMNS]
+        write_csv(out / METADATA_NAME, fields, [{k: _fmt(v) for k, v in r.items()} for r in rows])
 
-    rows: list[dict[str, Any]] = []
-    for split, n in per_class.items():
-        for ci, cls in enumerate(CLASSES):
-            out_dir = split_dir(root, split) / cls
-            out_dir.mkdir(parents=True, exist_ok=True)
-            rng = _split_rng(seed, split, ci)
-            for i in range(n):
-                img, p = _render(cls, rng, size)
-                name = f"{split}_{ci}_{i:05d}.png"
-                Image.fromarray(img).save(out_dir / name, compress_level=1)
-                rows.append({"split": split, "class": cls, "label": ci, "filename": name, **p})
+    entries = (*(split_dir("", s).name for s in per_class), METADATA_NAME)
+    return write_once(root, DEMO_NAME, params, write, entries)
 
-    fields = ["split", "class", "label", "filename", *PARAM_COLUMNS]
-    atomic_write(root / METADATA_NAME, lambda tmp: write_csv(tmp, fields, [{k: _fmt(v) for k, v in r.items()}
-                                                                           for r in rows]))
-    marker.write_text(json.dumps(params, indent=1))
-    partial.unlink()
-    return root
+
+# The Galaxy Zoo 2 public release (Hart et al. 2016 table, filename mapping, images_gz2/images/<asset_id>.jpg).
+HART_NAME, MAPPING_NAME, IMAGES_DIR = "gz2_hart16.csv.gz", "gz2_filename_mapping.csv", "images_gz2/images"
+GZ2_CLASS = {"completely_round_smooth": "Er", "in_between_smooth": "Ei", "cigar_shaped_smooth": "Ec",
+             "edge_on": "Ser", "spiral": "Sc"}  # the table's gz2_class of a typical member
+_ANSWERS = ("t01_smooth_or_features_a01_smooth", "t01_smooth_or_features_a02_features_or_disk",
+            "t01_smooth_or_features_a03_star_or_artifact", "t02_edgeon_a04_yes", "t02_edgeon_a05_no",
+            "t04_spiral_a08_spiral", "t04_spiral_a09_no_spiral", "t07_rounded_a16_completely_round",
+            "t07_rounded_a17_in_between", "t07_rounded_a18_cigar_shaped")
+HART_COLUMNS = ("dr7objid", "ra", "dec", "sample", "gz2_class", "total_classifications",
+                *(f"{a}_debiased" for a in _ANSWERS))
+JPEG_QUALITY = 95
+
+
+def _votes(cls: str | None, rng: np.random.Generator) -> dict[str, float]:
+    """Debiased vote fractions of a galaxy the volunteers saw as `cls` (None: undecided, meeting no rule of
+    jaxvit.data.gz2). Each question's answers sum to 1; the decisive ones are above the rules' 0.5."""
+    majority = lambda: rng.uniform(0.55, 0.95)  # noqa: E731
+    smooth_classes = CLASSES[:3]
+    if cls is None:  # split between smooth and disk (the rest: star or artifact)
+        smooth, disk = rng.uniform(0.3, 0.48, 2)
+    elif cls in smooth_classes:
+        smooth = majority()
+        disk = (1 - smooth) * rng.uniform(0.9, 1.0)
+    else:
+        disk = majority()
+        smooth = (1 - disk) * rng.uniform(0.9, 1.0)
+    edge = majority() if cls == "edge_on" else rng.uniform(0.0, 0.3)
+    spiral = majority() if cls == "spiral" else rng.uniform(0.0, 0.45)
+    rounded = rng.dirichlet((1.0, 1.0, 1.0))  # how rounded: a majority for smooth classes only
+    if cls in smooth_classes:
+        k, top = smooth_classes.index(cls), majority()
+        rounded = np.insert(np.delete(rounded, k) / (1 - rounded[k]) * (1 - top), k, top)
+    return dict(zip((f"{a}_debiased" for a in _ANSWERS),
+                    (smooth, disk, 1 - smooth - disk, edge, 1 - edge, spiral, 1 - spiral, *rounded)))
+
+
+def write_release(out: str | os.PathLike, per_class: int, size: int = 64, seed: int = 0,
+                  undecided: float = 0.1) -> pathlib.Path:
+    """Write synthetic galaxies as Galaxy Zoo 2 publishes them into `out`: gz2_hart16.csv.gz (one row per galaxy:
+    dr7objid, position, debiased vote fractions that make it its class), gz2_filename_mapping.csv (objid, sample,
+    asset_id) and images_gz2/images/<asset_id>.jpg. `per_class` galaxies of each class, plus a share `undecided`
+    of galaxies whose votes meet no rule (the builder leaves them out)."""
+    out = pathlib.Path(out)
+    (out / IMAGES_DIR).mkdir(parents=True)
+    table, mapping = [], []
+    undecided_n = round(undecided * per_class * len(CLASSES))
+    shown = [(cls, ci) for ci, cls in enumerate(CLASSES) for _ in range(per_class)]
+    shown += [(None, i % len(CLASSES)) for i in range(undecided_n)]  # rendered as some class, voted undecided
+    order = np.random.default_rng([seed, 1]).permutation(len(shown))  # objids are not sorted by class
+    streams = [_split_rng(seed, "release", ci) for ci in range(len(CLASSES))]
+    for k, j in enumerate(order):
+        cls, ci = shown[j]
+        rng = streams[ci]
+        img = render_galaxy(CLASSES[ci], rng, size)
+        objid, asset = str(587722981736000000 + 4096 * (k + 1)), str(k + 1)
+        Image.fromarray(img).save(out / IMAGES_DIR / f"{asset}.jpg", quality=JPEG_QUALITY)
+        votes = {c: f"{v:.3f}" for c, v in _votes(cls, rng).items()}
+        table.append({"dr7objid": objid, "ra": f"{rng.uniform(0, 360):.6f}", "dec": f"{rng.uniform(-10, 70):.6f}",
+                      "sample": "original", "gz2_class": GZ2_CLASS.get(cls, "S"),
+                      "total_classifications": int(rng.integers(28, 60)), **votes})
+        mapping.append({"objid": objid, "sample": "original", "asset_id": asset})
+    with gzip.open(out / HART_NAME, "wt", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(HART_COLUMNS))
+        writer.writeheader()
+        writer.writerows(table)
+    write_csv(out / MAPPING_NAME, ["objid", "sample", "asset_id"], mapping)
+    return out
+
+
+def write_demo(root: str | os.PathLike, *, per_class: dict[str, int] | None = None, size: int = 64,
+               seed: int = 0) -> pathlib.Path:
+    """The GZ2 demo (data.demo="gz2"), once: the synthetic release (`write_release`) in `root`, and the five-class
+    folders built from it by `python -m jaxvit.data.gz2` (per_class[split] galaxies of each class per split)."""
+    from jaxvit.data import gz2 as builder
+    per_class = dict(DEFAULT_PER_CLASS if per_class is None else per_class)
+    params = {"version": _VERSION, "release": True, "per_class": per_class, "size": size, "seed": seed}
+
+    def write(out: pathlib.Path) -> None:
+        write_release(out, sum(per_class.values()), size, seed)
+        built = out / "built"
+        args = ["--hart_csv", str(out / HART_NAME), "--mapping_csv", str(out / MAPPING_NAME),
+                "--images_dir", str(out / IMAGES_DIR), "--out", str(built), "--seed", str(seed),
+                *(f"--{s}={per_class.get(s, 0) * len(CLASSES)}" for s in builder.SPLITS)]
+        builder.build(builder.parser().parse_args(args))
+        for entry in built.iterdir():
+            os.replace(entry, out / entry.name)
+        built.rmdir()
+
+    entries = (HART_NAME, MAPPING_NAME, IMAGES_DIR.split("/")[0], METADATA_NAME,
+               *(split_dir("", s).name for s in builder.SPLITS))
+    return write_once(root, DEMO_NAME, params, write, entries)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -320,9 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--val", type=int, default=DEFAULT_PER_CLASS["val"])
     ap.add_argument("--test", type=int, default=DEFAULT_PER_CLASS["test"])
     a = ap.parse_args(argv)
-    root = write_dataset(a.root, per_class={"train": a.train, "val": a.val, "test": a.test},
-                         size=a.size, seed=a.seed)
-    print(f"synthetic GZ2 dataset at {root}")
+    root = write_demo(a.root, per_class={"train": a.train, "val": a.val, "test": a.test}, size=a.size, seed=a.seed)
+    print(f"synthetic GZ2 release and five-class folders at {root}")
 
 
 if __name__ == "__main__":

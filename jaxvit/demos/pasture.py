@@ -43,17 +43,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import pathlib
-import shutil
 import zlib
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from jaxvit.files import atomic_write, write_csv
+from jaxvit.demos import write_once
+from jaxvit.files import write_csv
 from jaxvit.tasks.biomass.maths import TARGETS
 
 COLUMNS: tuple[str, ...] = (
@@ -67,8 +66,7 @@ KAGGLE_PER_SPLIT: dict[str, int] = {"train": 320, "test": 80}  # the demo: train
 HIDDEN_COLUMNS = ("sample_id", "image_path", "target_name")  # the competition's test.csv
 SOLUTION_NAME = "test_solution.csv"  # hidden_test: the test labels (sample_id, target)
 DEFAULT_SIZE: tuple[int, int] = (128, 64)  # width x height, landscape 2:1 like the real photos
-MARKER_NAME = ".synthetic_pasture.json"
-PARTIAL_NAME = ".synthetic_pasture.partial"
+DEMO_NAME = "synthetic_pasture"  # its marker: <root>/.synthetic_pasture.json
 JPEG_QUALITY = 90
 _VERSION = 1  # bump when the renderer changes so cached datasets are redone
 
@@ -210,15 +208,6 @@ def _sample(rng: np.random.Generator, size: tuple[int, int]) -> tuple[np.ndarray
     return img, {"targets": targets, "meta": meta}
 
 
-def _expected_files(root: pathlib.Path, per_split: dict[str, int], seed: int, hidden_test: bool) -> list[pathlib.Path]:
-    taken: set[str] = set()
-    files = [root / f"{split}.csv" for split in per_split]
-    files += [root / SOLUTION_NAME] if hidden_test and "test" in per_split else []
-    for split, n in per_split.items():
-        files += [root / split / f"{_image_id(seed, split, i, taken)}.jpg" for i in range(n)]
-    return files
-
-
 def write_dataset(
     root: str | os.PathLike,
     *,
@@ -227,74 +216,40 @@ def write_dataset(
     seed: int = 0,
     hidden_test: bool = False,
 ) -> pathlib.Path:
-    """Write the synthetic pasture set under `root` (skipped if already complete).
+    """Write the synthetic pasture set under `root` once (`jaxvit.demos.write_once`: redone when incomplete or
+    the parameters change; files it did not write are never replaced).
 
     `per_split` maps split name -> number of images; `size` is (width, height); `hidden_test`: test.csv in the
     competition's unlabelled form, its labels in test_solution.csv.
-    A marker file records the parameters and is written last, so an interrupted
-    run is redone next time; split folders and CSVs are only deleted when this
-    module wrote them (a marker or partial file is present).
     """
-    root = pathlib.Path(root)
     per_split = dict(DEFAULT_PER_SPLIT if per_split is None else per_split)
     size = (int(size[0]), int(size[1]))
     params = {"version": _VERSION, "targets": list(TARGETS), "per_split": per_split,
               "size": list(size), "seed": seed, "hidden_test": hidden_test}
-    marker, partial = root / MARKER_NAME, root / PARTIAL_NAME
-    if marker.exists():
-        try:
-            same = json.loads(marker.read_text()) == params
-        except (OSError, ValueError):
-            same = False
-        if same and all(f.exists() for f in _expected_files(root, per_split, seed, hidden_test)):
-            return root
 
-    # Only clear what this module wrote (splits named now or in an earlier marker);
-    # refuse to touch anything else.
-    ours = marker.exists() or partial.exists()
-    old_splits: set[str] = set()
-    for f in (marker, partial):
-        try:
-            old_splits |= set(json.loads(f.read_text())["per_split"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    for split in sorted(set(per_split) | old_splits):
-        d, table = root / split, root / f"{split}.csv"
-        busy = (d.is_dir() and any(d.iterdir())) or table.exists()
-        if busy and not ours:
-            raise FileExistsError(f"{d} or {table} exists and was not written by synthetic_pasture")
-        if d.is_dir():
-            shutil.rmtree(d)
-        table.unlink(missing_ok=True)
-    if ours:
-        (root / SOLUTION_NAME).unlink(missing_ok=True)
-    root.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
-    partial.write_text(json.dumps(params))
+    def write(out: pathlib.Path) -> None:
+        taken: set[str] = set()
+        for split, n in per_split.items():
+            (out / split).mkdir()
+            rng = _split_rng(seed, split)
+            rows: list[dict[str, str]] = []
+            for i in range(n):
+                img, s = _sample(rng, size)
+                image_id = _image_id(seed, split, i, taken)
+                rel = f"{split}/{image_id}.jpg"
+                Image.fromarray(img).save(out / rel, quality=JPEG_QUALITY, subsampling=0)
+                meta = {k: v for k, v in s["meta"].items() if k in COLUMNS}
+                for name in TARGETS:
+                    rows.append({"sample_id": f"{image_id}__{name}", "image_path": rel, **meta,
+                                 "target_name": name, "target": f"{s['targets'][name] / 1e4:.4f}"})
+            tables = {f"{split}.csv": (COLUMNS, rows)}
+            if hidden_test and split == "test":
+                tables = {f"{split}.csv": (HIDDEN_COLUMNS, rows), SOLUTION_NAME: (("sample_id", "target"), rows)}
+            for name, (columns, table_rows) in tables.items():
+                write_csv(out / name, list(columns), table_rows)
 
-    taken: set[str] = set()
-    for split, n in per_split.items():
-        out_dir = root / split
-        out_dir.mkdir(parents=True, exist_ok=True)
-        rng = _split_rng(seed, split)
-        rows: list[dict[str, str]] = []
-        for i in range(n):
-            img, s = _sample(rng, size)
-            image_id = _image_id(seed, split, i, taken)
-            rel = f"{split}/{image_id}.jpg"
-            Image.fromarray(img).save(root / rel, quality=JPEG_QUALITY, subsampling=0)
-            meta = {k: v for k, v in s["meta"].items() if k in COLUMNS}
-            for name in TARGETS:
-                rows.append({"sample_id": f"{image_id}__{name}", "image_path": rel, **meta,
-                             "target_name": name, "target": f"{s['targets'][name] / 1e4:.4f}"})
-        tables = {f"{split}.csv": (COLUMNS, rows)}
-        if hidden_test and split == "test":
-            tables = {f"{split}.csv": (HIDDEN_COLUMNS, rows), SOLUTION_NAME: (("sample_id", "target"), rows)}
-        for name, (columns, table_rows) in tables.items():
-            atomic_write(root / name, lambda tmp: write_csv(tmp, list(columns), table_rows))
-    marker.write_text(json.dumps(params, indent=1))
-    partial.unlink()
-    return root
+    entries = (*per_split, *(f"{split}.csv" for split in per_split))
+    return write_once(root, DEMO_NAME, params, write, entries)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import tifffile
 from PIL import Image
 
-MARKER_NAME = ".synthetic_sar.json"
+from jaxvit.demos import write_once
+
+DEMO_NAME = "synthetic_sar"  # its marker: <root>/.synthetic_sar.json
 SCENE, TILE = 256, 64
 DEFAULT_SCENES: dict[str, int] = {"train": 12, "val": 2, "test": 2}
 ENL = 4.4  # equivalent number of looks of Sentinel-1 IW GRD (high resolution)
@@ -138,69 +138,45 @@ def _save(path: Path, bands: np.ndarray, tags: list[tuple]) -> None:
                          extratags=tags)
 
 
-def _complete(root: Path, params: dict) -> bool:
-    try:
-        if json.loads((root / MARKER_NAME).read_text()) != params:
-            return False
-        with open(root / "pairs.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, ValueError):
-        return False
-    return all((root / r[c]).is_file() for r in rows for c in ("s1_path", "s2_path"))
-
-
 def write_dataset(root: str | os.PathLike, *, scenes: dict[str, int] | None = None, seed: int = 0,
                   fmt: str = "tif", tile: int = TILE) -> Path:
-    """Write the synthetic pairs under `root` (nothing when a complete set with these parameters is there).
-    `scenes` maps split -> number of 256 x 256 scenes, each cut into tile x tile tiles (default 16 of 64 px;
-    256: one tile per scene, TerraMind's tile size); `fmt` is "tif" or "npy"."""
+    """Write the synthetic pairs under `root` once (`jaxvit.demos.write_once`: redone when incomplete or the
+    parameters change). `scenes` maps split -> number of 256 x 256 scenes, each cut into tile x tile tiles
+    (default 16 of 64 px; 256: one tile per scene, TerraMind's tile size); `fmt` is "tif" or "npy"."""
     if SCENE % tile:
         raise ValueError(f"tile must divide the scene size {SCENE}, got {tile}")
     if fmt not in ("tif", "npy"):
         raise ValueError(f"fmt must be 'tif' or 'npy', got {fmt!r}")
-    root = Path(root)
     scenes = dict(DEFAULT_SCENES if scenes is None else scenes)
     params = {"version": _VERSION, "scenes": scenes, "seed": seed, "fmt": fmt}
     if tile != TILE:  # the default sets keep their marker
         params["tile"] = tile
-    if _complete(root, params):
-        return root
-    for name in ("pairs.csv", "s1", "s2"):  # only replace what an earlier call wrote
-        if (root / name).exists() and not (root / MARKER_NAME).exists():
-            raise FileExistsError(f"{root / name} exists and was not written by synthetic_sar; use another folder")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".synthetic_sar.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "s1").mkdir(parents=True)
-    (tmp / "s2").mkdir()
-    rows, index = [], 0
-    for split, n in scenes.items():
-        for _ in range(n):
-            rng = np.random.default_rng([seed, index])
-            _, s2, s1 = render_scene(rng)
-            e0, n0 = 300000.0 + 5000.0 * index, 5000000.0  # scenes side by side, 2.56 km apart
-            for r in range(SCENE // tile):
-                for c in range(SCENE // tile):
-                    tile_id = f"scene{index:03d}_r{r}c{c}"
-                    win = np.s_[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
-                    tags = _geotags(e0 + 10.0 * c * tile, n0 - 10.0 * r * tile)
-                    _save(tmp / "s2" / f"{tile_id}.{fmt}", np.moveaxis(np.rint(s2[win]), -1, 0).astype(np.uint16), tags)
-                    _save(tmp / "s1" / f"{tile_id}.{fmt}", np.moveaxis(s1[win], -1, 0).copy(), tags)
-                    rows.append((f"s1/{tile_id}.{fmt}", f"s2/{tile_id}.{fmt}", split, tile_id))
-            index += 1
-    with open(tmp / "pairs.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(("s1_path", "s2_path", "split", "id"))
-        w.writerows(rows)
-    (root / MARKER_NAME).unlink(missing_ok=True)
-    for name in ("s1", "s2", "pairs.csv"):
-        old = root / name
-        if old.is_dir():
-            shutil.rmtree(old)
-        os.replace(tmp / name, old)
-    tmp.rmdir()
-    (root / MARKER_NAME).write_text(json.dumps(params, indent=1))  # last: the set is complete
-    return root
+
+    def write(out: Path) -> None:
+        (out / "s1").mkdir()
+        (out / "s2").mkdir()
+        rows, index = [], 0
+        for split, n in scenes.items():
+            for _ in range(n):
+                rng = np.random.default_rng([seed, index])
+                _, s2, s1 = render_scene(rng)
+                e0, n0 = 300000.0 + 5000.0 * index, 5000000.0  # scenes side by side, 2.56 km apart
+                for r in range(SCENE // tile):
+                    for c in range(SCENE // tile):
+                        tile_id = f"scene{index:03d}_r{r}c{c}"
+                        win = np.s_[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
+                        tags = _geotags(e0 + 10.0 * c * tile, n0 - 10.0 * r * tile)
+                        _save(out / "s2" / f"{tile_id}.{fmt}", np.moveaxis(np.rint(s2[win]), -1, 0).astype(np.uint16),
+                              tags)
+                        _save(out / "s1" / f"{tile_id}.{fmt}", np.moveaxis(s1[win], -1, 0).copy(), tags)
+                        rows.append((f"s1/{tile_id}.{fmt}", f"s2/{tile_id}.{fmt}", split, tile_id))
+                index += 1
+        with open(out / "pairs.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(("s1_path", "s2_path", "split", "id"))
+            w.writerows(rows)
+
+    return write_once(root, DEMO_NAME, params, write, ("pairs.csv", "s1", "s2"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Paired microscopy images and instance masks, their transforms, and the synthetic demo set.
+"""Paired microscopy images and instance masks and their transforms.
 
 Layout: `<data.data_dir>/<split>/images/` and `<data.data_dir>/<split>/masks/` (or `*_<split>/`), a mask for every
 image under the same relative path and file name (any supported extension, e.g. `a/001.tif` and `a/001.png`); or
@@ -25,7 +25,6 @@ with each channel's median, as training pads, and marks it -1 in the map), zero 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from pathlib import Path
@@ -259,48 +258,3 @@ class CellExample:
             out["target"] = np.pad(distance_map(labels), pad)
             out["labels"] = np.pad(labels, pad)
         return out
-
-
-# ------------------------------------------------------------------------------------------- demo set
-
-DEMO_MARKER = ".cell_masks_demo.json"
-_DEMO_VERSION = 1
-
-
-def write_demo(out_dir: str | os.PathLike, seed: int = 0, counts: tuple[int, int, int] = (240, 48, 48),
-               size: int = 96) -> Path:
-    """Synthetic Cell Painting sites in the paired layout (skipped when complete with the same parameters):
-    `<split>/images/site_NNNN.tif` (the 5 fluorescent channels as one uint16 CYX TIFF) and
-    `<split>/masks/site_NNNN.png` (uint16 cell ids), rendered by `jaxvit.demos.cells` (touching cells of
-    4 treatments, 3 plates' gains and illumination, blur and noise)."""
-    import tifffile
-    from PIL import Image
-
-    from jaxvit.demos import cells as sc
-
-    root = Path(out_dir)
-    params = {"version": _DEMO_VERSION, "seed": seed, "counts": list(counts), "size": size}
-    marker = root / DEMO_MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == params:
-        return root
-    for split in ("train", "val", "test"):
-        if (root / split).exists() and not marker.exists() and any((root / split).iterdir()):
-            raise FileExistsError(f"{root / split} exists and was not written by the cell_distance demo; choose an "
-                                  "empty data.data_dir")
-    marker.unlink(missing_ok=True)
-    fluor = len(sc.CHANNELS) - 2
-    plates = [sc.plate_effects(np.random.default_rng([seed, 2, p]), size) for p in range(3)]
-    for s, (split, n) in enumerate(zip(("train", "val", "test"), counts)):
-        for kind in ("images", "masks"):
-            (root / split / kind).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            rng = np.random.default_rng([seed, 7, s, i])
-            base, full = sc.PHENOTYPES["DMSO"], sc.PHENOTYPES[sc.TREATMENTS[i % len(sc.TREATMENTS)]]
-            potency = rng.uniform(*sc._POTENCY)
-            stains, labels = sc.render_site({k: base[k] + potency * (full[k] - base[k]) for k in base}, rng, size)
-            counts_ = sc.acquire(stains, plates[i % len(plates)], rng)[:fluor]
-            tifffile.imwrite(root / split / "images" / f"site_{i:04d}.tif", counts_, photometric="minisblack",
-                             metadata={"axes": "CYX"})
-            Image.fromarray(labels).save(root / split / "masks" / f"site_{i:04d}.png", compress_level=1)
-    marker.write_text(json.dumps(params, indent=1))
-    return root

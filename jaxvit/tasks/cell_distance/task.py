@@ -1,10 +1,11 @@
 """Cell instance segmentation by distance-map regression (DINOCell): `config.task="cell_distance"`.
 
-Data: `<data.data_dir>/<split>/{images,masks}/` (`data.py`); `data.demo="cells"` renders the synthetic Cell
-Painting demo in that layout. Model: backbone + U-Net decoder (`model.py`); the backbone is frozen
-(train.freeze_backbone), LoRA-adapted (lora.enabled) or fine-tuned, as for classification; the decoder is the
-task's head (`params/head/`, BatchNorm statistics in `batch_stats/head/`). Loss: MSE between the sigmoid map and
-the per-cell normalised distance transform of the mask (`targets.py`).
+Data: `<data.data_dir>/<split>/{images,masks}/`, LIVECell's COCO files or Cellpose pairs (`data.py`);
+`data.demo="cells"` renders synthetic Cell Painting sites in LIVECell's layout (`jaxvit.demos.cells`).
+Model: backbone + U-Net decoder (`model.py`); the backbone is frozen (train.freeze_backbone), LoRA-adapted
+(lora.enabled) or fine-tuned, as for classification; the decoder is the task's head (`params/head/`, BatchNorm
+statistics in `batch_stats/head/`). Loss: MSE between the sigmoid map and the per-cell normalised distance
+transform of the mask (`targets.py`).
 
 Evaluation and prediction see each image whole on the evaluation canvas: overlapping data.image_size tiles
 (cell_distance.tile_overlap apart at least; the training crop size, so cells keep their scale) blended with
@@ -38,7 +39,7 @@ from jaxvit.data.sources import ImageLoadError
 from jaxvit.errors import ConfigError, DataError
 from jaxvit.tasks.base import Task, apply_train, build_head_model, check_files, finish_score
 from jaxvit.tasks.cell_distance import metrics
-from jaxvit.tasks.cell_distance.data import CellExample, PairedSource, load_mask, write_demo
+from jaxvit.tasks.cell_distance.data import CellExample, PairedSource, load_mask
 from jaxvit.tasks.cell_distance.model import CHANNELS, CellDistanceModel, default_layers
 from jaxvit.tasks.cell_distance.postprocess import FILL_THRESHOLD, PEAK_THRESHOLD, instances
 
@@ -103,9 +104,10 @@ class CellDistance(Task):
         return self._sources[split]
 
     def prepare(self) -> None:
-        """data.demo="cells": the synthetic Cell Painting demo in this task's paired layout."""
+        """data.demo="cells": the synthetic Cell Painting sites in LIVECell's layout (COCO polygons)."""
         if self.cfg.data.demo == "cells":
-            write_demo(self.cfg.data.data_dir, self.cfg.seed)
+            from jaxvit.demos.cells import write_livecell
+            write_livecell(self.cfg.data.data_dir, self.cfg.seed)
         else:
             super().prepare()
 
