@@ -29,10 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxvit.demos.gz2 import CLASSES, METADATA_NAME
 from jaxvit.errors import DataError, MissingDataError, exit_on_user_error
 
 log = logging.getLogger(__name__)
+CLASSES: tuple[str, ...] = ("completely_round_smooth", "in_between_smooth", "cigar_shaped_smooth", "edge_on",
+                          "spiral")  # the five classes of the GZ2 DINOv3 project, in its label order
+METADATA_NAME = "gz2_5class_metadata.csv"
 SPLITS = {"train": 19995, "val": 2500, "test": 2500}
 Q = "t01_smooth_or_features_a0{}_debiased"
 COLUMNS = {  # the vote fractions the rules read

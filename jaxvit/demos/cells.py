@@ -40,7 +40,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from skimage import measure
 
-from jaxvit.demos import write_once
+from jaxvit.demos.once import write_once
 from jaxvit.files import write_csv
 
 CHANNELS = ("OrigDNA", "OrigER", "OrigRNA", "OrigAGP", "OrigMito", "OrigBrightfield", "OrigBrightfield_H")

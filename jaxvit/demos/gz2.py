@@ -30,18 +30,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from jaxvit.demos import write_once
+from jaxvit.demos.once import write_once
+from jaxvit.data import gz2 as gz2_builder
+from jaxvit.data.gz2 import CLASSES, METADATA_NAME
 from jaxvit.files import write_csv
 
-CLASSES: tuple[str, ...] = (
-    "completely_round_smooth",
-    "in_between_smooth",
-    "cigar_shaped_smooth",
-    "edge_on",
-    "spiral",
-)
 DEFAULT_PER_CLASS: dict[str, int] = {"train": 400, "val": 60, "test": 100}
-METADATA_NAME = "gz2_5class_metadata.csv"
 DEMO_NAME = "synthetic_gz2"  # its marker: <root>/.synthetic_gz2.json
 _VERSION = 2  # bump when the renderer changes so cached datasets are redone
 
@@ -352,7 +346,6 @@ def write_demo(root: str | os.PathLike, *, per_class: dict[str, int] | None = No
                seed: int = 0) -> pathlib.Path:
     """The GZ2 demo (data.demo="gz2"), once: the synthetic release (`write_release`) in `root`, and the five-class
     folders built from it by `python -m jaxvit.data.gz2` (per_class[split] galaxies of each class per split)."""
-    from jaxvit.data import gz2 as builder
     per_class = dict(DEFAULT_PER_CLASS if per_class is None else per_class)
     params = {"version": _VERSION, "release": True, "per_class": per_class, "size": size, "seed": seed}
 
@@ -361,14 +354,14 @@ def write_demo(root: str | os.PathLike, *, per_class: dict[str, int] | None = No
         built = out / "built"
         args = ["--hart_csv", str(out / HART_NAME), "--mapping_csv", str(out / MAPPING_NAME),
                 "--images_dir", str(out / IMAGES_DIR), "--out", str(built), "--seed", str(seed),
-                *(f"--{s}={per_class.get(s, 0) * len(CLASSES)}" for s in builder.SPLITS)]
-        builder.build(builder.parser().parse_args(args))
+                *(f"--{s}={per_class.get(s, 0) * len(CLASSES)}" for s in gz2_builder.SPLITS)]
+        gz2_builder.build(gz2_builder.parser().parse_args(args))
         for entry in built.iterdir():
             os.replace(entry, out / entry.name)
         built.rmdir()
 
     entries = (HART_NAME, MAPPING_NAME, IMAGES_DIR.split("/")[0], METADATA_NAME,
-               *(split_dir("", s).name for s in builder.SPLITS))
+               *(split_dir("", s).name for s in gz2_builder.SPLITS))
     return write_once(root, DEMO_NAME, params, write, entries)
 
 

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from jaxvit.demos import write_once
+from jaxvit.demos.once import write_once
 from jaxvit.files import write_csv
 from jaxvit.tasks.biomass.maths import TARGETS
 

@@ -32,7 +32,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from jaxvit.demos import write_once
+from jaxvit.demos.once import write_once
 
 DEMO_NAME = "synthetic_sar"  # its marker: <root>/.synthetic_sar.json
 SCENE, TILE = 256, 64
