@@ -9,7 +9,8 @@ directory, absolute or relative to the table's directory). Optional columns:
 
 `open_split(data_cfg, split)` reads the keys in CONFIG_DEFAULTS (`ssl.jump.*`) plus data_dir. `JumpSource[i]` is a
 dict of cheap fields; `load_stack` reads its channels as float32 [H, W, C] in [0, 1] (unreadable files raise
-ImageLoadError, so the training pipeline replaces the example) and `to_rgb` makes uint8 RGB views of a stack.
+ImageLoadError, so the training pipeline replaces the example); `planes` makes (or takes from its cache) the uint8
+planes that `views` turns into the views of a site; `to_rgb` makes uint8 RGB views of a stack.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxvit.data import jump_tables, photo_aug
+from jaxvit.data import jump_tables, photo_aug, site_cache
 from jaxvit.data.decode import load_array
 from jaxvit.data.labels import class_counts, resolve_labels
 from jaxvit.data.sources import ImageLoadError
@@ -52,6 +53,7 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "platemap_dir": "",  # metadata/platemaps/<batch>/ (relative to data_dir): the platemap columns joined by plate, well
     "holdout_by": "well",  # no split column and data.val_fraction > 0: hold out whole wells | plates as "val"
     "clahe": False,  # CLAHE on each uint8 view (the DINOv3 JUMP pretraining's preprocessing)
+    "cache_dir": "",  # decoded sites kept as uint8 .npy (site_cache.py); "" = <workdir>/jump_cache, "none" = off
 }
 
 
@@ -68,7 +70,8 @@ def open_split(data_cfg: Any, split: str, classes: Sequence[str] | None = None) 
         raise ConfigError("data.data_dir is empty: set it to the folder of the JUMP load-data table(s)")
     cols, location = jump_tables.site_table(data_cfg, get)
     return JumpSource(cols, split, get("channels"), get("label_column"), get("split_column"), classes,
-                      get("intensity"), get("channel_mode"), location=location, clahe=get("clahe"))
+                      get("intensity"), get("channel_mode"), location=location, clahe=get("clahe"),
+                      cache_dir=get("cache_dir"))
 
 
 def read_table(path: str | os.PathLike) -> dict[str, list[str]]:
@@ -118,10 +121,12 @@ class JumpSource:
     def __init__(self, table: str | os.PathLike | dict[str, list[str]], split: str,
                  channels: str | Sequence[str] = DEFAULT_CHANNELS, label_column: str = "Metadata_Treatment",
                  split_column: str = "Metadata_Split", classes: Sequence[str] | None = None,
-                 intensity: str = "image", channel_mode: str = "average", location: str = "", clahe: bool = False):
+                 intensity: str = "image", channel_mode: str = "average", location: str = "", clahe: bool = False,
+                 cache_dir: str = ""):
         """`table`: a table file, or its columns already read (relative PathName_* then resolve against `location`'s
-        folder, absolute ones as they are)."""
+        folder, absolute ones as they are). `cache_dir`: where `planes` keeps decoded sites ("" or "none": nowhere)."""
         self.split, self.location, self.clahe = split, location or str(table), clahe
+        self.cache_dir = "" if cache_dir == "none" else cache_dir
         self.channels = _channel_names(channels)
         self.intensity = _check_mode("intensity", intensity, INTENSITY_MODES)
         self.channel_mode = _check_mode("channel_mode", channel_mode, CHANNEL_MODES)
@@ -264,6 +269,18 @@ class JumpSource:
         span = np.where(hi > lo, hi - lo, np.inf)  # a constant channel becomes 0
         return np.clip((x - lo) / span, 0.0, 1.0).astype(np.float32)
 
+    def planes(self, example: dict, mode: str | None = None) -> np.ndarray:
+        """`site_planes` of the example's stack for channel_mode `mode` (None: this source's), from the cache
+        (cache_dir) when it holds them, else decoded (and stored there)."""
+        mode = mode or self.channel_mode
+        if not self.cache_dir:
+            return site_planes(self.load_stack(example), mode, self.clahe)
+        stats = self.plate_stats(example["plate"]) if self.intensity == "plate" else None
+        settings = dict(mode=mode, clahe=self.clahe, intensity=self.intensity, percentiles=PERCENTILES,
+                        stats=None if stats is None else [v.tolist() for v in stats])
+        return site_cache.load_or_make(self.cache_dir, example["files"], settings,
+                                       lambda: site_planes(self.load_stack(example), mode, self.clahe))
+
     def load_mask(self, example: dict) -> np.ndarray:
         """The example's cell label image as int32 [H, W] (0 = background)."""
         if "mask" not in example:
@@ -295,36 +312,42 @@ def _uint8(x: np.ndarray) -> np.ndarray:
 
 
 def _gray3(x: np.ndarray) -> np.ndarray:
-    return np.repeat(_uint8(x)[:, :, None], 3, axis=2)
+    return np.repeat(x[:, :, None], 3, axis=2) if x.ndim == 2 else x
+
+
+def site_planes(stack: np.ndarray, mode: str = "average", clahe: bool = False) -> np.ndarray:
+    """The uint8 planes [H, W, K] every view of a float [H, W, C] stack in [0, 1] is made of (`views`):
+    average: K=1, the channels' mean; per_channel: K=C, each channel; first3: K=3, channels 0-2 as RGB. `clahe`:
+    each view equalised (photo_aug.clahe, as on the RGB view: a grey view stays grey)."""
+    c = stack.shape[-1]
+    _check_mode("channel_mode", mode, CHANNEL_MODES)
+    if mode == "first3" and c < 3:
+        raise ConfigError(f"ssl.jump.channel_mode='first3' needs at least 3 channels; the stack has {c}: add "
+                          "channels to ssl.jump.channels or use 'average' / 'per_channel'")
+    planes = {"average": lambda: _uint8(stack.mean(axis=-1, keepdims=True)), "per_channel": lambda: _uint8(stack),
+              "first3": lambda: _uint8(stack[:, :, :3])}[mode]()
+    if not clahe:
+        return planes
+    if mode == "first3":
+        return photo_aug.clahe(planes)
+    return np.stack([photo_aug.clahe(_gray3(planes[:, :, k]))[:, :, 0] for k in range(planes.shape[2])], axis=-1)
+
+
+def views(planes: np.ndarray, mode: str = "average", rng: np.random.Generator | None = None,
+          n_views: int = 1) -> list[np.ndarray]:
+    """`n_views` uint8 images from `site_planes`: grey [H, W] (average: the mean, the same array for every view;
+    per_channel: each view one channel drawn with `rng`) or RGB [H, W, 3] (first3, the same array for every view)."""
+    _check_mode("channel_mode", mode, CHANNEL_MODES)
+    if mode == "per_channel":
+        if rng is None:
+            raise ValueError("to_rgb(mode='per_channel') needs rng, a numpy Generator")
+        return [planes[:, :, k] for k in rng.integers(0, planes.shape[2], n_views)]
+    return [planes if mode == "first3" else planes[:, :, 0]] * n_views
 
 
 def to_rgb(stack: np.ndarray, mode: str = "average", rng: np.random.Generator | None = None,
            n_views: int = 1, clahe: bool = False) -> list[np.ndarray]:
-    """`to_views`, then CLAHE on each distinct view when `clahe` (ssl.jump.clahe)."""
-    views = to_views(stack, mode, rng, n_views)
-    if not clahe:
-        return views
-    done: dict[int, np.ndarray] = {}
-    return [done.setdefault(id(v), photo_aug.clahe(v)) for v in views]
-
-
-def to_views(stack: np.ndarray, mode: str = "average", rng: np.random.Generator | None = None,
-             n_views: int = 1) -> list[np.ndarray]:
-    """`n_views` uint8 (H, W, 3) images from a float [H, W, C] stack in [0, 1].
-
-    average      the channels' mean as grey (the same array for every view)
-    per_channel  each view one channel drawn with `rng`, as grey: the channels are views of the same cells
-    first3       channels 0, 1, 2 as R, G, B (the same array for every view)
-    """
-    c = stack.shape[-1]
-    _check_mode("channel_mode", mode, CHANNEL_MODES)
-    if mode == "average":
-        return [_gray3(stack.mean(axis=-1))] * n_views
-    if mode == "per_channel":
-        if rng is None:
-            raise ValueError("to_rgb(mode='per_channel') needs rng, a numpy Generator")
-        return [_gray3(stack[:, :, k]) for k in rng.integers(0, c, n_views)]
-    if c < 3:
-        raise ConfigError(f"ssl.jump.channel_mode='first3' needs at least 3 channels; the stack has {c}: add "
-                          "channels to ssl.jump.channels or use 'average' / 'per_channel'")
-    return [_uint8(stack[:, :, :3])] * n_views
+    """`n_views` uint8 (H, W, 3) images of a float [H, W, C] stack in [0, 1] (`site_planes`, `views`; grey
+    views replicated to 3 channels)."""
+    made: dict[int, np.ndarray] = {}
+    return [made.setdefault(id(v), _gray3(v)) for v in views(site_planes(stack, mode, clahe), mode, rng, n_views)]

@@ -140,7 +140,10 @@ def resize_center_crop(img: Image.Image, size: int, crop_ratio: float) -> Image.
 
 
 def adjust_hue(img: Image.Image, shift: float) -> Image.Image:
-    """Rotates hue by `shift` turns (in [-0.5, 0.5])."""
+    """Rotates hue by `shift` turns (in [-0.5, 0.5]); a grey ("L") image has none and stays as it is (as its RGB
+    copy does: saturation 0)."""
+    if img.mode == "L":
+        return img
     hsv = np.array(img.convert("HSV"))
     hsv[:, :, 0] = (hsv[:, :, 0].astype(np.int16) + round(shift * 255)) % 256
     return Image.fromarray(hsv, "HSV").convert("RGB")
