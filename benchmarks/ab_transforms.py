@@ -3,7 +3,8 @@ best round reported): per-core examples/s of a workload's train transform on fil
 
     PYTHONPATH=. taskset -c 1 python benchmarks/ab_transforms.py [--examples=16] [--rounds=3]
 
-dinocell: distance maps of the cells meeting the crop window vs of the whole mask (outputs identical).
+dinocell: scaled images and whole distance maps from the cache (filled by a first pass, "new_first_pass": the
+          maps of the cells meeting the crop window) vs decoded and the whole mask's maps each time (identical).
 biomass:  JPEG draft decoding at the smallest covering scale vs a full decode (pixels differ slightly).
 jump_ssl: sites from the decoded-site cache (filled by a first pass, timed as "new_first_pass") with grey views
           resized as grey vs decoded each time and replicated to RGB before the crops (outputs identical).
@@ -36,7 +37,7 @@ OLD = {  # module, attribute, the old call
     "biomass": (biomass_task, "load_image", lambda path, min_size=None: load_image(path)),
     "jump_ssl": (ssl_data.RGBViews, "__call__", _jump_old_views),
 }
-CACHED = {"jump_ssl"}  # the task gets a workdir (its caches live there), filled by one first pass
+CACHED = {"jump_ssl", "dinocell"}  # new path: with data.cache_dir, filled by a first pass
 
 
 def rate(transform, source, n: int) -> float:
@@ -57,14 +58,18 @@ def main() -> None:
         cfg = load_config_file(f"configs/{name}.py")
         with tempfile.TemporaryDirectory() as tmp:
             files = benchmark.write_workload_files(cfg, tmp, 8)
-            task = tasks.create(cfg, tmp if name in CACHED else None)
-            source, transform = task.source(cfg.data.train_split), task.train_transform()
+            cfg.model.pretrained, cfg.data.cache_dir = "", ""  # no model is built; the old path has no cache
+            task, new_cfg = tasks.create(cfg), cfg.copy_and_resolve_references()
+            new_cfg.data.cache_dir = f"{tmp}/cache" if name in CACHED else ""
+            new_task = tasks.create(new_cfg)
+            source, transforms = task.source(cfg.data.train_split), {
+                "old": task.train_transform(), "new": new_task.train_transform()}
             new_call, best = getattr(module, attr), {"old": 0.0, "new": 0.0}
-            first = rate(transform, source, len(source)) if name in CACHED else None
+            first = rate(transforms["new"], source, len(source)) if name in CACHED else None
             for _ in range(args.rounds):
                 for path, call in (("old", old_call), ("new", new_call)):
                     setattr(module, attr, call)
-                    best[path] = max(best[path], rate(transform, source, args.examples))
+                    best[path] = max(best[path], rate(transforms[path], source, args.examples))
             setattr(module, attr, new_call)
         print(json.dumps(dict(workload=name, files=files, old_per_core=round(best["old"], 2),
                               new_per_core=round(best["new"], 2), speedup=round(best["new"] / best["old"], 2),

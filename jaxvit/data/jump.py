@@ -23,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from jaxvit.data import jump_tables, photo_aug, site_cache
+from jaxvit.data import jump_tables, photo_aug
+from jaxvit.data.cache import ArrayCache
+from jaxvit.data.changes import stamps
 from jaxvit.data.decode import load_array
 from jaxvit.data.labels import class_counts, resolve_labels
 from jaxvit.data.sources import ImageLoadError
@@ -53,7 +55,6 @@ CONFIG_DEFAULTS: dict[str, Any] = {
     "platemap_dir": "",  # metadata/platemaps/<batch>/ (relative to data_dir): the platemap columns joined by plate, well
     "holdout_by": "well",  # no split column and data.val_fraction > 0: hold out whole wells | plates as "val"
     "clahe": False,  # CLAHE on each uint8 view (the DINOv3 JUMP pretraining's preprocessing)
-    "cache_dir": "",  # decoded sites kept as uint8 .npy (site_cache.py); "" = <workdir>/jump_cache, "none" = off
 }
 
 
@@ -71,7 +72,7 @@ def open_split(data_cfg: Any, split: str, classes: Sequence[str] | None = None) 
     cols, location = jump_tables.site_table(data_cfg, get)
     return JumpSource(cols, split, get("channels"), get("label_column"), get("split_column"), classes,
                       get("intensity"), get("channel_mode"), location=location, clahe=get("clahe"),
-                      cache_dir=get("cache_dir"))
+                      cache_dir=getattr(data_cfg, "cache_dir", ""))
 
 
 def read_table(path: str | os.PathLike) -> dict[str, list[str]]:
@@ -124,9 +125,10 @@ class JumpSource:
                  intensity: str = "image", channel_mode: str = "average", location: str = "", clahe: bool = False,
                  cache_dir: str = ""):
         """`table`: a table file, or its columns already read (relative PathName_* then resolve against `location`'s
-        folder, absolute ones as they are). `cache_dir`: where `planes` keeps decoded sites ("" or "none": nowhere)."""
+        folder, absolute ones as they are). `cache_dir` (data.cache_dir): where `planes` keeps decoded sites
+        ("": nowhere)."""
         self.split, self.location, self.clahe = split, location or str(table), clahe
-        self.cache_dir = "" if cache_dir == "none" else cache_dir
+        self.cache = ArrayCache(cache_dir, "jump_sites") if cache_dir else None
         self.channels = _channel_names(channels)
         self.intensity = _check_mode("intensity", intensity, INTENSITY_MODES)
         self.channel_mode = _check_mode("channel_mode", channel_mode, CHANNEL_MODES)
@@ -271,15 +273,17 @@ class JumpSource:
 
     def planes(self, example: dict, mode: str | None = None) -> np.ndarray:
         """`site_planes` of the example's stack for channel_mode `mode` (None: this source's), from the cache
-        (cache_dir) when it holds them, else decoded (and stored there)."""
+        (data.cache_dir) when it holds them, else decoded (and stored there): 1 byte per pixel and plane, e.g.
+        1.2 MB for a 1080 x 1080 site averaged to grey."""
         mode = mode or self.channel_mode
-        if not self.cache_dir:
-            return site_planes(self.load_stack(example), mode, self.clahe)
+        make = lambda: site_planes(self.load_stack(example), mode, self.clahe)  # noqa: E731
+        if self.cache is None:
+            return make()
+        files = example["files"]
         stats = self.plate_stats(example["plate"]) if self.intensity == "plate" else None
         settings = dict(mode=mode, clahe=self.clahe, intensity=self.intensity, percentiles=PERCENTILES,
-                        stats=None if stats is None else [v.tolist() for v in stats])
-        return site_cache.load_or_make(self.cache_dir, example["files"], settings,
-                                       lambda: site_planes(self.load_stack(example), mode, self.clahe))
+                        stats=None if stats is None else [v.tolist() for v in stats], files=stamps(files[1:]))
+        return self.cache.get(files[0], settings, make)
 
     def load_mask(self, example: dict) -> np.ndarray:
         """The example's cell label image as int32 [H, W] (0 = background)."""
