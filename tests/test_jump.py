@@ -217,6 +217,26 @@ def test_clahe_views_are_the_equalised_rgb_views(small):
             np.testing.assert_array_equal(e, photo_aug.clahe(p))  # CLAHE on each RGB view, as before the planes
 
 
+def test_count_lookup_planes_equal_the_float_stack_planes():
+    """Plate intensity: 8/16-bit counts through per-channel lookup tables give the float path's planes exactly
+    (random sizes, channel counts, percentiles inside and outside the data, a constant channel)."""
+    rng = np.random.default_rng(0)
+    for trial in range(24):
+        c, h, w = int(rng.integers(1, 7)), int(rng.integers(1, 40)), int(rng.integers(1, 40))
+        dtype = np.uint16 if trial % 3 else np.uint8
+        counts = [rng.integers(0, np.iinfo(dtype).max + 1, (h, w)).astype(dtype) for _ in range(c)]
+        x = np.stack([p.astype(np.float32) for p in counts], -1)
+        if trial % 2:
+            lo, hi = np.percentile(x, jump.PERCENTILES, axis=(0, 1)).astype(np.float32)
+        else:
+            lo = rng.uniform(0, 20000, c).astype(np.float32)
+            hi = (lo + rng.uniform(0, 30000, c)).astype(np.float32)
+        hi[0] = lo[0] if trial % 4 == 0 else hi[0]  # a constant channel: 0
+        stack = np.clip((x - lo) / np.where(hi > lo, hi - lo, np.inf), 0.0, 1.0).astype(np.float32)
+        for mode in jump.CHANNEL_MODES[:2] + (jump.CHANNEL_MODES[2:] if c >= 3 else ()):
+            np.testing.assert_array_equal(jump._count_planes(counts, lo, hi, mode), jump.site_planes(stack, mode))
+
+
 @pytest.mark.parametrize("intensity", ["plate", "image"])
 def test_site_cache_serves_the_decoded_planes_until_a_file_or_setting_changes(small, tmp_path, intensity):
     cache = tmp_path / "cache"

@@ -276,7 +276,7 @@ class JumpSource:
         (data.cache_dir) when it holds them, else decoded (and stored there): 1 byte per pixel and plane, e.g.
         1.2 MB for a 1080 x 1080 site averaged to grey."""
         mode = mode or self.channel_mode
-        make = lambda: site_planes(self.load_stack(example), mode, self.clahe)  # noqa: E731
+        make = lambda: self._make_planes(example, mode)  # noqa: E731
         if self.cache is None:
             return make()
         files = example["files"]
@@ -284,6 +284,14 @@ class JumpSource:
         settings = dict(mode=mode, clahe=self.clahe, intensity=self.intensity, percentiles=PERCENTILES,
                         stats=None if stats is None else [v.tolist() for v in stats], files=stamps(files[1:]))
         return self.cache.get(files[0], settings, make)
+
+    def _make_planes(self, example: dict, mode: str) -> np.ndarray:
+        if self.intensity == "plate":  # fixed percentiles: 8/16-bit counts through lookup tables (same values)
+            counts = read_planes(example["files"])
+            if all(p.dtype in (np.uint8, np.uint16) for p in counts):
+                _check_view_mode(mode, len(counts))
+                return _equalise(_count_planes(counts, *self.plate_stats(example["plate"]), mode), mode, self.clahe)
+        return site_planes(self.load_stack(example), mode, self.clahe)
 
     def load_mask(self, example: dict) -> np.ndarray:
         """The example's cell label image as int32 [H, W] (0 = background)."""
@@ -298,6 +306,11 @@ class JumpSource:
 
 def read_channels(files: Sequence[str]) -> np.ndarray:
     """One single-channel image per file, stacked as float32 [H, W, C] in the files' own values."""
+    return np.stack([p.astype(np.float32) for p in read_planes(files)], axis=-1)
+
+
+def read_planes(files: Sequence[str]) -> list[np.ndarray]:
+    """One single-channel image per file, [H, W] each in its own dtype (all the same size)."""
     planes: list[np.ndarray] = []
     for f in files:
         a = load_array(f)
@@ -307,8 +320,8 @@ def read_channels(files: Sequence[str]) -> np.ndarray:
         if planes and a.shape[:2] != planes[0].shape:
             (h, w), (h0, w0) = a.shape[:2], planes[0].shape
             raise ImageLoadError(f, f"size {w}x{h} (WxH) differs from {w0}x{h0} of {files[0]!r}")
-        planes.append(a[:, :, 0].astype(np.float32))
-    return np.stack(planes, axis=-1)
+        planes.append(a[:, :, 0])
+    return planes
 
 
 def _uint8(x: np.ndarray) -> np.ndarray:
@@ -323,13 +336,37 @@ def site_planes(stack: np.ndarray, mode: str = "average", clahe: bool = False) -
     """The uint8 planes [H, W, K] every view of a float [H, W, C] stack in [0, 1] is made of (`views`):
     average: K=1, the channels' mean; per_channel: K=C, each channel; first3: K=3, channels 0-2 as RGB. `clahe`:
     each view equalised (photo_aug.clahe, as on the RGB view: a grey view stays grey)."""
-    c = stack.shape[-1]
+    _check_view_mode(mode, stack.shape[-1])
+    planes = {"average": lambda: _uint8(stack.mean(axis=-1, keepdims=True)), "per_channel": lambda: _uint8(stack),
+              "first3": lambda: _uint8(stack[:, :, :3])}[mode]()
+    return _equalise(planes, mode, clahe)
+
+
+def _check_view_mode(mode: str, c: int) -> None:
     _check_mode("channel_mode", mode, CHANNEL_MODES)
     if mode == "first3" and c < 3:
         raise ConfigError(f"ssl.jump.channel_mode='first3' needs at least 3 channels; the stack has {c}: add "
                           "channels to ssl.jump.channels or use 'average' / 'per_channel'")
-    planes = {"average": lambda: _uint8(stack.mean(axis=-1, keepdims=True)), "per_channel": lambda: _uint8(stack),
-              "first3": lambda: _uint8(stack[:, :, :3])}[mode]()
+
+
+def _count_planes(counts: list[np.ndarray], lo: np.ndarray, hi: np.ndarray, mode: str) -> np.ndarray:
+    """`site_planes` (before CLAHE) of 8/16-bit channel planes scaled by fixed per-channel percentiles (lo, hi),
+    through one lookup table per channel: the same float32 operations per value as `load_stack` and the mean, without
+    the float stack."""
+    span = np.where(hi > lo, hi - lo, np.inf)
+    used = range(3) if mode == "first3" else range(len(counts))
+    luts = [np.clip((np.arange(np.iinfo(counts[k].dtype).max + 1, dtype=np.float32) - lo[k]) / span[k], 0.0, 1.0)
+            for k in used]
+    if mode != "average":
+        return np.stack([_uint8(lut[counts[k]]) for k, lut in zip(used, luts)], axis=-1)
+    total = luts[0][counts[0]]
+    for k in used[1:]:  # the channels summed in order in float32, as np.mean does
+        total += luts[k][counts[k]]
+    total /= np.float32(len(counts))
+    return _uint8(total)[:, :, None]
+
+
+def _equalise(planes: np.ndarray, mode: str, clahe: bool) -> np.ndarray:
     if not clahe:
         return planes
     if mode == "first3":
