@@ -140,10 +140,7 @@ def resize_center_crop(img: Image.Image, size: int, crop_ratio: float) -> Image.
 
 
 def adjust_hue(img: Image.Image, shift: float) -> Image.Image:
-    """Rotates hue by `shift` turns (in [-0.5, 0.5]); a grey ("L") image has none and stays as it is (as its RGB
-    copy does: saturation 0)."""
-    if img.mode == "L":
-        return img
+    """Rotates hue by `shift` turns (in [-0.5, 0.5])."""
     hsv = np.array(img.convert("HSV"))
     hsv[:, :, 0] = (hsv[:, :, 0].astype(np.int16) + round(shift * 255)) % 256
     return Image.fromarray(hsv, "HSV").convert("RGB")
@@ -165,7 +162,8 @@ def color_jitter(
         elif op == 2 and s > 0:
             img = ImageEnhance.Color(img).enhance(rng.uniform(max(0.0, 1 - s), 1 + s))
         elif op == 3 and hue > 0:
-            img = adjust_hue(img, rng.uniform(-hue, hue))
+            shift = rng.uniform(-hue, hue)
+            img = img if img.mode == "L" else adjust_hue(img, shift)  # grey has no hue (nor has its RGB copy)
     return img
 
 

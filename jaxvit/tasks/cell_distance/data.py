@@ -14,12 +14,12 @@ optional CLAHE (`cell_distance.clahe`), then normalised with data.mean / data.st
 
 Training: the distance-map target is computed from the mask (only the cells that meet the crop window: exact,
 each cell's values depend on that cell alone); with data.cache_dir the scaled image and its whole distance map
-are computed once per image and kept there (`jaxvit.data.cache`: keyed by both files and the channel selection). Then image and target get one geometry
-(`jaxvit.data.geometry`): a square window of data.image_size / s source pixels (s ~ U(cell_distance.scale_range))
-at a random position (images smaller than the window are padded: each channel with its median, the background;
-the target with 0), resized to data.image_size, random flips and quarter turns (data.aug.hflip / vflip / rot90);
-then brightness and inversion (`cell_distance.brightness`, `invert_prob`). The random stream is the pipeline's, a
-function of (seed, step). Evaluation keeps the image whole on a square canvas of side
+are computed once per image and kept there (`jaxvit.data.cache`: keyed by both files and the channel selection).
+Then image and target get one geometry (`jaxvit.data.geometry`): a square window of data.image_size / s source
+pixels (s ~ U(cell_distance.scale_range)) at a random position (images smaller than the window are padded: each
+channel with its median, the background; the target with 0), resized to data.image_size, random flips and
+quarter turns (data.aug.hflip / vflip / rot90); then brightness and inversion (`cell_distance.brightness`,
+`invert_prob`). The random stream is the pipeline's, a function of (seed, step). Evaluation keeps the image whole on a square canvas of side
 max(cell_distance.eval_size, data.image_size), padded at the bottom and right: NaN image (the prediction fills it
 with each channel's median, as training pads, and marks it -1 in the map), zero target and labels.
 """

@@ -89,7 +89,8 @@ def gaussian_blur(img: Image.Image, sigma: float) -> Image.Image:
 
 @dataclasses.dataclass(frozen=True)
 class MultiCrop:
-    """uint8 RGB (H, W, 3) or grey (H, W) + rng -> {"global": float32 [2, G, G, 3], "local": float32 [n_local, L, L, 3]}."""
+    """uint8 RGB (H, W, 3) or grey (H, W) + rng -> {"global": float32 [2, G, G, 3],
+    "local": float32 [n_local, L, L, 3]}."""
 
     cfg: MultiCropConfig = MultiCropConfig()
 
