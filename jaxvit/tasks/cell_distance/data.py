@@ -19,9 +19,10 @@ Then image and target get one geometry (`jaxvit.data.geometry`): a square window
 pixels (s ~ U(cell_distance.scale_range)) at a random position (images smaller than the window are padded: each
 channel with its median, the background; the target with 0), resized to data.image_size, random flips and
 quarter turns (data.aug.hflip / vflip / rot90); then brightness and inversion (`cell_distance.brightness`,
-`invert_prob`). The random stream is the pipeline's, a function of (seed, step). Evaluation keeps the image whole on a square canvas of side
-max(cell_distance.eval_size, data.image_size), padded at the bottom and right: NaN image (the prediction fills it
-with each channel's median, as training pads, and marks it -1 in the map), zero target and labels.
+`invert_prob`). The random stream is the pipeline's, a function of (seed, step). Evaluation keeps the image
+whole on a square canvas of side max(cell_distance.eval_size, data.image_size), padded at the bottom and right:
+NaN image (the prediction fills it with each channel's median, as training pads, and marks it -1 in the map),
+zero target and labels.
 """
 from __future__ import annotations
 
