@@ -40,6 +40,7 @@ META_COLUMNS = ("Metadata_Plate", "Metadata_Well", "Metadata_Site")
 MASK_CHANNEL = "CellMask"
 UNLABELLED = "unlabelled"
 PERCENTILES = (0.1, 99.9)  # intensities are clipped at these and scaled to [0, 1]
+CACHE_VERSION = 1  # of the cached site planes: bumped when the code makes different ones
 PLATE_SAMPLE = 16  # sites per plate whose pixels set the plate's percentiles
 _PLATE_PIXELS = 2**18  # at most about this many pixels per site and channel enter the plate percentiles
 
@@ -281,8 +282,9 @@ class JumpSource:
             return make()
         files = example["files"]
         stats = self.plate_stats(example["plate"]) if self.intensity == "plate" else None
-        settings = dict(mode=mode, clahe=self.clahe, intensity=self.intensity, percentiles=PERCENTILES,
-                        stats=None if stats is None else [v.tolist() for v in stats], files=stamps(files[1:]))
+        settings = dict(version=CACHE_VERSION, mode=mode, clahe=self.clahe, intensity=self.intensity,
+                        percentiles=PERCENTILES, stats=None if stats is None else [v.tolist() for v in stats],
+                        files=stamps(files[1:]))
         return self.cache.get(files[0], settings, make)
 
     def _make_planes(self, example: dict, mode: str) -> np.ndarray:

@@ -48,6 +48,7 @@ log = logging.getLogger("jaxvit")
 
 CHANNEL_MODES = ("average", "first3", "all")
 PERCENTILES = (0.1, 99.9)
+CACHE_VERSION = 1  # of the cached images and distance maps: bumped when the code makes different ones
 
 
 # ------------------------------------------------------------------------------------------- source
@@ -184,8 +185,8 @@ class CellExample:
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
         if rng is not None and self.cache_dir and "image" not in example and "mask" in example:
             mask_file = example["mask"].partition("#")[0]  # a COCO mask: its json (the id is in the settings)
-            settings = dict(mask=example["mask"], mask_file=stamps([mask_file]), channels=list(self.channels),
-                            percentiles=PERCENTILES)
+            settings = dict(version=CACHE_VERSION, mask=example["mask"], mask_file=stamps([mask_file]),
+                            channels=list(self.channels), percentiles=PERCENTILES)
             site = ArrayCache(self.cache_dir, "cell_sites").get(example["path"], settings, lambda: self._site(example))
             return self._train(site[:-1].transpose(1, 2, 0), lambda window: site[-1], rng)
         stack, labels, path = self._load(example)
