@@ -36,6 +36,7 @@ def get_config(arg: str = ""):
     c.data.image_size = 256  # DINOCell's crop and sliding-window size
     c.data.aug.hflip, c.data.aug.vflip, c.data.aug.rot90 = True, True, True
     c.data.num_workers = 4
+    c.data.cache_dir = "~/.cache/jaxvit"  # each image scaled and its distance map made once (LIVECell: 2.9 MB each)
     c.train.batch_size = 8
     c.train.epochs = 100
     c.train.phases = ({"name": "all", "patience": 7},)  # early stopping (DINOCell: patience 7)
@@ -68,6 +69,7 @@ def demo(c):
     s.eval_size, s.tile_overlap = 96, 32
     c.data.image_size = 64
     c.data.num_workers = 0  # in-process: no worker start-up at each evaluation
+    c.data.cache_dir = ""  # the synthetic sites are small: decoded each time
     c.train.phases = ()
     c.train.epochs = 30
     c.train.batch_size = 16

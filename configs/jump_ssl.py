@@ -47,6 +47,7 @@ def get_config(arg: str = ""):
     c.data.image_size = 224
     c.data.crop_ratio = 1.0
     c.data.num_workers = 10
+    c.data.cache_dir = "~/.cache/jaxvit"  # each site decoded and averaged to grey once (1080 x 1080: 1.2 MB)
     c.eval.test_split = ""
     c.eval.test_checkpoint = "final"
     # Evaluators (docs/evaluators.md): the k-NN monitor of the treatments on the teacher's [CLS] (the ssl task's
@@ -59,6 +60,7 @@ def get_config(arg: str = ""):
 def demo(c):
     """Synthetic Cell Painting (96 px sites), a tiny ViT from random init at patch 8 (`small_demo`)."""
     c.data.data_dir = "runs/demo_cells"
+    c.data.cache_dir = ""  # the synthetic sites are small: decoded each time
     c.data.demo = "cells"
     # read as published: per-plate gzipped tables with S3 paths (mapped to data_dir), treatments from the
     # platemaps, 40 % of the wells held out for the k-NN evaluation

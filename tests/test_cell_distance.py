@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -236,6 +238,30 @@ def test_training_target_of_the_window_cells_is_the_full_maps(tmp_path, monkeypa
     part, full = distance_map(labels, window), distance_map(labels)
     np.testing.assert_array_equal(part[30:70, 50:90], full[30:70, 50:90])
     assert (part == 0).sum() > (full == 0).sum()  # cells elsewhere were skipped
+
+
+def test_cached_images_and_maps_give_the_same_training_examples_until_a_file_changes(tmp_path):
+    """cell_distance.cache_dir: the scaled image and whole distance map, computed once per image, give the examples
+    of the uncached path exactly; a changed mask is computed again."""
+    rng = np.random.default_rng(5)
+    for i, (shape, n) in enumerate([((90, 70), 20), ((24, 40), 2)]):  # cells outside the crop; padding
+        write_pair(tmp_path / "train", f"img{i}", random_cells(rng, shape, n))
+    src, cache = PairedSource(tmp_path, "train"), tmp_path / "cache"
+    kw = dict(scale_range=(0.6, 1.4), brightness=0.1, invert_prob=0.5, clahe=True)
+    plain, cached = transform(**kw), transform(**kw, cache_dir=str(cache))
+    for _ in range(2):  # made and stored, then read back
+        for i in range(2):
+            for seed in range(3):
+                a, b = cached(src[i], np.random.default_rng(seed)), plain(src[i], np.random.default_rng(seed))
+                np.testing.assert_array_equal(a["target"], b["target"])
+                np.testing.assert_array_equal(a["image"], b["image"])
+    assert len(list(cache.rglob("*.npy"))) == 2 and not list(cache.rglob("*.tmp*"))
+    mask = Path(src[0]["mask"])
+    Image.fromarray(random_cells(rng, (90, 70), 20).astype(np.uint16)).save(mask)
+    os.utime(mask, ns=(1, 1))
+    a, b = cached(src[0], np.random.default_rng(0)), plain(src[0], np.random.default_rng(0))
+    np.testing.assert_array_equal(a["target"], b["target"])
+    assert len(list(cache.rglob("*.npy"))) == 3
 
 
 def test_eval_transform_pads_to_the_canvas(tmp_path):

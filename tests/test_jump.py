@@ -208,6 +208,73 @@ def test_to_rgb_modes(small):
         jump.to_rgb(x, "rgb")
 
 
+def test_clahe_views_are_the_equalised_rgb_views(small):
+    from jaxvit.data import photo_aug
+    x = jump.open_split(_cfg(small), "train").load_stack(jump.open_split(_cfg(small), "train")[0])
+    for mode in ("average", "first3", "per_channel"):
+        rng = np.random.default_rng(1)
+        plain = jump.to_rgb(x, mode, np.random.default_rng(1), n_views=3)
+        equalised = jump.to_rgb(x, mode, rng, n_views=3, clahe=True)
+        for p, e in zip(plain, equalised):
+            np.testing.assert_array_equal(e, photo_aug.clahe(p))  # CLAHE on each RGB view, as before the planes
+
+
+def test_count_lookup_planes_equal_the_float_stack_planes():
+    """Plate intensity: 8/16-bit counts through per-channel lookup tables give the float path's planes exactly
+    (random sizes, channel counts, percentiles inside and outside the data, a constant channel)."""
+    rng = np.random.default_rng(0)
+    for trial in range(24):
+        c, h, w = int(rng.integers(1, 7)), int(rng.integers(1, 40)), int(rng.integers(1, 40))
+        dtype = np.uint16 if trial % 3 else np.uint8
+        counts = [rng.integers(0, np.iinfo(dtype).max + 1, (h, w)).astype(dtype) for _ in range(c)]
+        x = np.stack([p.astype(np.float32) for p in counts], -1)
+        if trial % 2:
+            lo, hi = np.percentile(x, jump.PERCENTILES, axis=(0, 1)).astype(np.float32)
+        else:
+            lo = rng.uniform(0, 20000, c).astype(np.float32)
+            hi = (lo + rng.uniform(0, 30000, c)).astype(np.float32)
+        hi[0] = lo[0] if trial % 4 == 0 else hi[0]  # a constant channel: 0
+        stack = np.clip((x - lo) / np.where(hi > lo, hi - lo, np.inf), 0.0, 1.0).astype(np.float32)
+        for mode in jump.CHANNEL_MODES[:2] + (jump.CHANNEL_MODES[2:] if c >= 3 else ()):
+            np.testing.assert_array_equal(jump._count_planes(counts, lo, hi, mode), jump.site_planes(stack, mode))
+
+
+@pytest.mark.parametrize("intensity", ["plate", "image"])
+def test_site_cache_serves_the_decoded_planes_until_a_file_or_setting_changes(small, tmp_path, intensity):
+    cache = tmp_path / "cache"
+    rows = _absolute(_rows(small / syn.TABLE_NAME), small)
+    for r in rows:  # a private copy of the first site's DNA channel, to change it later
+        if r is rows[0]:
+            dna = tmp_path / r["FileName_OrigDNA"]
+            dna.write_bytes((Path(r["PathName_OrigDNA"]) / r["FileName_OrigDNA"]).read_bytes())
+            r["PathName_OrigDNA"] = str(tmp_path)
+    table = _write_table(tmp_path / "t.csv", rows)
+    cached = jump.JumpSource(table, "train", intensity=intensity, cache_dir=str(cache))
+    plain = jump.JumpSource(table, "train", intensity=intensity)
+    k = next(i for i in range(len(plain)) if plain[i]["files"][0] == str(dna))
+    for mode in jump.CHANNEL_MODES:
+        want = jump.site_planes(plain.load_stack(plain[k]), mode)
+        np.testing.assert_array_equal(cached.planes(cached[k], mode), want)  # made and stored
+        np.testing.assert_array_equal(cached.planes(cached[k], mode), want)  # read back
+        np.testing.assert_array_equal(plain.planes(plain[k], mode), want)  # no cache
+    entries = sorted(cache.rglob("*.npy"))
+    assert len(entries) == 3 and not list(cache.rglob("*.tmp*"))
+    assert np.load(entries[0]).dtype == np.uint8
+    # a setting changed: a new entry
+    clahe = jump.JumpSource(table, "train", intensity=intensity, cache_dir=str(cache), clahe=True)
+    np.testing.assert_array_equal(clahe.planes(clahe[k]), jump.site_planes(plain.load_stack(plain[k]), clahe=True))
+    assert len(list(cache.rglob("*.npy"))) == 4
+    # the file changed (new pixels, new modification time): decoded again, not served stale
+    before = cached.planes(cached[k])
+    tifffile.imwrite(dna, tifffile.imread(dna) // 3)
+    os.utime(dna, ns=(1, 1))
+    fresh, plain = (jump.JumpSource(table, "train", intensity=intensity, cache_dir=d) for d in (str(cache), ""))
+    want = jump.site_planes(plain.load_stack(plain[k]))
+    assert not np.array_equal(want, before)
+    np.testing.assert_array_equal(fresh.planes(fresh[k]), want)
+    assert len(list(cache.rglob("*.npy"))) == 5
+
+
 def test_source_pickles_cheaply_with_its_plate_statistics(small):
     src = jump.open_split(_cfg(small, intensity="plate"), "train")
     src.plate_stats(src[0]["plate"])

@@ -25,6 +25,32 @@ def test_clahe_without_clipping_is_histogram_equalisation_and_full_clipping_keep
 
 
 
+def _tile_maps_one_by_one(y, tiles, clip_limit):
+    """The tile mappings computed tile by tile (OpenCV's definition, as `_tile_maps` documents it)."""
+    if y.shape[0] % tiles or y.shape[1] % tiles:
+        y = np.pad(y, ((0, tiles - y.shape[0] % tiles), (0, tiles - y.shape[1] % tiles)), mode="reflect")
+    th, tw = y.shape[0] // tiles, y.shape[1] // tiles
+    limit = max(int(clip_limit * th * tw / 256), 1)
+    maps = np.zeros((tiles, tiles, 256), np.float32)
+    for i in range(tiles):
+        for j in range(tiles):
+            hist = np.bincount(y[i * th:(i + 1) * th, j * tw:(j + 1) * tw].ravel(), minlength=256)
+            excess = int(np.maximum(hist - limit, 0).sum())
+            hist = np.minimum(hist, limit) + excess // 256
+            if excess % 256:
+                hist[::max(256 // (excess % 256), 1)][:excess % 256] += 1
+            maps[i, j] = np.rint(np.cumsum(hist) * (255 / (th * tw)))
+    return maps
+
+
+def test_clahe_tile_maps_of_all_tiles_at_once_are_those_tile_by_tile():
+    rng = np.random.default_rng(1)
+    for shape, tiles, clip in [((64, 64), 8, 2.0), ((37, 53), 8, 2.0), ((30, 41), 3, 0.01), ((16, 24), 1, 1e9)]:
+        for y in (rng.integers(0, 256, shape), rng.integers(100, 110, shape), np.full(shape, 7)):
+            maps, th, tw = photo_aug._tile_maps(y.astype(np.uint8), tiles, clip)
+            np.testing.assert_array_equal(maps, _tile_maps_one_by_one(y.astype(np.uint8), tiles, clip))
+
+
 @pytest.mark.parametrize("clip_limit", [2.0, 3.0])
 def test_clahe_matches_opencv(clip_limit):
     """OpenCV is no dependency of jaxvit: this runs where opencv-python-headless is installed (docs/clahe.md)."""

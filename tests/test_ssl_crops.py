@@ -183,9 +183,22 @@ def test_pickle_round_trip():
         np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_grey_image_gives_the_views_of_its_rgb_copy():
+    grey = np.random.default_rng(3).integers(0, 256, (90, 70), dtype=np.uint8)
+    base = MultiCropConfig(global_size=40, local_size=24, n_local=3)
+    forced = dataclasses.replace(base, hflip=1.0, color_jitter_prob=1.0, blur_probs=(1.0, 1.0, 1.0),
+                                 solarize_prob_global2=1.0)
+    for cfg in (base, forced):  # every random op: crops, flips, jitter (all four), grayscale, blur, solarize
+        for seed in range(6):
+            a = MultiCrop(cfg)(grey, np.random.default_rng(seed))
+            b = MultiCrop(cfg)(np.repeat(grey[:, :, None], 3, axis=2), np.random.default_rng(seed))
+            for k in ("global", "local"):
+                np.testing.assert_array_equal(a[k], b[k])
+
+
 def test_rejects_bad_input_and_config():
     with pytest.raises(ValueError):
-        MultiCrop(PLAIN)(np.zeros((8, 8), np.uint8), np.random.default_rng(0))
+        MultiCrop(PLAIN)(np.zeros((8, 8, 2), np.uint8), np.random.default_rng(0))
     with pytest.raises(ValueError):
         MultiCropConfig(grayscale_prob=1.5)
     with pytest.raises(ValueError):

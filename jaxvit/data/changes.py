@@ -68,6 +68,15 @@ def check(workdir: Path, current: dict, resumed_step: int | None, allow_changed:
     return bool(changed)
 
 
+def stamps(paths) -> list[list]:
+    """[absolute path, size, modification time in ns] of each file: what a cache key of several files holds."""
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+    return out
+
+
 def _relative(path: str, data_dir: str) -> str:
     root, full = os.path.abspath(data_dir) if data_dir else "", os.path.abspath(path)
     return os.path.relpath(full, root) if root and full.startswith(root + os.sep) else str(path)

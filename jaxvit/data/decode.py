@@ -155,4 +155,8 @@ def normalize_channels(
     for name, v in (("mean", mean32), ("std", std32)):
         if v.ndim != 1 or len(v) not in (1, c):
             raise ValueError(f"{name} has {v.size} values; expected 1 or {c} (one per channel)")
-    return (x.astype(np.float32) - mean32) / std32
+    out = np.empty(x.shape, np.float32)
+    for k in range(c):  # per-channel loops beat broadcasting over a short last axis (same float32 operations)
+        np.subtract(x[..., k], mean32[k % len(mean32)], out=out[..., k], dtype=np.float32)
+        out[..., k] /= std32[k % len(std32)]
+    return out

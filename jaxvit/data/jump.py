@@ -9,7 +9,8 @@ directory, absolute or relative to the table's directory). Optional columns:
 
 `open_split(data_cfg, split)` reads the keys in CONFIG_DEFAULTS (`ssl.jump.*`) plus data_dir. `JumpSource[i]` is a
 dict of cheap fields; `load_stack` reads its channels as float32 [H, W, C] in [0, 1] (unreadable files raise
-ImageLoadError, so the training pipeline replaces the example) and `to_rgb` makes uint8 RGB views of a stack.
+ImageLoadError, so the training pipeline replaces the example); `planes` makes (or takes from its cache) the uint8
+planes that `views` turns into the views of a site; `to_rgb` makes uint8 RGB views of a stack.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from jaxvit.data import jump_tables, photo_aug
+from jaxvit.data.cache import ArrayCache
+from jaxvit.data.changes import stamps
 from jaxvit.data.decode import load_array
 from jaxvit.data.labels import class_counts, resolve_labels
 from jaxvit.data.sources import ImageLoadError
@@ -37,6 +40,7 @@ META_COLUMNS = ("Metadata_Plate", "Metadata_Well", "Metadata_Site")
 MASK_CHANNEL = "CellMask"
 UNLABELLED = "unlabelled"
 PERCENTILES = (0.1, 99.9)  # intensities are clipped at these and scaled to [0, 1]
+CACHE_VERSION = 1  # of the cached site planes: bumped when the code makes different ones
 PLATE_SAMPLE = 16  # sites per plate whose pixels set the plate's percentiles
 _PLATE_PIXELS = 2**18  # at most about this many pixels per site and channel enter the plate percentiles
 
@@ -68,7 +72,8 @@ def open_split(data_cfg: Any, split: str, classes: Sequence[str] | None = None) 
         raise ConfigError("data.data_dir is empty: set it to the folder of the JUMP load-data table(s)")
     cols, location = jump_tables.site_table(data_cfg, get)
     return JumpSource(cols, split, get("channels"), get("label_column"), get("split_column"), classes,
-                      get("intensity"), get("channel_mode"), location=location, clahe=get("clahe"))
+                      get("intensity"), get("channel_mode"), location=location, clahe=get("clahe"),
+                      cache_dir=getattr(data_cfg, "cache_dir", ""))
 
 
 def read_table(path: str | os.PathLike) -> dict[str, list[str]]:
@@ -118,10 +123,13 @@ class JumpSource:
     def __init__(self, table: str | os.PathLike | dict[str, list[str]], split: str,
                  channels: str | Sequence[str] = DEFAULT_CHANNELS, label_column: str = "Metadata_Treatment",
                  split_column: str = "Metadata_Split", classes: Sequence[str] | None = None,
-                 intensity: str = "image", channel_mode: str = "average", location: str = "", clahe: bool = False):
+                 intensity: str = "image", channel_mode: str = "average", location: str = "", clahe: bool = False,
+                 cache_dir: str = ""):
         """`table`: a table file, or its columns already read (relative PathName_* then resolve against `location`'s
-        folder, absolute ones as they are)."""
+        folder, absolute ones as they are). `cache_dir` (data.cache_dir): where `planes` keeps decoded sites
+        ("": nowhere)."""
         self.split, self.location, self.clahe = split, location or str(table), clahe
+        self.cache = ArrayCache(cache_dir, "jump_sites") if cache_dir else None
         self.channels = _channel_names(channels)
         self.intensity = _check_mode("intensity", intensity, INTENSITY_MODES)
         self.channel_mode = _check_mode("channel_mode", channel_mode, CHANNEL_MODES)
@@ -264,6 +272,29 @@ class JumpSource:
         span = np.where(hi > lo, hi - lo, np.inf)  # a constant channel becomes 0
         return np.clip((x - lo) / span, 0.0, 1.0).astype(np.float32)
 
+    def planes(self, example: dict, mode: str | None = None) -> np.ndarray:
+        """`site_planes` of the example's stack for channel_mode `mode` (None: this source's), from the cache
+        (data.cache_dir) when it holds them, else decoded (and stored there): 1 byte per pixel and plane, e.g.
+        1.2 MB for a 1080 x 1080 site averaged to grey."""
+        mode = mode or self.channel_mode
+        make = lambda: self._make_planes(example, mode)  # noqa: E731
+        if self.cache is None:
+            return make()
+        files = example["files"]
+        stats = self.plate_stats(example["plate"]) if self.intensity == "plate" else None
+        settings = dict(version=CACHE_VERSION, mode=mode, clahe=self.clahe, intensity=self.intensity,
+                        percentiles=PERCENTILES, stats=None if stats is None else [v.tolist() for v in stats],
+                        files=stamps(files[1:]))
+        return self.cache.get(files[0], settings, make)
+
+    def _make_planes(self, example: dict, mode: str) -> np.ndarray:
+        if self.intensity == "plate":  # fixed percentiles: 8/16-bit counts through lookup tables (same values)
+            counts = read_planes(example["files"])
+            if all(p.dtype in (np.uint8, np.uint16) for p in counts):
+                _check_view_mode(mode, len(counts))
+                return _equalise(_count_planes(counts, *self.plate_stats(example["plate"]), mode), mode, self.clahe)
+        return site_planes(self.load_stack(example), mode, self.clahe)
+
     def load_mask(self, example: dict) -> np.ndarray:
         """The example's cell label image as int32 [H, W] (0 = background)."""
         if "mask" not in example:
@@ -277,6 +308,11 @@ class JumpSource:
 
 def read_channels(files: Sequence[str]) -> np.ndarray:
     """One single-channel image per file, stacked as float32 [H, W, C] in the files' own values."""
+    return np.stack([p.astype(np.float32) for p in read_planes(files)], axis=-1)
+
+
+def read_planes(files: Sequence[str]) -> list[np.ndarray]:
+    """One single-channel image per file, [H, W] each in its own dtype (all the same size)."""
     planes: list[np.ndarray] = []
     for f in files:
         a = load_array(f)
@@ -286,8 +322,8 @@ def read_channels(files: Sequence[str]) -> np.ndarray:
         if planes and a.shape[:2] != planes[0].shape:
             (h, w), (h0, w0) = a.shape[:2], planes[0].shape
             raise ImageLoadError(f, f"size {w}x{h} (WxH) differs from {w0}x{h0} of {files[0]!r}")
-        planes.append(a[:, :, 0].astype(np.float32))
-    return np.stack(planes, axis=-1)
+        planes.append(a[:, :, 0])
+    return planes
 
 
 def _uint8(x: np.ndarray) -> np.ndarray:
@@ -295,36 +331,66 @@ def _uint8(x: np.ndarray) -> np.ndarray:
 
 
 def _gray3(x: np.ndarray) -> np.ndarray:
-    return np.repeat(_uint8(x)[:, :, None], 3, axis=2)
+    return np.repeat(x[:, :, None], 3, axis=2) if x.ndim == 2 else x
+
+
+def site_planes(stack: np.ndarray, mode: str = "average", clahe: bool = False) -> np.ndarray:
+    """The uint8 planes [H, W, K] every view of a float [H, W, C] stack in [0, 1] is made of (`views`):
+    average: K=1, the channels' mean; per_channel: K=C, each channel; first3: K=3, channels 0-2 as RGB. `clahe`:
+    each view equalised (photo_aug.clahe, as on the RGB view: a grey view stays grey)."""
+    _check_view_mode(mode, stack.shape[-1])
+    planes = {"average": lambda: _uint8(stack.mean(axis=-1, keepdims=True)), "per_channel": lambda: _uint8(stack),
+              "first3": lambda: _uint8(stack[:, :, :3])}[mode]()
+    return _equalise(planes, mode, clahe)
+
+
+def _check_view_mode(mode: str, c: int) -> None:
+    _check_mode("channel_mode", mode, CHANNEL_MODES)
+    if mode == "first3" and c < 3:
+        raise ConfigError(f"ssl.jump.channel_mode='first3' needs at least 3 channels; the stack has {c}: add "
+                          "channels to ssl.jump.channels or use 'average' / 'per_channel'")
+
+
+def _count_planes(counts: list[np.ndarray], lo: np.ndarray, hi: np.ndarray, mode: str) -> np.ndarray:
+    """`site_planes` (before CLAHE) of 8/16-bit channel planes scaled by fixed per-channel percentiles (lo, hi),
+    through one lookup table per channel: the same float32 operations per value as `load_stack` and the mean, without
+    the float stack."""
+    span = np.where(hi > lo, hi - lo, np.inf)
+    used = range(3) if mode == "first3" else range(len(counts))
+    luts = [np.clip((np.arange(np.iinfo(counts[k].dtype).max + 1, dtype=np.float32) - lo[k]) / span[k], 0.0, 1.0)
+            for k in used]
+    if mode != "average":
+        return np.stack([_uint8(lut[counts[k]]) for k, lut in zip(used, luts)], axis=-1)
+    total = luts[0][counts[0]]
+    for k in used[1:]:  # the channels summed in order in float32, as np.mean does
+        total += luts[k][counts[k]]
+    total /= np.float32(len(counts))
+    return _uint8(total)[:, :, None]
+
+
+def _equalise(planes: np.ndarray, mode: str, clahe: bool) -> np.ndarray:
+    if not clahe:
+        return planes
+    if mode == "first3":
+        return photo_aug.clahe(planes)
+    return np.stack([photo_aug.clahe(_gray3(planes[:, :, k]))[:, :, 0] for k in range(planes.shape[2])], axis=-1)
+
+
+def views(planes: np.ndarray, mode: str = "average", rng: np.random.Generator | None = None,
+          n_views: int = 1) -> list[np.ndarray]:
+    """`n_views` uint8 images from `site_planes`: grey [H, W] (average: the mean, the same array for every view;
+    per_channel: each view one channel drawn with `rng`) or RGB [H, W, 3] (first3, the same array for every view)."""
+    _check_mode("channel_mode", mode, CHANNEL_MODES)
+    if mode == "per_channel":
+        if rng is None:
+            raise ValueError("to_rgb(mode='per_channel') needs rng, a numpy Generator")
+        return [planes[:, :, k] for k in rng.integers(0, planes.shape[2], n_views)]
+    return [planes if mode == "first3" else planes[:, :, 0]] * n_views
 
 
 def to_rgb(stack: np.ndarray, mode: str = "average", rng: np.random.Generator | None = None,
            n_views: int = 1, clahe: bool = False) -> list[np.ndarray]:
-    """`to_views`, then CLAHE on each distinct view when `clahe` (ssl.jump.clahe)."""
-    views = to_views(stack, mode, rng, n_views)
-    if not clahe:
-        return views
-    done: dict[int, np.ndarray] = {}
-    return [done.setdefault(id(v), photo_aug.clahe(v)) for v in views]
-
-
-def to_views(stack: np.ndarray, mode: str = "average", rng: np.random.Generator | None = None,
-             n_views: int = 1) -> list[np.ndarray]:
-    """`n_views` uint8 (H, W, 3) images from a float [H, W, C] stack in [0, 1].
-
-    average      the channels' mean as grey (the same array for every view)
-    per_channel  each view one channel drawn with `rng`, as grey: the channels are views of the same cells
-    first3       channels 0, 1, 2 as R, G, B (the same array for every view)
-    """
-    c = stack.shape[-1]
-    _check_mode("channel_mode", mode, CHANNEL_MODES)
-    if mode == "average":
-        return [_gray3(stack.mean(axis=-1))] * n_views
-    if mode == "per_channel":
-        if rng is None:
-            raise ValueError("to_rgb(mode='per_channel') needs rng, a numpy Generator")
-        return [_gray3(stack[:, :, k]) for k in rng.integers(0, c, n_views)]
-    if c < 3:
-        raise ConfigError(f"ssl.jump.channel_mode='first3' needs at least 3 channels; the stack has {c}: add "
-                          "channels to ssl.jump.channels or use 'average' / 'per_channel'")
-    return [_uint8(stack[:, :, :3])] * n_views
+    """`n_views` uint8 (H, W, 3) images of a float [H, W, C] stack in [0, 1] (`site_planes`, `views`; grey
+    views replicated to 3 channels)."""
+    made: dict[int, np.ndarray] = {}
+    return [made.setdefault(id(v), _gray3(v)) for v in views(site_planes(stack, mode, clahe), mode, rng, n_views)]

@@ -29,17 +29,16 @@ def _tile_maps(y: np.ndarray, tiles: int, clip_limit: float) -> tuple[np.ndarray
     th, tw = y.shape[0] // tiles, y.shape[1] // tiles
     area = th * tw
     limit = max(int(clip_limit * area / 256), 1)
-    maps = np.zeros((tiles, tiles, 256), np.float32)
-    for i in range(tiles):
-        for j in range(tiles):
-            hist = np.bincount(y[i * th:(i + 1) * th, j * tw:(j + 1) * tw].ravel(), minlength=256)
-            excess = int(np.maximum(hist - limit, 0).sum())
-            hist = np.minimum(hist, limit) + excess // 256
-            residual = excess % 256
-            if residual:
-                hist[::max(256 // residual, 1)][:residual] += 1
-            maps[i, j] = np.rint(np.cumsum(hist) * (255 / area))
-    return maps, th, tw
+    n = tiles * tiles  # every tile's histogram from one bincount: [n, 256]
+    pixels = y.reshape(tiles, th, tiles, tw).transpose(0, 2, 1, 3).reshape(n, area)
+    hist = np.bincount((np.arange(n)[:, None] * 256 + pixels).ravel(), minlength=n * 256).reshape(n, 256)
+    excess = np.maximum(hist - limit, 0).sum(axis=1)
+    hist = np.minimum(hist, limit) + (excess // 256)[:, None]
+    residual, bins = excess % 256, np.arange(256)[None, :]
+    step = np.maximum(256 // np.maximum(residual, 1), 1)[:, None]  # one more count every step-th bin, residual times
+    hist += (bins % step == 0) & (bins // step < residual[:, None])
+    maps = np.rint(np.cumsum(hist, axis=1) * (255 / area)).astype(np.float32)
+    return maps.reshape(tiles, tiles, 256), th, tw
 
 
 def clahe_channel(y: np.ndarray, clip_limit: float = 2.0, tiles: int = 8) -> np.ndarray:
@@ -54,8 +53,8 @@ def clahe_channel(y: np.ndarray, clip_limit: float = 2.0, tiles: int = 8) -> np.
     wy, wx = (fy - y0)[:, None], (fx - x0)[None, :]
     y1, x1 = np.clip(y0 + 1, 0, tiles - 1), np.clip(x0 + 1, 0, tiles - 1)
     y0, x0 = np.clip(y0, 0, tiles - 1), np.clip(x0, 0, tiles - 1)
-    v = y.astype(np.int64)
-    at = lambda ty, tx: maps[ty[:, None], tx[None, :], v]  # noqa: E731
+    flat, v = maps.reshape(-1), y.astype(np.intp)
+    at = lambda ty, tx: flat[(ty * tiles * 256)[:, None] + (tx * 256)[None, :] + v]  # noqa: E731 maps[ty, tx, v]
     out = (1 - wy) * ((1 - wx) * at(y0, x0) + wx * at(y0, x1)) + wy * ((1 - wx) * at(y1, x0) + wx * at(y1, x1))
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 

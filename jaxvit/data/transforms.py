@@ -162,7 +162,8 @@ def color_jitter(
         elif op == 2 and s > 0:
             img = ImageEnhance.Color(img).enhance(rng.uniform(max(0.0, 1 - s), 1 + s))
         elif op == 3 and hue > 0:
-            img = adjust_hue(img, rng.uniform(-hue, hue))
+            shift = rng.uniform(-hue, hue)
+            img = img if img.mode == "L" else adjust_hue(img, shift)  # grey has no hue (nor has its RGB copy)
     return img
 
 

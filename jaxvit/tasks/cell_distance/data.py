@@ -13,14 +13,16 @@ input), `first3` (channels 0-2 as RGB) or `all` (every channel, for a backbone w
 optional CLAHE (`cell_distance.clahe`), then normalised with data.mean / data.std.
 
 Training: the distance-map target is computed from the mask (only the cells that meet the crop window: exact,
-each cell's values depend on that cell alone), then image and target get one geometry
-(`jaxvit.data.geometry`): a square window of data.image_size / s source pixels (s ~ U(cell_distance.scale_range))
-at a random position (images smaller than the window are padded: each channel with its median, the background;
-the target with 0), resized to data.image_size, random flips and quarter turns (data.aug.hflip / vflip / rot90);
-then brightness and inversion (`cell_distance.brightness`, `invert_prob`). The random stream is the pipeline's, a
-function of (seed, step). Evaluation keeps the image whole on a square canvas of side
-max(cell_distance.eval_size, data.image_size), padded at the bottom and right: NaN image (the prediction fills it
-with each channel's median, as training pads, and marks it -1 in the map), zero target and labels.
+each cell's values depend on that cell alone); with data.cache_dir the scaled image and its whole distance map
+are computed once per image and kept there (`jaxvit.data.cache`: keyed by both files and the channel selection).
+Then image and target get one geometry (`jaxvit.data.geometry`): a square window of data.image_size / s source
+pixels (s ~ U(cell_distance.scale_range)) at a random position (images smaller than the window are padded: each
+channel with its median, the background; the target with 0), resized to data.image_size, random flips and
+quarter turns (data.aug.hflip / vflip / rot90); then brightness and inversion (`cell_distance.brightness`,
+`invert_prob`). The random stream is the pipeline's, a function of (seed, step). Evaluation keeps the image
+whole on a square canvas of side max(cell_distance.eval_size, data.image_size), padded at the bottom and right:
+NaN image (the prediction fills it with each channel's median, as training pads, and marks it -1 in the map),
+zero target and labels.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxvit.data.cache import ArrayCache
+from jaxvit.data.changes import stamps
 from jaxvit.data.decode import load_array, normalize_channels
 from jaxvit.data.geometry import Geometry, apply_geometry
 from jaxvit.data.photo_aug import clahe_channel
@@ -43,6 +47,7 @@ log = logging.getLogger("jaxvit")
 
 CHANNEL_MODES = ("average", "first3", "all")
 PERCENTILES = (0.1, 99.9)
+CACHE_VERSION = 1  # of the cached images and distance maps: bumped when the code makes different ones
 
 
 # ------------------------------------------------------------------------------------------- source
@@ -160,6 +165,7 @@ class CellExample:
     scale_range: tuple[float, float] = (1.0, 1.0)
     brightness: float = 0.0
     invert_prob: float = 0.0
+    cache_dir: str = ""  # training: scaled images + whole distance maps kept here (data.cache_dir; "": not kept)
 
     def __post_init__(self):
         if self.channel_mode not in CHANNEL_MODES:
@@ -176,6 +182,28 @@ class CellExample:
             raise ConfigError(f"cell_distance.scale_range={tuple(self.scale_range)}: need 0 < low <= high")
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+        if rng is not None and self.cache_dir and "image" not in example and "mask" in example:
+            mask_file = example["mask"].partition("#")[0]  # a COCO mask: its json (the id is in the settings)
+            settings = dict(version=CACHE_VERSION, mask=example["mask"], mask_file=stamps([mask_file]),
+                            channels=list(self.channels), percentiles=PERCENTILES)
+            site = ArrayCache(self.cache_dir, "cell_sites").get(example["path"], settings, lambda: self._site(example))
+            return self._train(site[:-1].transpose(1, 2, 0), lambda window: site[-1], rng)
+        stack, labels, path = self._load(example)
+        if rng is None:
+            return self._eval(stack, labels, path)
+        if labels is None:
+            raise DataError(f"training example {path} has no mask")
+        return self._train(stack, lambda window: distance_map(labels, window), rng)
+
+    def _site(self, example: dict) -> np.ndarray:
+        """float32 [C + 1, H, W]: the scaled stack's channels and the whole distance map (what the cache keeps)."""
+        stack, labels, path = self._load(example)
+        if labels is None:
+            raise DataError(f"training example {path} has no mask")
+        return np.concatenate([stack.transpose(2, 0, 1), distance_map(labels)[None]])
+
+    def _load(self, example: dict) -> tuple[np.ndarray, np.ndarray | None, str]:
+        """The scaled stack [H, W, C], the mask's cell ids (None without one) and the image's path."""
         path = example.get("path", "<array>")
         raw = np.asarray(example["image"]) if "image" in example else load_array(path)
         stack = self._select(raw if raw.ndim == 3 else raw[:, :, None], path)
@@ -186,11 +214,7 @@ class CellExample:
                 (h, w), (hi, wi) = labels.shape, stack.shape[:2]
                 raise ImageLoadError(example["mask"], f"mask size {w}x{h} (WxH) differs from its image's {wi}x{hi} "
                                      f"({path})")
-        if rng is None:
-            return self._eval(stack, labels, path)
-        if labels is None:
-            raise DataError(f"training example {path} has no mask")
-        return self._train(stack, labels, rng)
+        return stack, labels, path
 
     def _select(self, raw: np.ndarray, path: str) -> np.ndarray:
         if self.channels:
@@ -221,10 +245,11 @@ class CellExample:
             x = np.repeat(x, self.in_channels, axis=2)
         return normalize_channels(x, self.mean, self.std)
 
-    def _train(self, stack: np.ndarray, labels: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def _train(self, stack: np.ndarray, target_of, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """`target_of(window)`: the distance map, exact at least in the window's rows and columns."""
         side = self.image_size / rng.uniform(*self.scale_range)  # source pixels of the window
         need = int(np.ceil(side))
-        h0, w0 = labels.shape
+        h0, w0 = stack.shape[:2]
         pad = ((0, max(need - h0, 0)), (0, max(need - w0, 0)))
         h, w = h0 + pad[0][1], w0 + pad[1][1]
         x0, y0 = (float(rng.integers(0, int(n - side) + 1)) for n in (w, h))
@@ -232,7 +257,7 @@ class CellExample:
         # support is max(1, source px per output px)); cells outside it are skipped (exact, `distance_map`).
         reach = int(np.ceil(max(1.0, side / self.image_size))) + 1
         window = (int(y0) - reach, int(np.ceil(y0 + side)) + reach, int(x0) - reach, int(np.ceil(x0 + side)) + reach)
-        target = distance_map(labels, window)
+        target = target_of(window)
         if pad != ((0, 0), (0, 0)):
             fill = np.median(stack, axis=(0, 1))  # the background's level: padding shows no cells
             stack = np.concatenate([np.pad(stack[:, :, k], pad, constant_values=v)[:, :, None]

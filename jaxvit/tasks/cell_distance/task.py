@@ -115,7 +115,7 @@ class CellDistance(Task):
         s, d = self.cfg.cell_distance, self.cfg.data
         return CellExample(d.image_size, max(s.eval_size, d.image_size), self._in_channels, tuple(d.mean), tuple(d.std),
                            tuple(s.channels), s.channel_mode, s.clahe, d.aug.hflip, d.aug.vflip, d.aug.rot90,
-                           tuple(s.scale_range), s.brightness, s.invert_prob)
+                           tuple(s.scale_range), s.brightness, s.invert_prob, d.cache_dir)
 
     eval_transform = train_transform  # CellExample without an rng is the eval transform
 

@@ -72,8 +72,8 @@ class MultiCropConfig:
 
 def grayscale(img: Image.Image) -> Image.Image:
     """ITU-R 601-2 luma (PIL "L": 0.299 R + 0.587 G + 0.114 B) replicated to 3 channels, as torchvision's
-    `RandomGrayscale` on a PIL RGB image."""
-    return img.convert("L").convert("RGB")
+    `RandomGrayscale` on a PIL RGB image; a grey ("L") image stays as it is."""
+    return img if img.mode == "L" else img.convert("L").convert("RGB")
 
 
 def solarize(img: Image.Image, threshold: int) -> Image.Image:
@@ -89,7 +89,8 @@ def gaussian_blur(img: Image.Image, sigma: float) -> Image.Image:
 
 @dataclasses.dataclass(frozen=True)
 class MultiCrop:
-    """uint8 RGB (H, W, 3) + rng -> {"global": float32 [2, G, G, 3], "local": float32 [n_local, L, L, 3]}."""
+    """uint8 RGB (H, W, 3) or grey (H, W) + rng -> {"global": float32 [2, G, G, 3],
+    "local": float32 [n_local, L, L, 3]}."""
 
     cfg: MultiCropConfig = MultiCropConfig()
 
@@ -111,18 +112,22 @@ class MultiCrop:
             view = gaussian_blur(view, rng.uniform(*c.blur_sigma))
         if solarize_p > 0 and rng.random() < solarize_p:
             view = solarize(view, c.solarize_threshold)
-        return normalize(np.asarray(view), c.mean, c.std)
+        x = np.asarray(view)
+        if x.ndim == 2:  # a grey view: every op above gave the values of its RGB copy, in a third of the time
+            x = np.broadcast_to(x[:, :, None], (*x.shape, 3))
+        return normalize(x, c.mean, c.std)
 
     def __call__(self, image, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """`image`: one uint8 (H, W, 3) array, or a list of 2 + n_local of them (one per view, in view order:
-        e.g. a different microscopy channel per view)."""
+        e.g. a different microscopy channel per view). A grey (H, W) array gives the views of its copy replicated
+        to 3 channels, each op working on one channel instead of three."""
         c = self.cfg
         images = list(image) if isinstance(image, (list, tuple)) else [image] * (2 + c.n_local)
         if len(images) != 2 + c.n_local:
             raise ValueError(f"expected one image or {2 + c.n_local} (one per view), got {len(images)}")
         for im in images:
-            if im.dtype != np.uint8 or im.ndim != 3 or im.shape[2] != 3:
-                raise ValueError(f"expected a uint8 (H, W, 3) image, got {im.dtype} {im.shape}")
+            if im.dtype != np.uint8 or not (im.ndim == 2 or im.ndim == 3 and im.shape[2] == 3):
+                raise ValueError(f"expected a uint8 (H, W, 3) or (H, W) image, got {im.dtype} {im.shape}")
         converted: dict[int, Image.Image] = {}  # one PIL image per distinct array
         pil = [converted.setdefault(id(im), Image.fromarray(np.asarray(im))) for im in images]
         g1 = self._view(pil[0], c.global_size, c.global_scale, c.blur_probs[0], 0.0, rng)

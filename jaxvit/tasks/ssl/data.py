@@ -20,8 +20,8 @@ from jaxvit.tasks.ssl.crops import MultiCrop
 
 @dataclasses.dataclass(frozen=True)
 class RGBViews:
-    """example + rng -> n uint8 (H, W, 3) images: the decoded image n times, or views of a JUMP site's channel
-    stack by the source's ssl.jump.channel_mode (evaluation, without an rng: the channels' average)."""
+    """example + rng -> n uint8 images, (H, W, 3) or grey (H, W): the decoded image n times, or views of a JUMP
+    site's channel stack by the source's ssl.jump.channel_mode (evaluation, without an rng: the channels' average)."""
 
     source: Any
 
@@ -29,7 +29,7 @@ class RGBViews:
         if "files" in example:  # a JUMP site: one file per channel
             from jaxvit.data import jump
             mode = self.source.channel_mode if rng is not None else "average"
-            return jump.to_rgb(self.source.load_stack(example), mode, rng, n, self.source.clahe)
+            return jump.views(self.source.planes(example, mode), mode, rng, n)
         image = example["image"] if "image" in example else load_image(example["path"])
         return [np.asarray(image)] * n
 
@@ -56,7 +56,7 @@ class EvalExample:
     std: tuple[float, ...]
 
     def __call__(self, example: dict) -> dict[str, np.ndarray]:
-        img = Image.fromarray(self.views(example, None, 1)[0])
+        img = Image.fromarray(self.views(example, None, 1)[0]).convert("RGB")
         image = normalize(np.asarray(resize_center_crop(img, self.size, self.crop_ratio)), self.mean, self.std)
         return {"image": image, "label": np.int32(example.get("label", 0))}
 

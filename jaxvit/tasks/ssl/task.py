@@ -115,7 +115,7 @@ class SSL(Task):
             if self.jump:
                 from jaxvit.data import jump
                 keys = mlc.ConfigDict({"data_dir": self.cfg.data.data_dir, "val_fraction": self.cfg.data.val_fraction,
-                                       **self.s.jump.to_dict()})
+                                       "cache_dir": self.cfg.data.cache_dir, **self.s.jump.to_dict()})
                 self._sources[split] = jump.open_split(keys, split, self._classes)
             else:
                 self._sources[split] = labelled.open_split(self.cfg.data, split, self._classes)
