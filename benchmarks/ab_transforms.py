@@ -3,9 +3,10 @@ best round reported): per-core examples/s of a workload's train transform on fil
 
     PYTHONPATH=. taskset -c 1 python benchmarks/ab_transforms.py [--examples=16] [--rounds=3]
 
-dinocell: distance maps of the cells meeting the crop window vs of the whole mask (outputs identical).
-biomass:  JPEG draft decoding at the smallest covering scale vs a full decode (pixels differ slightly).
-The old path is the same transform with the fixed function swapped back for the old call.
+dinocell:       distance maps of the cells meeting the crop window vs of the whole mask (outputs identical).
+biomass_draft:  JPEG draft decoding at the smallest covering scale vs a full decode (pixels differ slightly).
+biomass_cache:  each photo's resized views from data.cache_dir (warm) vs decoded and resized each time (identical).
+The old path is the same transform with the fixed function (or attribute) swapped back for the old one.
 """
 import argparse
 import json
@@ -17,13 +18,14 @@ import numpy as np
 from jaxvit import benchmark, tasks
 from jaxvit.config import load_config_file
 from jaxvit.data.sources import load_image
-from jaxvit.tasks import biomass as biomass_task
+from jaxvit.tasks.biomass import data as biomass_data
 from jaxvit.tasks.cell_distance import data as cell_data
 from jaxvit.tasks.cell_distance.targets import distance_map
 
-OLD = {  # module, attribute, the old call
-    "dinocell": (cell_data, "distance_map", lambda labels, window=None: distance_map(labels)),
-    "biomass": (biomass_task, "load_image", lambda path, min_size=None: load_image(path)),
+OLD = {  # case: config, the swapped attribute's owner (given the transform), the attribute, its old value
+    "dinocell": ("dinocell", lambda t: cell_data, "distance_map", lambda labels, window=None: distance_map(labels)),
+    "biomass_draft": ("biomass", lambda t: biomass_data, "load_image", lambda path, min_size=None: load_image(path)),
+    "biomass_cache": ("biomass", lambda t: t, "cache", None),
 }
 
 
@@ -38,13 +40,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--examples", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cases", default=",".join(OLD))
     args = ap.parse_args()
-    for name, (module, attr, old_call) in OLD.items():
-        cfg = load_config_file(f"configs/{name}.py")
+    for name in args.cases.split(","):
+        config, owner, attr, old_call = OLD[name]
+        cfg = load_config_file(f"configs/{config}.py")
         with tempfile.TemporaryDirectory() as tmp:
             files = benchmark.write_workload_files(cfg, tmp, 8)
+            cfg.data.cache_dir = f"{tmp}/cache" if attr == "cache" else ""  # the cache only where it is measured
             task = tasks.create(cfg)
             source, transform = task.source(cfg.data.train_split), task.train_transform()
+            module = owner(transform)
             new_call, best = getattr(module, attr), {"old": 0.0, "new": 0.0}
             for _ in range(args.rounds):
                 for path, call in (("old", old_call), ("new", new_call)):
