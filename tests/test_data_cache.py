@@ -70,3 +70,17 @@ def test_processes_writing_the_same_entries_at_once_leave_whole_files(tmp_path):
     assert all((r == 7).all() and r.shape == (256, 256, 3) for r in results)
     entries = sorted((tmp_path / "c").rglob("*"))
     assert len([e for e in entries if e.suffix == ".npy"]) == 3 and not [e for e in entries if ".tmp" in e.name]
+
+
+def test_cached_rgb_decode_is_the_decode(tmp_path):
+    from jaxvit.data.transforms import RGBExample
+    path = _photo(tmp_path / "g.jpg", 0, (50, 40))
+    cfg = TransformConfig(image_size=32)
+    plain, cached = RGBExample(cfg), RGBExample(cfg, str(tmp_path / "c"))
+    for _ in range(2):
+        for seed in (0, None):
+            rng = None if seed is None else np.random.default_rng(seed)
+            got = cached({"path": path, "label": 1}, rng)
+            rng = None if seed is None else np.random.default_rng(seed)
+            np.testing.assert_array_equal(got["image"], plain({"path": path, "label": 1}, rng)["image"])
+    assert len(list((tmp_path / "c" / "rgb8").rglob("*.npy"))) == 1
