@@ -291,6 +291,16 @@ def test_transforms():
     np.testing.assert_allclose(const[0, 0], (128 / 255 - MEAN) / STD, rtol=1e-5)
 
 
+def test_hue_moves_the_hsv_hue_channel_by_whole_steps():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 20, 3), np.uint8))
+    hsv = np.asarray(img.convert("HSV")).astype(int)
+    for shift in (-0.5, -0.1, -0.02, 0.0, 0.013, 0.1, 0.5):
+        moved = hsv.copy()
+        moved[..., 0] = (moved[..., 0] + round(shift * 255)) % 256
+        expected = np.asarray(Image.fromarray(moved.astype(np.uint8), "HSV").convert("RGB"))
+        np.testing.assert_array_equal(np.asarray(transforms.adjust_hue(img, shift)), expected)
+
+
 def test_rotation_and_crop_in_one_resampling_are_close_to_the_two_step_path():
     """`rotated_resized_crop` (one resampling at the output's size) against the rotation at the source's size then
     the crop, with the same angle and box, on galaxies: the same geometry, pixels within a few levels."""

@@ -157,10 +157,9 @@ def resize_center_crop(img: Image.Image, size: int, crop_ratio: float) -> Image.
 
 
 def adjust_hue(img: Image.Image, shift: float) -> Image.Image:
-    """Rotates hue by `shift` turns (in [-0.5, 0.5])."""
-    hsv = np.array(img.convert("HSV"))
-    hsv[:, :, 0] = (hsv[:, :, 0].astype(np.int16) + round(shift * 255)) % 256
-    return Image.fromarray(hsv, "HSV").convert("RGB")
+    """Rotates hue by `shift` turns (in [-0.5, 0.5]): PIL's HSV with H moved by round(shift x 255) steps."""
+    k = round(shift * 255)
+    return img.convert("HSV").point([(v + k) % 256 for v in range(256)] + list(range(256)) * 2).convert("RGB")
 
 
 def color_jitter(

@@ -89,9 +89,9 @@ class PastureExample:
                 x = photo_aug.border_mask(x, a["border_mask"], rng)
             views = self._fit(x, train)
         c = self.cfg
-        images = np.stack([self._augment(v, rng) if train else normalize(v, c.mean, c.std) for v in views])
+        images = [self._augment(v, rng) if train else normalize(v, c.mean, c.std) for v in views]
         out = {k: np.asarray(v) for k, v in example.items() if k not in ("path", "image")}
-        return {"image": images if self.halves else images[0], **out}
+        return {"image": np.stack(images) if self.halves else images[0], **out}
 
     def _decode(self, example: dict, train: bool) -> np.ndarray:
         """The "image" array, or the file decoded (train: JPEGs at the smallest scale that still covers the views'
@@ -127,5 +127,4 @@ class PastureExample:
                                                           float(rng.uniform(0, 180))))
         if any(v > 0 for v in c.color_jitter) and rng.random() < c.color_jitter_prob:
             image = color_jitter(image, c.color_jitter, rng)
-        x = random_flips_rot90(np.asarray(image), c.hflip, c.vflip, c.rot90, rng)
-        return normalize(np.ascontiguousarray(x), c.mean, c.std)
+        return normalize(random_flips_rot90(np.asarray(image), c.hflip, c.vflip, c.rot90, rng), c.mean, c.std)
