@@ -765,6 +765,8 @@ def bench_workload_data(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         files = write_workload_files(cfg, tmp, args.data_files)
         cfg.model.pretrained = ""
+        if cfg.data.get("cache_dir"):  # a cache in the temporary folder: cold for the first pass over the files
+            cfg.data.cache_dir = os.path.join(tmp, "cache")
         if cfg.task == "sar_grounding":
             cfg.sar_grounding.perceptual_weight = 0.0  # no model is built: its files need not be here
             cfg.sar_grounding.terramind = cfg.sar_grounding.terramind or "random"
