@@ -60,6 +60,16 @@ def test_a_changed_photo_or_setting_is_not_served_from_the_cache(tmp_path):
     assert len(list((tmp_path / "c").rglob("*.npy"))) == 3
 
 
+def test_a_folder_that_cannot_be_written_only_loses_the_cache(tmp_path, caplog):
+    path = _photo(tmp_path / "p.jpg", 0)
+    (tmp_path / "c").write_text("a file where the cache folder would be")
+    cfg = TransformConfig(image_size=32)
+    cached = PastureExample(cfg, _aug(), tmp_path / "c")
+    for _ in range(2):
+        np.testing.assert_array_equal(_views(cached, path, 1), _views(PastureExample(cfg, _aug()), path, 1))
+    assert len([r for r in caplog.records if "cannot write" in r.getMessage()]) == 1
+
+
 @pytest.mark.slow
 def test_processes_writing_the_same_entries_at_once_leave_whole_files(tmp_path):
     path = _photo(tmp_path / "p.jpg", 0)
