@@ -104,9 +104,7 @@ done
 item "SSL gz2_ssl (ViT-S/14)" 60 --mode=ssl --config="configs/gz2_ssl.py$SSL_VARIANT" "${SSL_ARGS[@]}"
 item "SSL jump_ssl (ViT-S/8)" 70 --mode=ssl --config="configs/jump_ssl.py$SSL_VARIANT" "${SSL_ARGS[@]}"
 # Input pipelines alone (transform + batching) with 16 workers, on files in each workload's published format.
-# terramind_stage3: + ~30-100 s for XLA's count of its step (traced at full size, random weights drawn first).
 for config in jump_ssl dinocell biomass gz2_lora terramind_stage3 cifar10_dinov2 gz2_ssl gz2_full; do
-  item "data $config" "$([[ $config == terramind_stage3 ]] && echo 120 || echo 50)" --data \
-    --config="configs/$config.py" "${DATA_ARGS[@]}"
+  item "data $config" 50 --data --config="configs/$config.py" "${DATA_ARGS[@]}"
 done
 echo "== done in $((SECONDS - START)) s: $TABLE"
