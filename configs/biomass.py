@@ -40,6 +40,7 @@ def get_config(arg: str = ""):
     c.biomass.clahe_prob, c.biomass.motion_blur_prob = 0.3, 0.2  # the project's strong augmentation
     c.biomass.depth_model = "depth-anything/Depth-Anything-V2-Small-hf"  # depth features + attention (seed: ON)
     c.eval.batch_size = 32
+    c.data.cache_dir = "~/.cache/jaxvit"  # each photo decoded and resized once (a 448 px view: 0.6 MB)
     return apply_variant(c, arg, "biomass.py", planthydra=planthydra, aux=aux, best=best, demo=demo)
 
 
@@ -66,6 +67,7 @@ def demo(c):
     c.data.demo, c.data.data_dir = "pasture", "runs/biomass_demo_data"
     c.data.image_size = 64
     c.data.num_workers = 2
+    c.data.cache_dir = ""  # the synthetic photos are small: decoded each time
     c.model.arch, c.model.pretrained = "dinov3_vits16", ""
     c.biomass.depth_model = ""  # no Depth Anything weights offline; the synthetic photos have no relief anyway
     c.model.overrides.update(dict(patch_size=8, hidden_size=96, depth=4, num_heads=3, mlp_hidden=288))

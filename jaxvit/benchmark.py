@@ -689,16 +689,46 @@ def write_workload_files(cfg, root: str, n: int = 8) -> str:
     return f"{n} GZ2 424x424 RGB JPEGs"
 
 
+def _sar_step_flops(cfg, task) -> float:
+    """XLA's count of the TerraMind stage-3 gradient for one example (random weights of the configured sizes): the
+    tokenizers, every TerraMind pass and the differentiable DDIM decode. The decode's denoising loop is a scan that
+    XLA counts once, so timesteps - 1 more of its steps (forward, recompute, backward) are added. The perceptual
+    term's network is not built here (its weights are files) and not counted: DINOv2-S, under 1% of the step."""
+    import jax
+    from jaxvit.models.terramind.tokenizer.model import decode_probs
+    example = task.train_transform()(task.source(cfg.data.train_split)[0], np.random.default_rng(0))
+    batch = {k: jax.ShapeDtypeStruct((1, *np.shape(v)), np.asarray(v).dtype) for k, v in example.items()}
+    built = {}
+
+    def init(key):
+        built["model"], variables = task.build(key)
+        return variables
+    variables = jax.eval_shape(init, jax.random.key(0))
+    model, lora = built["model"], variables.pop("lora")
+
+    def flops(fn, *args) -> float:  # lowered, not compiled
+        cost = jax.jit(fn).lower(*args).cost_analysis()
+        return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+    step = flops(jax.grad(lambda a, v, b, r: task.loss(model, {**v, "lora": a}, b, r)[0].sum()),
+                 lora, variables, batch, jax.random.key(0))
+    tok, s2 = model.tokenizer, batch["s2"]
+    side = s2.shape[1] // tok.cfg.patch_size
+    probs = jax.ShapeDtypeStruct((1, side, side, int(np.prod(tok.cfg.levels))), np.float32)
+    denoise = flops(jax.grad(lambda p, n, t: decode_probs(tok, t, p, n, timesteps=1, remat=True).sum()),
+                    probs, jax.ShapeDtypeStruct(s2.shape, np.float32), variables["params"]["tokenizer"])
+    return step + (cfg.sar_grounding.timesteps - 1) * denoise
+
+
 def step_flops(cfg, task) -> float:
     """Training FLOPs per example of the config's step (the module's convention): ssl by `ssl_flops` (its model
-    built with random weights), else the backbone at data.image_size, 2x (LoRA) or 3x (full) its forward; the
-    TerraMind task as two ViT-B/16 (its base encoder and decoder); DINOCell by XLA's count of its forward
-    (backbone and convolutional decoder). Other heads are not counted."""
+    built with random weights), else the backbone at data.image_size, 2x (LoRA) or 3x (full) its forward;
+    DINOCell by XLA's count of its forward (backbone and convolutional decoder); the TerraMind task by XLA's count
+    of its whole gradient (`_sar_step_flops`). Other heads are not counted."""
     import jax
     from jaxvit.models import get_config
     factor = 2 if cfg.lora.enabled else 3
     if cfg.task == "sar_grounding":
-        return 2 * forward_flops(get_config("dinov3_vitb16", num_registers=0), cfg.data.image_size) * factor
+        return _sar_step_flops(cfg, task)
     if cfg.task == "cell_distance":  # the decoder's convolutions matter here: XLA's count of the forward
         import jax.numpy as jnp
         built = {}

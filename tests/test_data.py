@@ -275,8 +275,8 @@ def test_transforms():
     assert np.isfinite(a).all() and np.abs(a).max() < 3.0
 
     # Rotation fills corners with black; centre keeps the colour.
-    white = np.full((32, 32, 3), 255, np.uint8)
-    rot = transforms.random_rotate(Image.fromarray(white), 45, np.random.default_rng(3))
+    white = np.full((64, 64, 3), 255, np.uint8)
+    rot = transforms.rotated_resized_crop(Image.fromarray(white), 45, 32, (1, 1), (1, 1), np.random.default_rng(3))
     rot = np.asarray(rot)
     assert (rot[0, 0] == 0).all() and (rot[16, 16] == 255).all()
 
@@ -289,6 +289,34 @@ def test_transforms():
     np.testing.assert_allclose(pixels[5, :, 0], np.arange(24, 56) * 3, atol=1e-3)
     const = transforms.eval_transform(np.full((20, 30, 3), 128, np.uint8), ev_cfg)
     np.testing.assert_allclose(const[0, 0], (128 / 255 - MEAN) / STD, rtol=1e-5)
+
+
+def test_hue_moves_the_hsv_hue_channel_by_whole_steps():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 20, 3), np.uint8))
+    hsv = np.asarray(img.convert("HSV")).astype(int)
+    for shift in (-0.5, -0.1, -0.02, 0.0, 0.013, 0.1, 0.5):
+        moved = hsv.copy()
+        moved[..., 0] = (moved[..., 0] + round(shift * 255)) % 256
+        expected = np.asarray(Image.fromarray(moved.astype(np.uint8), "HSV").convert("RGB"))
+        np.testing.assert_array_equal(np.asarray(transforms.adjust_hue(img, shift)), expected)
+
+
+def test_rotation_and_crop_in_one_resampling_are_close_to_the_two_step_path():
+    """`rotated_resized_crop` (one resampling at the output's size) against the rotation at the source's size then
+    the crop, with the same angle and box, on galaxies: the same geometry, pixels within a few levels."""
+    from jaxvit.demos.gz2 import CLASSES, render_galaxy
+    rng = np.random.default_rng(0)
+    for k, cls in enumerate(CLASSES[:3]):
+        img = Image.fromarray(render_galaxy(cls, rng, 256))
+        angle = float(rng.uniform(-180, 180))
+        rotated = img.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+        old = np.asarray(transforms.random_resized_crop(rotated, 128, (0.5, 1.0), (0.8, 1.25),
+                                                        np.random.default_rng(k))).astype(int)
+        new = np.asarray(transforms.rotated_resized_crop(img, angle, 128, (0.5, 1.0), (0.8, 1.25),
+                                                         np.random.default_rng(k))).astype(int)
+        diff = np.abs(old - new)
+        assert diff.mean() < 4 and np.percentile(diff, 99) < 20, (cls, diff.mean(), np.percentile(diff, 99))
+        assert ((old.max(-1) == 0) != (new.max(-1) == 0)).mean() < 0.01  # the black corners in the same place
 
 
 def test_rgb_example_decodes_then_transforms(tmp_path: Path):

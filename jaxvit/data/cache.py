@@ -5,12 +5,14 @@ An entry is <cache_dir>/<kind>/<key[:2]>/<key>.npy, key = sha256 of the file's a
 time (ns), the settings that shape the array, and Pillow's and numpy's versions: a changed file or setting gets a
 new key, so nothing stale is served (old entries stay: delete the folder to reclaim the space). Entries are written
 to a temporary file and renamed (`files.atomic_write`): grain workers and hosts sharing the folder may compute the
-same entry at once, the last rename wins with the same content, and a reader sees a whole file or none.
+same entry at once, the last rename wins with the same content, and a reader sees a whole file or none. A folder
+that cannot be written (full, read-only) is warned about once per process; the arrays are then computed each time.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +21,9 @@ import numpy as np
 import PIL
 
 from jaxvit.files import atomic_write
+
+log = logging.getLogger("jaxvit")
+_unwritable: set[Path] = set()  # folders already warned about, in this process
 
 
 class ArrayCache:
@@ -44,5 +49,10 @@ class ArrayCache:
         except (OSError, ValueError, EOFError):  # absent (or, from a foreign writer, damaged): compute it
             pass
         x = make()
-        atomic_write(entry, lambda tmp: np.save(tmp, x, allow_pickle=False))
+        try:
+            atomic_write(entry, lambda tmp: np.save(tmp, x, allow_pickle=False))
+        except OSError as e:  # a full or read-only disk: go on without the cache
+            if self.root not in _unwritable:
+                log.warning("data.cache_dir: cannot write %s (%s); computing each array anew", entry, e)
+                _unwritable.add(self.root)
         return x

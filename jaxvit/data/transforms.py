@@ -1,9 +1,10 @@
 """Per-example image transforms (PIL + numpy), all randomness from a `np.random.Generator`.
 
-Train order: free-angle rotation (source resolution) -> random resized crop to `image_size` ->
-colour jitter -> flips / 90-degree rotation -> normalisation -> random erasing. Colour jitter runs
-before the crop instead when the source has fewer pixels than the output (cheaper; brightness and
-saturation commute with resampling, contrast then uses the whole image's mean).
+Train order: free-angle rotation -> random resized crop to `image_size` -> colour jitter -> flips /
+90-degree rotation -> normalisation -> random erasing. Rotation and crop are one resampling at the
+output's size (`rotated_resized_crop`). Colour jitter runs before the crop instead when the source has
+fewer pixels than the output (cheaper; brightness and saturation commute with resampling, contrast then
+uses the whole image's mean); such a small source is rotated at its own size first.
 Eval: resize the shorter side to `round(image_size / crop_ratio)`, centre crop, normalise.
 Outputs are float32 (H, W, 3), ready to be batched NHWC.
 
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageEnhance
 
+from jaxvit.data.cache import ArrayCache
 from jaxvit.data.geometry import sample_box
 from jaxvit.data.sources import load_image
 
@@ -85,12 +87,27 @@ class TransformConfig:
 # ----------------------------------------------------------------------------- geometric
 
 
-def random_rotate(img: Image.Image, max_degrees: float, rng: np.random.Generator) -> Image.Image:
-    """Rotates by an angle ~ U(-max_degrees, max_degrees) about the centre; black corners."""
-    if max_degrees <= 0:
-        return img
-    angle = float(rng.uniform(-max_degrees, max_degrees))
-    return img.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+def rotated_resized_crop(img: Image.Image, angle: float, size: int, scale: tuple[float, float],
+                         ratio: tuple[float, float], rng: np.random.Generator) -> Image.Image:
+    """`img.rotate(angle)` (about the centre, black corners) then `random_resized_crop`, in one resampling at the
+    output's size instead of a rotation at the source's: the box is drawn in the rotated frame as before; the
+    source is first shrunk (bilinear, antialiased) to the box's scale when the crop downsamples, then one affine
+    map (rotation, box, any remaining aspect change) samples the output bilinearly. Pixels differ slightly from
+    the two-step path (tests/test_data.py bounds it)."""
+    w, h = img.size
+    left, top, right, bottom = sample_box(h, w, rng, scale, ratio)
+    sx, sy = (right - left) / size, (bottom - top) / size  # source pixels per output pixel
+    shrink = min(1.0, 1.0 / min(sx, sy))
+    if shrink < 1.0:
+        img = img.resize((max(1, round(w * shrink)), max(1, round(h * shrink))), _TRAIN_RESAMPLE)
+    kx, ky = img.width / w, img.height / h
+    # PIL's rotate: the rotated-frame point (x, y) samples the source at (a x + b y + c, d x + e y + f).
+    rad = math.radians(angle)
+    a, b, d, e = math.cos(rad), -math.sin(rad), math.sin(rad), math.cos(rad)
+    c, f = w / 2 - a * w / 2 - b * h / 2, h / 2 - d * w / 2 - e * h / 2
+    coeffs = (kx * a * sx, kx * b * sy, kx * (a * left + b * top + c),
+              ky * d * sx, ky * e * sy, ky * (d * left + e * top + f))
+    return img.transform((size, size), Image.Transform.AFFINE, coeffs, _TRAIN_RESAMPLE, fillcolor=(0, 0, 0))
 
 
 def random_resized_crop(
@@ -140,10 +157,9 @@ def resize_center_crop(img: Image.Image, size: int, crop_ratio: float) -> Image.
 
 
 def adjust_hue(img: Image.Image, shift: float) -> Image.Image:
-    """Rotates hue by `shift` turns (in [-0.5, 0.5])."""
-    hsv = np.array(img.convert("HSV"))
-    hsv[:, :, 0] = (hsv[:, :, 0].astype(np.int16) + round(shift * 255)) % 256
-    return Image.fromarray(hsv, "HSV").convert("RGB")
+    """Rotates hue by `shift` turns (in [-0.5, 0.5]): PIL's HSV with H moved by round(shift x 255) steps."""
+    k = round(shift * 255)
+    return img.convert("HSV").point([(v + k) % 256 for v in range(256)] + list(range(256)) * 2).convert("RGB")
 
 
 def color_jitter(
@@ -200,12 +216,17 @@ def train_transform(
 ) -> np.ndarray:
     """uint8 RGB (H, W, 3) -> augmented, normalised float32 (S, S, 3)."""
     img = Image.fromarray(image)
-    img = random_rotate(img, cfg.rotate_degrees, rng)
-    jitter = any(v > 0 for v in cfg.color_jitter) and rng.random() < cfg.color_jitter_prob
     jitter_first = img.width * img.height < cfg.image_size**2
+    angle = float(rng.uniform(-cfg.rotate_degrees, cfg.rotate_degrees)) if cfg.rotate_degrees > 0 else 0.0
+    if jitter_first and angle:  # a small source: rotated at its own size, colour jitter before the crop
+        img = img.rotate(angle, resample=_TRAIN_RESAMPLE, fillcolor=(0, 0, 0))
+    jitter = any(v > 0 for v in cfg.color_jitter) and rng.random() < cfg.color_jitter_prob
     if jitter and jitter_first:
         img = color_jitter(img, cfg.color_jitter, rng)
-    img = random_resized_crop(img, cfg.image_size, cfg.crop_scale, cfg.crop_aspect, rng)
+    if angle and not jitter_first:
+        img = rotated_resized_crop(img, angle, cfg.image_size, cfg.crop_scale, cfg.crop_aspect, rng)
+    else:
+        img = random_resized_crop(img, cfg.image_size, cfg.crop_scale, cfg.crop_aspect, rng)
     if jitter and not jitter_first:
         img = color_jitter(img, cfg.color_jitter, rng)
     x = random_flips_rot90(np.asarray(img), cfg.hflip, cfg.vflip, cfg.rot90, rng)
@@ -224,13 +245,21 @@ def eval_transform(image: np.ndarray, cfg: TransformConfig) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class RGBExample:
     """A source example {"path" | "image", other fields...} -> {"image": float32 (S, S, 3), other fields as
-    arrays}: a path is decoded to 8-bit RGB (`load_image`), an "image" is a uint8 (H, W, 3) array already; then
-    `train_transform` (when called with an rng) or `eval_transform`. Picklable, for grain workers."""
+    arrays}: a path is decoded to 8-bit RGB (`load_image`; with a `cache_dir`, once per file, then read from
+    <cache_dir>/rgb8: `jaxvit.data.cache`), an "image" is a uint8 (H, W, 3) array already; then `train_transform`
+    (when called with an rng) or `eval_transform`. Picklable, for grain workers."""
 
     cfg: TransformConfig
+    cache_dir: str = ""
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-        image = example["image"] if "image" in example else load_image(example["path"])
+        if "image" in example:
+            image = example["image"]
+        elif self.cache_dir:
+            path = example["path"]
+            image = ArrayCache(self.cache_dir, "rgb8").get(path, {}, lambda: load_image(path))
+        else:
+            image = load_image(example["path"])
         x = eval_transform(image, self.cfg) if rng is None else train_transform(image, self.cfg, rng)
         return {"image": x, **{k: _as_array(v) for k, v in example.items() if k not in ("path", "image")}}
 

@@ -61,7 +61,7 @@ class Classification(Task):
             tfds_source.prepare(self.cfg.data.source[5:], self.cfg.data.tfds_data_dir, self.cfg.data.manual_dir)
 
     def train_transform(self) -> RGBExample:
-        return RGBExample(TransformConfig.from_config(self.cfg.data))
+        return RGBExample(TransformConfig.from_config(self.cfg.data), self.cfg.data.cache_dir)
 
     eval_transform = train_transform  # RGBExample without an rng is the eval transform
 

@@ -67,7 +67,7 @@ class Regression(Task):
         return src
 
     def train_transform(self) -> RGBExample:
-        return RGBExample(TransformConfig.from_config(self.cfg.data))
+        return RGBExample(TransformConfig.from_config(self.cfg.data), self.cfg.data.cache_dir)
 
     eval_transform = train_transform
 

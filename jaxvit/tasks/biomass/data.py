@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from jaxvit.data import photo_aug
+from jaxvit.data.cache import ArrayCache
 from jaxvit.data.sources import load_image
 from jaxvit.data.transforms import TransformConfig, color_jitter, normalize, random_flips_rot90
 from jaxvit.errors import DataError
@@ -65,38 +66,60 @@ class PastureExample:
     """Decode a path (or take an "image" array); train: perspective jitter, border mask; then each view (the whole
     photo, or its left and right halves with `biomass.halves`: "image" [2, S, S, 3]) is fitted to data.image_size
     (squashed, or padded to square first), augmented (train: CLAHE, motion blur, colour jitter, flips / quarter
-    turns) and normalised. Picklable."""
+    turns) and normalised. With a `cache_dir` and no random operation before the fit (perspective jitter and border
+    mask off), the fitted uint8 views of each file are computed once and cached (`jaxvit.data.cache`): the values
+    are the same as without the cache. Picklable."""
 
-    def __init__(self, cfg: TransformConfig, aug: Any):
+    def __init__(self, cfg: TransformConfig, aug: Any, cache_dir: str = ""):
         self.cfg, self.pad_to_square, self.halves = cfg, bool(aug.pad_to_square), bool(aug.halves)
         self.aug = {k: float(aug[k]) for k in ("perspective_jitter", "border_mask", "clahe_prob", "motion_blur_prob")}
+        self.cache = ArrayCache(cache_dir, "biomass_views") if cache_dir else None
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
-        a = self.aug
-        if "image" in example:
-            x = example["image"]
-        else:  # train: JPEGs decoded at the smallest scale that still covers the views' size (`load_image`)
-            size = self.cfg.image_size
-            x = load_image(example["path"], None if rng is None else (2 * size if self.halves else size, size))
-        if rng is not None and a["perspective_jitter"] > 0:
-            x = photo_aug.perspective_jitter(x, a["perspective_jitter"], rng)
-        if rng is not None and a["border_mask"] > 0:
-            x = photo_aug.border_mask(x, a["border_mask"], rng)
-        views = [x[:, :x.shape[1] // 2], x[:, x.shape[1] // 2:]] if self.halves else [x]
-        images = np.stack([self._view(v, rng) for v in views])
+        a, train = self.aug, rng is not None
+        if self.cache is not None and "image" not in example and not (
+                train and (a["perspective_jitter"] > 0 or a["border_mask"] > 0)):
+            settings = dict(size=self.cfg.image_size, halves=self.halves, pad=self.pad_to_square, train=train)
+            views = self.cache.get(example["path"], settings, lambda: self._fit(self._decode(example, train), train))
+        else:
+            x = self._decode(example, train)
+            if train and a["perspective_jitter"] > 0:
+                x = photo_aug.perspective_jitter(x, a["perspective_jitter"], rng)
+            if train and a["border_mask"] > 0:
+                x = photo_aug.border_mask(x, a["border_mask"], rng)
+            views = self._fit(x, train)
+        c = self.cfg
+        images = [self._augment(v, rng) if train else normalize(v, c.mean, c.std) for v in views]
         out = {k: np.asarray(v) for k, v in example.items() if k not in ("path", "image")}
-        return {"image": images if self.halves else images[0], **out}
+        return {"image": np.stack(images) if self.halves else images[0], **out}
 
-    def _view(self, x: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-        image, size, c, a = Image.fromarray(np.ascontiguousarray(x)), self.cfg.image_size, self.cfg, self.aug
-        if self.pad_to_square:
-            side = max(image.size)
-            square = Image.new("RGB", (side, side))
-            square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-            image = square
-        image = image.resize((size, size), Image.Resampling.BILINEAR if rng is not None else Image.Resampling.BICUBIC)
-        if rng is None:
-            return normalize(np.asarray(image), c.mean, c.std)
+    def _decode(self, example: dict, train: bool) -> np.ndarray:
+        """The "image" array, or the file decoded (train: JPEGs at the smallest scale that still covers the views'
+        size, `load_image`)."""
+        if "image" in example:
+            return example["image"]
+        size = self.cfg.image_size
+        return load_image(example["path"], (2 * size if self.halves else size, size) if train else None)
+
+    def _fit(self, x: np.ndarray, train: bool) -> np.ndarray:
+        """The photo's views (whole, or left and right halves) padded to square if asked and resized to
+        data.image_size (bilinear in training, bicubic in evaluation): uint8 [V, S, S, 3]."""
+        views = [x[:, :x.shape[1] // 2], x[:, x.shape[1] // 2:]] if self.halves else [x]
+        size, out = self.cfg.image_size, []
+        for v in views:
+            image = Image.fromarray(np.ascontiguousarray(v))
+            if self.pad_to_square:
+                side = max(image.size)
+                square = Image.new("RGB", (side, side))
+                square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+                image = square
+            resample = Image.Resampling.BILINEAR if train else Image.Resampling.BICUBIC
+            out.append(np.asarray(image.resize((size, size), resample)))
+        return np.stack(out)
+
+    def _augment(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        c, a = self.cfg, self.aug
+        image = Image.fromarray(x)
         if rng.random() < a["clahe_prob"]:
             image = Image.fromarray(photo_aug.clahe(np.asarray(image)))
         if rng.random() < a["motion_blur_prob"]:
@@ -104,5 +127,4 @@ class PastureExample:
                                                           float(rng.uniform(0, 180))))
         if any(v > 0 for v in c.color_jitter) and rng.random() < c.color_jitter_prob:
             image = color_jitter(image, c.color_jitter, rng)
-        x = random_flips_rot90(np.asarray(image), c.hflip, c.vflip, c.rot90, rng)
-        return normalize(np.ascontiguousarray(x), c.mean, c.std)
+        return normalize(random_flips_rot90(np.asarray(image), c.hflip, c.vflip, c.rot90, rng), c.mean, c.std)

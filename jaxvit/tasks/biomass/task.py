@@ -15,7 +15,9 @@ augments with flips, quarter turns and colour jitter (data.aug.*) and the seed's
 jitter and border mask (biomass.*, `jaxvit.data.photo_aug`; `data.py`), never crops (the masses are of the whole frame).
 Training decodes JPEG photos at the smallest DCT scale (1/2, 1/4, 1/8) that still covers the views
 (`load_image(min_size=...)`: 2000 x 1000 photos, 448 px halves: 1000 x 500), pixels slightly different from a
-full decode; evaluation decodes in full.
+full decode; evaluation decodes in full. With data.cache_dir (configs/biomass.py: ~/.cache/jaxvit) each photo's
+resized views are computed once per setting and kept there (`jaxvit.data.cache`), unless perspective jitter or the
+border mask change the photo before the resize.
 """
 from __future__ import annotations
 
@@ -155,7 +157,7 @@ class Biomass(Task):
         return make(metadata, cv.n_folds, self.cfg.seed)
 
     def train_transform(self) -> PastureExample:
-        return PastureExample(TransformConfig.from_config(self.cfg.data), self.cfg.biomass)
+        return PastureExample(TransformConfig.from_config(self.cfg.data), self.cfg.biomass, self.cfg.data.cache_dir)
 
     eval_transform = train_transform
 
