@@ -70,7 +70,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     cfg.preflight = "auto"  # full (decode every file) | sample (headers + a decoded sample) | auto | off
     cfg.preflight_sample = 1000  # files decoded by the sample check
     cfg.allow_changed = False  # resume on splits that changed since the run started (data order restarts there)
-    cfg.cache_dir = ""  # per-file arrays computed once and kept here (jaxvit/data/cache.py; biomass views); "" = off
+    cfg.cache_dir = ""  # per-file arrays computed once (jaxvit/data/cache.py: biomass, JUMP, DINOCell); "" = off
     cfg.aug = ml_collections.ConfigDict()
     cfg.aug.crop_scale = (0.8, 1.0)  # random resized crop: area fraction range
     cfg.aug.crop_ratio = (3 / 4, 4 / 3)  # random resized crop: aspect ratio range
