@@ -33,7 +33,7 @@ def _config(data_dir, **biomass_keys):
     return c
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_biomass_trains_with_aux_heads_and_writes_a_submission(pasture_dir, tmp_path):
     c = _config(pasture_dir, height_weight=0.2, ndvi_weight=0.2, species_weight=0.1, uncertainty=True,
                 mass_balance_weight=0.1, qc_weight=1e-3, huber_dead_delta=5.0, clahe_prob=0.5, motion_blur_prob=0.5,

@@ -151,7 +151,7 @@ def test_load_run_without_the_pretrained_weights(family_run, gz2_dir, tmp_path, 
     np.testing.assert_array_equal(a.model.apply(a.variables, x), b.model.apply(b.variables, x))
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_batchnorm_head_exports_to_torch_and_resumes_exactly(gz2_dir, tmp_path):
     """The CIFAR-10 recipe's head (Linear-BN-ReLU-Dropout blocks): running statistics live in the train state,
     survive a resume bit for bit, drive evaluation, and the exported nn.Sequential with BatchNorm1d reproduces

@@ -147,7 +147,7 @@ def test_official_parity_and_roundtrip(hf_checkpoint, tmp_path):
     assert rel_err(flax_forward(module2, params2, x), ref) <= 1e-5
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,model_cls,config_cls,extra", [
     ("dinov2_vits14", Dinov2Model, Dinov2Config, dict(image_size=518, patch_size=14)),
     ("dinov3_vits16", DINOv3ViTModel, DINOv3ViTConfig, dict(patch_size=16, num_register_tokens=4)),

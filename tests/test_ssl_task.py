@@ -94,7 +94,7 @@ def _setup(gz2_dir, configure=None, **ssl):
     return c, task, jax.jit(make_step(task, model, c, tx, schedule)), state, data, spe
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_teacher_is_the_ema_of_the_student_and_prototypes_wait_one_epoch(gz2_dir):
     c, task, step, state, data, spe = _setup(gz2_dir, epoch_length=2, head_weight_norm=True)
     assert spe == 2
@@ -206,7 +206,7 @@ def test_a_batch_without_masked_crops_has_zero_ibot_loss(gz2_dir):
     assert float(metrics["ibot"]) == 0.0 and np.isfinite(float(metrics["loss"])) and int(metrics["nonfinite"]) == 0
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_export_of_the_teacher_reloads_in_pytorch(gz2_dir, tmp_path):
     """A short run's teacher: transformers directory and official teacher_checkpoint.pth, both equal to the Flax
     teacher; the checkpoint's DINO head loads into the official DINOHead and gives the same prototype scores."""

@@ -341,7 +341,7 @@ def _one_line_error(proc, *words):
         assert w in proc.stderr, (w, proc.stderr[-2000:])
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_user_mistakes_end_in_one_line_with_exit_code_2(gz2_dir, tmp_path):
     import shutil
     _one_line_error(_main(tmp_path, "--config.train.epochz=3"), "train.epochz", "epochs", "batch_size")
