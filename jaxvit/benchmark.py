@@ -8,6 +8,8 @@ peer (transformers + PEFT, random weights), or the grain input pipeline alone.
     python -m jaxvit.benchmark --heap                           # page faults with/without keep_cpu_heap
     python -m jaxvit.benchmark --override=hidden_size=64,depth=2,num_heads=2,mlp_hidden=256 ...
     python -m jaxvit.benchmark --mode=ssl --arch=dinov3_vits16 --ssl_patch=8 --batch=48 --dtype=bfloat16
+    python -m jaxvit.benchmark --plan --config=configs/gz2_full.py [--measure]   # memory plan (vs measured)
+    python -m jaxvit.benchmark --save_stall --arch=dinov2_vitb14 --image_size=112 --batch=8 --steps=25 --save_every=5
 
 Prints one JSON line per measured implementation ("impl": "jax" / "torch" / "grain" / "heap") and, with --peer,
 a {"impl": "ratio", "speedup_vs_torch": jax img/s / torch img/s} line, for each arch x mode of the
@@ -25,6 +27,18 @@ with --peer, jax does not preallocate GPU memory. jaxvit runs on one device (jax
 Memory: `peak_mem_bytes` on accelerators (jax memory_stats peak_bytes_in_use; torch
 max_memory_allocated), else `peak_rss_bytes` (the process's peak RSS, /proc VmHWM).
 `--override` sets ViTConfig fields, e.g. a tiny model or `attn_impl=cudnn`.
+
+`--plan --config=C`: the config's train step compiled (not run) at its batch and twice it, with and without remat;
+per device: XLA's memory analysis (arguments = the state + the batch, temporaries, outputs not aliased to the
+donated state: `step_bytes`) and the largest global batch that fits each device of DEVICE_GIB with 10% free.
+`--measure` also runs the step (twice, the second measured) on a real state: `measured_step_bytes` is the growth
+of the process's peak RSS on the CPU (run it in a fresh process without `keep_cpu_heap`: JAXVIT_KEEP_CPU_HEAP=0),
+the allocator's peak over what was in use on accelerators.
+
+`--save_stall`: a real `jaxvit.train` run (random weights, every block trained, a synthetic GZ2 folder) with a
+resume point every --save_every steps (async orbax): each step's time, each loop iteration's and the save call's
+blocking time; `save_cost_over_step` = the median extra wall time of a save's iteration and the iterations up to
+the next save (the background write shares the cores) over the median plain iteration.
 
 `--heap`: minor page faults per execution of a CPU program with a 128 MB temporary, in two fresh processes
 (default malloc settings, then `xla_options.keep_cpu_heap`): the temporary is mapped and zero-filled anew
@@ -777,10 +791,12 @@ def bench_save_stall(args: argparse.Namespace) -> list[dict]:
     import jax
     import ml_collections as mlc
 
-    from jaxvit import train
+    from jaxvit import train, xla_options
     from jaxvit.config import load_config_file
     from jaxvit.demos.gz2 import CLASSES, write_dataset
     from jaxvit.models import parse_overrides
+
+    xla_options.keep_cpu_heap()  # as `jaxvit train` runs
 
     cfg = load_config_file(args.config or "configs/gz2_full.py")
     cfg.model.pretrained = ""
@@ -817,9 +833,10 @@ def bench_save_stall(args: argparse.Namespace) -> list[dict]:
         trainer.run()  # ends by completing the last save
         last = Path(tmp) / "run" / "checkpoints" / str(args.steps)
         ckpt_bytes = sum(f.stat().st_size for f in last.rglob("*") if f.is_file())
-    marks.append(marks[-1] + steps[-1])  # the last iteration ends with its step
+    marks.append(math.nan)  # the last iteration (its evaluation, the final save) is not timed as a whole
     rows = [dict(step=i + 1, step_ms=_sig(steps[i] * 1e3), iteration_ms=_sig((marks[i + 1] - marks[i]) * 1e3),
                  save_ms=_sig(saves[i + 1] * 1e3) if i + 1 in saves else None) for i in range(len(steps))]
+    rows[-1]["iteration_ms"] = None
     # a save's cost: the extra wall time of its iteration and of the iterations until the next save (the write in
     # the background shares the cores), over the median plain iteration (neither a save's nor the one after it)
     saved = [s for s in sorted(saves) if s < args.steps]  # the last step's save also ends the run: not counted
@@ -831,6 +848,7 @@ def bench_save_stall(args: argparse.Namespace) -> list[dict]:
     return [dict(impl="save_stall", config=args.config or "configs/gz2_full.py", arch=cfg.model.arch, res=args.res,
                  batch=args.batch, save_every=args.save_every, steps=rows, plain_iteration_ms=_sig(plain),
                  median_save_ms=median([saves[s] * 1e3 for s in saved]),
+                 save_over_step=_sig(float(np.median([saves[s] for s in saved])) * 1e3 / plain, 3),
                  median_save_cost_ms=median(costs), save_cost_over_step=_sig(float(np.median(costs)) / plain, 3),
                  checkpoint_bytes=ckpt_bytes,  # one step's directory
                  peak_rss_bytes=_rss_bytes(), device=_backend(), cpus=os.cpu_count(), date=_now())]
@@ -839,6 +857,8 @@ def bench_save_stall(args: argparse.Namespace) -> list[dict]:
 # ------------------------------------------------------------------------------------------- memory plan
 
 DEVICE_GIB = {"A100 40GB": 40, "A100 80GB": 80, "H100 80GB": 80, "H200 141GB": 141}
+CPU_REMAT_NOTE = ("the CPU compiler expands remat's optimization barriers away and merges the recomputation back "
+                  "(as without remat): plan remat on the GPU")
 
 
 def _example_batch(cfg, task, batch: int) -> dict:
@@ -963,6 +983,8 @@ def bench_plan(args: argparse.Namespace) -> list[dict]:
         records.append(dict(impl="plan", config=args.config, arch=cfg.model.arch, dtype=cfg.model.dtype,
                             remat=remat, lora=bool(cfg.lora.enabled), batch=b1, **p1,
                             per_example_bytes=int(per_example), max_batch=fits, backend=_backend(), date=_now()))
+        if remat != "none" and _backend() == "cpu":
+            records[-1]["note"] = CPU_REMAT_NOTE
     return records
 
 
