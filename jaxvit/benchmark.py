@@ -38,7 +38,9 @@ the allocator's peak over what was in use on accelerators.
 `--save_stall`: a real `jaxvit.train` run (random weights, every block trained, a synthetic GZ2 folder) with a
 resume point every --save_every steps (async orbax): each step's time, each loop iteration's and the save call's
 blocking time; `save_cost_over_step` = the median extra wall time of a save's iteration and the iterations up to
-the next save (the background write shares the cores) over the median plain iteration.
+the next save (the background write shares the cores) over the median plain iteration; `final_write_ms` = the
+last save's call and the wait for its completion at the end of the run (nothing else running), i.e. what a
+synchronous save would block.
 
 `--heap`: minor page faults per execution of a CPU program with a 128 MB temporary, in two fresh processes
 (default malloc settings, then `xla_options.keep_cpu_heap`): the temporary is mapped and zero-filled anew
@@ -830,7 +832,14 @@ def bench_save_stall(args: argparse.Namespace) -> list[dict]:
         cfg.data.data_dir = str(write_dataset(Path(tmp) / "data", per_class={"train": per_class, "val": 1},
                                               size=args.res))
         trainer = Timed(cfg, Path(tmp) / "run")
-        trainer.run()  # ends by completing the last save
+        waits, wait = [], trainer.ckpts.wait
+
+        def timed_wait():
+            start = time.perf_counter()
+            wait()
+            waits.append(time.perf_counter() - start)
+        trainer.ckpts.wait = timed_wait
+        trainer.run()  # ends by waiting for the last save to complete
         last = Path(tmp) / "run" / "checkpoints" / str(args.steps)
         ckpt_bytes = sum(f.stat().st_size for f in last.rglob("*") if f.is_file())
     marks.append(math.nan)  # the last iteration (its evaluation, the final save) is not timed as a whole
@@ -850,6 +859,7 @@ def bench_save_stall(args: argparse.Namespace) -> list[dict]:
                  median_save_ms=median([saves[s] * 1e3 for s in saved]),
                  save_over_step=_sig(float(np.median([saves[s] for s in saved])) * 1e3 / plain, 3),
                  median_save_cost_ms=median(costs), save_cost_over_step=_sig(float(np.median(costs)) / plain, 3),
+                 final_write_ms=_sig((saves[args.steps] + waits[-1]) * 1e3),  # its call + its wait: a sync save
                  checkpoint_bytes=ckpt_bytes,  # one step's directory
                  peak_rss_bytes=_rss_bytes(), device=_backend(), cpus=os.cpu_count(), date=_now())]
 

@@ -186,6 +186,7 @@ def test_save_stall_times_steps_around_saves():
     assert [row["step"] for row in r["steps"] if row["save_ms"] is not None] == [3, 6, 7]  # 7: the final one
     assert all(row["iteration_ms"] >= row["step_ms"] > 0 for row in r["steps"][:-1])
     assert r["median_save_ms"] > 0 and r["plain_iteration_ms"] > 0 and r["checkpoint_bytes"] > 0
+    assert r["final_write_ms"] >= r["steps"][-1]["save_ms"]
 
 
 @pytest.mark.slow
