@@ -31,9 +31,9 @@ max_memory_allocated), else `peak_rss_bytes` (the process's peak RSS, /proc VmHW
 `--plan --config=C`: the config's train step compiled (not run) at its batch and twice it, with and without remat;
 per device: XLA's memory analysis (arguments = the state + the batch, temporaries, outputs not aliased to the
 donated state: `step_bytes`) and the largest global batch that fits each device of DEVICE_GIB with 10% free.
-`--measure` also runs the step (twice, the second measured) on a real state: `measured_step_bytes` is the growth
-of the process's peak RSS on the CPU (run it in a fresh process without `keep_cpu_heap`: JAXVIT_KEEP_CPU_HEAP=0),
-the allocator's peak over what was in use on accelerators.
+`--measure` also runs the step (twice, the second measured) on a real state: `measured_step_bytes` is the peak
+growth of the process's anonymous resident memory on the CPU (`measure_step_memory`; run it in a fresh process
+without `keep_cpu_heap`: JAXVIT_KEEP_CPU_HEAP=0), the allocator's peak over what was in use on accelerators.
 
 `--save_stall`: a real `jaxvit.train` run (random weights, every block trained, a synthetic GZ2 folder) with a
 resume point every --save_every steps (async orbax): each step's time, each loop iteration's and the save call's
@@ -200,7 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--plan", action="store_true", help="--config: compile (not run) its train step and print "
                                                         "the per-device memory and the largest batch per device")
     ap.add_argument("--measure", action="store_true", help="--plan: also run the step once at the batch and "
-                                                           "measure the memory it takes (CPU: peak RSS growth)")
+                                                           "measure the memory it takes (CPU: resident growth)")
     ap.add_argument("--save_stall", action="store_true", help="step times around checkpoint saves in a real "
                                                               "training run (--config, --arch, --steps)")
     ap.add_argument("--save_every", type=int, default=4, help="--save_stall: steps between saves")
@@ -891,12 +891,15 @@ def _proc_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def measure_step_memory(compiled, state: dict, batch: dict) -> int:
-    """Bytes one execution of `compiled` adds to what its inputs hold: on the CPU the growth of the process's
-    peak RSS (VmHWM, reset to the current RSS through /proc/self/clear_refs), which XLA's temporaries block (a
-    fresh mmap per execution unless xla_options.keep_cpu_heap) and new outputs make; on accelerators the
-    allocator's peak minus what was in use before. The second execution is measured (`state` is donated)."""
+def measure_step_memory(compiled, state: dict, batch: dict) -> dict:
+    """Bytes one execution of `compiled` adds to what its inputs hold. On the CPU (Linux /proc): `step` = the
+    peak growth of the process's anonymous resident memory (RssAnon, sampled every millisecond), which XLA's
+    temporaries block (a fresh mapping per execution unless xla_options.keep_cpu_heap) and new outputs make, and
+    `hwm` = the growth of its peak RSS (VmHWM reset through /proc/self/clear_refs), which also moves with the
+    mapped libraries' pages the kernel evicts or reloads meanwhile. On accelerators `step` = the allocator's peak
+    over what was in use. The second execution is measured (`state` is donated)."""
     import gc
+    import threading
 
     import jax
     device = jax.devices()[0]
@@ -907,13 +910,23 @@ def measure_step_memory(compiled, state: dict, batch: dict) -> int:
     if stats:
         before = stats["bytes_in_use"]
         jax.block_until_ready(compiled(state, batch))
-        return int(device.memory_stats()["peak_bytes_in_use"] - before)
+        return {"step": int(device.memory_stats()["peak_bytes_in_use"] - before)}
     if not os.path.exists("/proc/self/clear_refs"):
-        raise SystemExit("--measure: needs Linux /proc (peak RSS reset) or an accelerator with memory_stats")
-    before = _proc_kib("VmRSS")
+        raise SystemExit("--measure: needs Linux /proc (resident memory) or an accelerator with memory_stats")
+    anon, rss, done = [_proc_kib("RssAnon")], _proc_kib("VmRSS"), threading.Event()
+
+    def sample():
+        while not done.wait(0.001):
+            anon.append(_proc_kib("RssAnon"))
+    sampler = threading.Thread(target=sample)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    jax.block_until_ready(compiled(state, batch))
-    return (_proc_kib("VmHWM") - before) * 1024
+    sampler.start()
+    try:
+        jax.block_until_ready(compiled(state, batch))
+    finally:
+        done.set()
+        sampler.join()
+    return {"step": (max(anon) - anon[0]) * 1024, "hwm": (_proc_kib("VmHWM") - rss) * 1024}
 
 
 def plan_memory(cfg, batch: int, measure: bool = False) -> dict:
@@ -961,8 +974,11 @@ def plan_memory(cfg, batch: int, measure: bool = False) -> dict:
                step_bytes=step_bytes, peak_bytes=int(m.argument_size_in_bytes) + step_bytes)
     if measure:
         real = init_state(cfg, task.build(jax.random.key(0))[1], rule, tx, mesh)[0]
-        out["measured_step_bytes"] = measure_step_memory(compiled, real, example)
-        out["measured_over_planned"] = _sig(out["measured_step_bytes"] / step_bytes, 3)
+        measured = measure_step_memory(compiled, real, example)
+        out["measured_step_bytes"] = measured["step"]
+        out["measured_over_planned"] = _sig(measured["step"] / step_bytes, 3)
+        if "hwm" in measured:
+            out["measured_hwm_bytes"] = measured["hwm"]
     return out
 
 

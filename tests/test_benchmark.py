@@ -153,8 +153,8 @@ def test_render_lists_every_table_and_what_did_not_finish(tmp_path, capsys):
 @pytest.mark.slow
 def test_plan_matches_the_measured_cpu_step_memory():
     """--plan --measure in a fresh process (default heap: the step's temporaries are a fresh mapping): the memory
-    XLA plans for one step (temporaries + outputs not aliased to the donated state) is within 20% of the growth of
-    the process's peak RSS over one execution; a small ViT at 224 px, batch 8 (~50 MB)."""
+    XLA plans for one step (temporaries + outputs not aliased to the donated state) is within 20% of the peak growth of
+    the process's anonymous resident memory over one execution; a small ViT at 224 px, batch 8 (~50 MB)."""
     import os
     import subprocess
     import sys
