@@ -178,9 +178,8 @@ def test_plan_matches_the_measured_cpu_step_memory():
 def test_save_stall_times_steps_around_saves():
     """--save_stall: a real training run (Trainer, orbax, a GZ2 folder) with a save every 3 steps; every step timed,
     every save's blocking time recorded and its checkpoint written."""
-    recs = benchmark.main(["--save_stall", "--config.model.overrides.depth=2", "--config.model.overrides.hidden_size=32",
-                           "--config.model.overrides.num_heads=2", "--config.model.overrides.mlp_hidden=64",
-                           "--image_size=28", "--batch_size=2", "--steps=7", "--save_every=3"])
+    tiny = [f"--config.model.overrides.{k}" for k in ("depth=2", "hidden_size=32", "num_heads=2", "mlp_hidden=64")]
+    recs = benchmark.main(["--save_stall", *tiny, "--image_size=28", "--batch_size=2", "--steps=7", "--save_every=3"])
     (r,) = recs
     assert [row["step"] for row in r["steps"]] == [1, 2, 3, 4, 5, 6, 7]
     assert [row["step"] for row in r["steps"] if row["save_ms"] is not None] == [3, 6, 7]  # 7: the final one
