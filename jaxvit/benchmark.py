@@ -800,7 +800,7 @@ def bench_save_stall(args: argparse.Namespace) -> list[dict]:
 
     xla_options.keep_cpu_heap()  # as `jaxvit train` runs
 
-    cfg = load_config_file(args.config or "configs/gz2_full.py")
+    cfg = load_config_file(args.config or "gz2_full")
     cfg.model.pretrained = ""
     if args.arch_given:
         cfg.model.arch = args.arch
@@ -854,7 +854,7 @@ def bench_save_stall(args: argparse.Namespace) -> list[dict]:
     costs = [sum(r["iteration_ms"] - plain for r in rows[s - 1:min(s - 1 + args.save_every, len(rows) - 1)])
              for s in saved]
     median = lambda xs: _sig(float(np.median(xs)))
-    return [dict(impl="save_stall", config=args.config or "configs/gz2_full.py", arch=cfg.model.arch, res=args.res,
+    return [dict(impl="save_stall", config=args.config or "gz2_full", arch=cfg.model.arch, res=args.res,
                  batch=args.batch, save_every=args.save_every, steps=rows, plain_iteration_ms=_sig(plain),
                  median_save_ms=median([saves[s] * 1e3 for s in saved]),
                  save_over_step=_sig(float(np.median([saves[s] for s in saved])) * 1e3 / plain, 3),
