@@ -8,6 +8,8 @@ peer (transformers + PEFT, random weights), or the grain input pipeline alone.
     python -m jaxvit.benchmark --heap                           # page faults with/without keep_cpu_heap
     python -m jaxvit.benchmark --override=hidden_size=64,depth=2,num_heads=2,mlp_hidden=256 ...
     python -m jaxvit.benchmark --mode=ssl --arch=dinov3_vits16 --ssl_patch=8 --batch=48 --dtype=bfloat16
+    python -m jaxvit.benchmark --plan --config=configs/gz2_full.py [--measure]   # memory plan (vs measured)
+    python -m jaxvit.benchmark --save_stall --arch=dinov2_vitb14 --image_size=112 --batch=8 --steps=25 --save_every=5
 
 Prints one JSON line per measured implementation ("impl": "jax" / "torch" / "grain" / "heap") and, with --peer,
 a {"impl": "ratio", "speedup_vs_torch": jax img/s / torch img/s} line, for each arch x mode of the
@@ -25,6 +27,20 @@ with --peer, jax does not preallocate GPU memory. jaxvit runs on one device (jax
 Memory: `peak_mem_bytes` on accelerators (jax memory_stats peak_bytes_in_use; torch
 max_memory_allocated), else `peak_rss_bytes` (the process's peak RSS, /proc VmHWM).
 `--override` sets ViTConfig fields, e.g. a tiny model or `attn_impl=cudnn`.
+
+`--plan --config=C`: the config's train step compiled (not run) at its batch and twice it, with and without remat;
+per device: XLA's memory analysis (arguments = the state + the batch, temporaries, outputs not aliased to the
+donated state: `step_bytes`) and the largest global batch that fits each device of DEVICE_GIB with 10% free.
+`--measure` also runs the step (twice, the second measured) on a real state: `measured_step_bytes` is the peak
+growth of the process's anonymous resident memory on the CPU (`measure_step_memory`; run it in a fresh process
+without `keep_cpu_heap`: JAXVIT_KEEP_CPU_HEAP=0), the allocator's peak over what was in use on accelerators.
+
+`--save_stall`: a real `jaxvit.train` run (random weights, every block trained, a synthetic GZ2 folder) with a
+resume point every --save_every steps (async orbax): each step's time, each loop iteration's and the save call's
+blocking time; `save_cost_over_step` = the median extra wall time of a save's iteration and the iterations up to
+the next save (the background write shares the cores) over the median plain iteration; `final_write_ms` = the
+last save's call and the wait for its completion at the end of the run (nothing else running), i.e. what a
+synchronous save would block.
 
 `--heap`: minor page faults per execution of a CPU program with a 128 MB temporary, in two fresh processes
 (default malloc settings, then `xla_options.keep_cpu_heap`): the temporary is mapped and zero-filled anew
@@ -151,7 +167,8 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = cli.parser("benchmark", __doc__)
-    ap.add_argument("--arch", default="dinov2_vits14", help="preset name(s), comma-separated")
+    ap.add_argument("--arch", default="", help="preset name(s), comma-separated (default dinov2_vits14; --plan, "
+                                               "--save_stall: replaces the config's)")
     cli.add_model_overrides(ap)
     ap.add_argument("--batch_size", type=int, default=None, help="images per step (default 16; ssl --config: the "
                                                                   "config's)")
@@ -182,6 +199,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                                    "JSON lines (benchmarks/gpu.sh) and exit")
     ap.add_argument("--plan", action="store_true", help="--config: compile (not run) its train step and print "
                                                         "the per-device memory and the largest batch per device")
+    ap.add_argument("--measure", action="store_true", help="--plan: also run the step once at the batch and "
+                                                           "measure the memory it takes (CPU: resident growth)")
+    ap.add_argument("--save_stall", action="store_true", help="step times around checkpoint saves in a real "
+                                                              "training run (--config, --arch, --steps)")
+    ap.add_argument("--save_every", type=int, default=4, help="--save_stall: steps between saves")
     ap.add_argument("--heap", action="store_true", help="page faults per CPU step with and without "
                                                         "xla_options.keep_cpu_heap (fresh processes)")
     ssl = ap.add_argument_group("--mode=ssl (config.ssl)")
@@ -194,12 +216,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ssl.add_argument("--ssl_patch", type=int, default=0, help="student patch size (0: the arch's)")
     args = cli.parse(ap, argv)
     args.batch, args.res = args.batch_size, args.image_size  # the names the benchmark code reads
+    args.arch_given, args.arch = bool(args.arch), args.arch or "dinov2_vits14"
     modes = args.mode.split(",")
     bad = set(modes) - set(MODES)
     if bad:
         ap.error(f"--mode: unknown {sorted(bad)}; choose from {sorted(MODES)}")
     if args.peer and "ssl" in modes:
         ap.error("--peer: there is no torch peer for --mode=ssl")
+    if args.save_stall and not (3 <= args.save_every and 2 * args.save_every < args.steps):
+        ap.error("--save_stall: --save_every >= 3 and --steps > 2 x --save_every (plain steps between saves)")
     if args.rounds is None:
         args.rounds = 2 if args.peer else 1
     args.data_workers = [int(w) for w in args.data_workers.split(",")]
@@ -793,30 +818,158 @@ def bench_workload_data(args: argparse.Namespace) -> list[dict]:
     return records
 
 
+# ------------------------------------------------------------------------------------------- save stall
+
+def bench_save_stall(args: argparse.Namespace) -> list[dict]:
+    """Step times around checkpoint saves in a real run: `jaxvit.train.Trainer` on the --config (default
+    configs/gz2_full.py) with --arch, --image_size, --batch_size, random weights and every block trained (full
+    fine-tuning), a synthetic GZ2 folder, a resume point every --save_every steps, --steps steps. Each step is
+    timed to its end (`step_ms`), each loop iteration from one step's start to the next (`iteration_ms`: data,
+    step, logging, the save), and the save call itself on the training thread (`save_ms`)."""
+    import jax
+    import ml_collections as mlc
+
+    from jaxvit import train, xla_options
+    from jaxvit.config import load_config_file
+    from jaxvit.demos.gz2 import CLASSES, write_dataset
+    from jaxvit.models import parse_overrides
+
+    xla_options.keep_cpu_heap()  # as `jaxvit train` runs
+
+    cfg = load_config_file(args.config or "gz2_full")
+    cfg.model.pretrained = ""
+    if args.arch_given:
+        cfg.model.arch = args.arch
+    cfg.model.overrides = mlc.ConfigDict(parse_overrides(args.override))
+    cfg.lora.enabled, cfg.train.freeze_first_n_layers, cfg.train.phases = False, 0, ()
+    cfg.data.image_size, cfg.train.batch_size, cfg.train.steps = args.res, args.batch, args.steps
+    cfg.data.num_workers, cfg.data.aug.crop_ratio = 0, (1.0, 1.0)  # in-process: the step has every core
+    cfg.checkpoint.every_steps, cfg.eval.every_steps, cfg.eval.test_split = args.save_every, 10 ** 9, ""
+    marks, steps, saves = [], [], {}
+
+    class Timed(train.Trainer):
+        def _phase_setup(self, index, variables, start):
+            state, step_fn, mults = super()._phase_setup(index, variables, start)
+
+            def timed(state, batch):
+                marks.append(time.perf_counter())
+                out = jax.block_until_ready(step_fn(state, batch))
+                steps.append(time.perf_counter() - marks[-1])
+                return out
+            return state, timed, mults
+
+        def save(self, step, state, data, loop):
+            start = time.perf_counter()
+            super().save(step, state, data, loop)
+            saves[step] = time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory() as tmp:
+        per_class = -(-args.steps * args.batch // len(CLASSES))
+        cfg.data.data_dir = str(write_dataset(Path(tmp) / "data", per_class={"train": per_class, "val": 1},
+                                              size=args.res))
+        trainer = Timed(cfg, Path(tmp) / "run")
+        waits, wait = [], trainer.ckpts.wait
+
+        def timed_wait():
+            start = time.perf_counter()
+            wait()
+            waits.append(time.perf_counter() - start)
+        trainer.ckpts.wait = timed_wait
+        trainer.run()  # ends by waiting for the last save to complete
+        last = Path(tmp) / "run" / "checkpoints" / str(args.steps)
+        ckpt_bytes = sum(f.stat().st_size for f in last.rglob("*") if f.is_file())
+    marks.append(math.nan)  # the last iteration (its evaluation, the final save) is not timed as a whole
+    rows = [dict(step=i + 1, step_ms=_sig(steps[i] * 1e3), iteration_ms=_sig((marks[i + 1] - marks[i]) * 1e3),
+                 save_ms=_sig(saves[i + 1] * 1e3) if i + 1 in saves else None) for i in range(len(steps))]
+    rows[-1]["iteration_ms"] = None
+    # a save's cost: the extra wall time of its iteration and of the iterations until the next save (the write in
+    # the background shares the cores), over the median plain iteration (neither a save's nor the one after it)
+    saved = [s for s in sorted(saves) if s < args.steps]  # the last step's save also ends the run: not counted
+    plain = float(np.median([r["iteration_ms"] for r in rows[1:-1] if r["step"] not in saves
+                             and r["step"] - 1 not in saves]))
+    costs = [sum(r["iteration_ms"] - plain for r in rows[s - 1:min(s - 1 + args.save_every, len(rows) - 1)])
+             for s in saved]
+    median = lambda xs: _sig(float(np.median(xs)))
+    return [dict(impl="save_stall", config=args.config or "gz2_full", arch=cfg.model.arch, res=args.res,
+                 batch=args.batch, save_every=args.save_every, steps=rows, plain_iteration_ms=_sig(plain),
+                 median_save_ms=median([saves[s] * 1e3 for s in saved]),
+                 save_over_step=_sig(float(np.median([saves[s] for s in saved])) * 1e3 / plain, 3),
+                 median_save_cost_ms=median(costs), save_cost_over_step=_sig(float(np.median(costs)) / plain, 3),
+                 final_write_ms=_sig((saves[args.steps] + waits[-1]) * 1e3),  # its call + its wait: a sync save
+                 checkpoint_bytes=ckpt_bytes,  # one step's directory
+                 peak_rss_bytes=_rss_bytes(), device=_backend(), cpus=os.cpu_count(), date=_now())]
+
+
 # ------------------------------------------------------------------------------------------- memory plan
 
 DEVICE_GIB = {"A100 40GB": 40, "A100 80GB": 80, "H100 80GB": 80, "H200 141GB": 141}
+CPU_REMAT_NOTE = ("the CPU compiler expands remat's optimization barriers away and merges the recomputation back "
+                  "(as without remat): plan remat on the GPU")
 
 
-def _abstract_batch(cfg, task, batch: int) -> dict:
-    """Shapes of one global training batch: the ssl task's multi-crop batch with its iBOT masks, else images
+def _example_batch(cfg, task, batch: int) -> dict:
+    """One global training batch of zeros: the ssl task's multi-crop batch with its iBOT masks, else images
     with labels (the classification / regression batch)."""
-    import jax
-    size = cfg.data.image_size
     if cfg.task == "ssl":
         c, ch = cfg.ssl.crops, task.build_channels if hasattr(task, "build_channels") else 3
         real = {"global": np.zeros((batch, 2, c.global_size, c.global_size, ch), np.float32),
                 "local": np.zeros((batch, c.n_local, c.local_size, c.local_size, ch), np.float32)}
-        real = task.mask_batch()(real, np.random.default_rng(0))
-        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in real.items()}
+        return task.mask_batch()(real, np.random.default_rng(0))
     if cfg.task not in ("classification", "regression"):
         raise SystemExit(f"--plan: task {cfg.task!r} is not planned yet (classification, regression, ssl)")
-    return {"image": jax.ShapeDtypeStruct((batch, size, size, 3), np.float32),
-            "label": jax.ShapeDtypeStruct((batch,), np.int32), "bad": jax.ShapeDtypeStruct((batch,), np.int32)}
+    size = cfg.data.image_size
+    return {"image": np.zeros((batch, size, size, 3), np.float32), "label": np.zeros((batch,), np.int32),
+            "bad": np.zeros((batch,), np.int32)}
 
 
-def plan_memory(cfg, batch: int) -> dict:
-    """Compile (not run) the config's train step at `batch` on abstract inputs; XLA's memory analysis, bytes."""
+def _proc_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def measure_step_memory(compiled, state: dict, batch: dict) -> dict:
+    """Bytes one execution of `compiled` adds to what its inputs hold. On the CPU (Linux /proc): `step` = the
+    peak growth of the process's anonymous resident memory (RssAnon, sampled every millisecond), which XLA's
+    temporaries block (a fresh mapping per execution unless xla_options.keep_cpu_heap) and new outputs make, and
+    `hwm` = the growth of its peak RSS (VmHWM reset through /proc/self/clear_refs), which also moves with the
+    mapped libraries' pages the kernel evicts or reloads meanwhile. On accelerators `step` = the allocator's peak
+    over what was in use. The second execution is measured (`state` is donated)."""
+    import gc
+    import threading
+
+    import jax
+    device = jax.devices()[0]
+    batch = jax.block_until_ready(jax.device_put(batch, device))
+    state = jax.block_until_ready(compiled(state, batch)[0])  # the first run's one-time allocations (threads)
+    gc.collect()
+    stats = device.memory_stats()
+    if stats:
+        before = stats["bytes_in_use"]
+        jax.block_until_ready(compiled(state, batch))
+        return {"step": int(device.memory_stats()["peak_bytes_in_use"] - before)}
+    if not os.path.exists("/proc/self/clear_refs"):
+        raise SystemExit("--measure: needs Linux /proc (resident memory) or an accelerator with memory_stats")
+    anon, rss, done = [_proc_kib("RssAnon")], _proc_kib("VmRSS"), threading.Event()
+
+    def sample():
+        while not done.wait(0.001):
+            anon.append(_proc_kib("RssAnon"))
+    sampler = threading.Thread(target=sample)
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    sampler.start()
+    try:
+        jax.block_until_ready(compiled(state, batch))
+    finally:
+        done.set()
+        sampler.join()
+    return {"step": (max(anon) - anon[0]) * 1024, "hwm": (_proc_kib("VmHWM") - rss) * 1024}
+
+
+def plan_memory(cfg, batch: int, measure: bool = False) -> dict:
+    """Compile (not run) the config's train step at `batch` on abstract inputs; XLA's memory analysis, bytes.
+    `measure`: then run it once on a real state (random weights) and batch of zeros, `measured_step_bytes` the
+    memory the execution added (`measure_step_memory`), to compare with `step_bytes` (temporaries + outputs not
+    aliased to the donated state)."""
     import jax
 
     from jaxvit import optim, sharding, tasks, xla_options
@@ -843,30 +996,47 @@ def plan_memory(cfg, batch: int) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     state = jax.eval_shape(lambda v: init_state(cfg, v, rule, tx, mesh)[0], variables)
     step = xla_options.jit(make_step(task, model, cfg, tx, schedule), donate_argnums=0)
-    compiled = step.lower(state, _abstract_batch(cfg, task, batch)).compile()
+    example = _example_batch(cfg, task, batch)
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), example)
+    compiled = step.lower(state, abstract).compile()
     m = compiled.memory_analysis()
     nbytes = lambda tree: sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
                               for x in jax.tree_util.tree_leaves(tree))
-    return dict(params_bytes=nbytes(state.get("trainable")) + nbytes(state.get("frozen", {})),
-                opt_state_bytes=nbytes(state["opt_state"]) + nbytes(state.get("ema", {})),
-                argument_bytes=int(m.argument_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
-                alias_bytes=int(m.alias_size_in_bytes), temp_bytes=int(m.temp_size_in_bytes),
-                peak_bytes=int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                               + m.temp_size_in_bytes))
+    step_bytes = int(m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes)
+    out = dict(params_bytes=nbytes(state.get("trainable")) + nbytes(state.get("frozen", {})),
+               opt_state_bytes=nbytes(state["opt_state"]) + nbytes(state.get("ema", {})),
+               argument_bytes=int(m.argument_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
+               alias_bytes=int(m.alias_size_in_bytes), temp_bytes=int(m.temp_size_in_bytes),
+               step_bytes=step_bytes, peak_bytes=int(m.argument_size_in_bytes) + step_bytes)
+    if measure:
+        real = init_state(cfg, task.build(jax.random.key(0))[1], rule, tx, mesh)[0]
+        measured = measure_step_memory(compiled, real, example)
+        out["measured_step_bytes"] = measured["step"]
+        out["measured_over_planned"] = _sig(measured["step"] / step_bytes, 3)
+        if "hwm" in measured:
+            out["measured_hwm_bytes"] = measured["hwm"]
+    return out
 
 
 def bench_plan(args: argparse.Namespace) -> list[dict]:
     """Per-device memory of the config's step at its batch (and twice it: the per-example slope), with and
     without remat, and the largest global batch that fits each device of DEVICE_GIB (10% kept free)."""
+    import ml_collections as mlc
+
     from jaxvit.config import load_config_file
+    from jaxvit.models import parse_overrides
     records = []
     for remat in ("none", "full"):
         points = {}
         for scale in (1, 2):
             cfg = load_config_file(args.config)
             cfg.model.pretrained, cfg.model.remat = "", remat
+            if args.arch_given:
+                cfg.model.arch = args.arch
+            if args.override:
+                cfg.model.overrides = mlc.ConfigDict(parse_overrides(args.override))
             batch = (args.batch if args.batch_given else cfg.train.batch_size) * scale
-            points[batch] = plan_memory(cfg, batch)
+            points[batch] = plan_memory(cfg, batch, measure=args.measure and scale == 1)
         (b1, p1), (b2, p2) = points.items()
         per_example = (p2["peak_bytes"] - p1["peak_bytes"]) / (b2 - b1)
         fixed = p1["peak_bytes"] - per_example * b1
@@ -875,6 +1045,8 @@ def bench_plan(args: argparse.Namespace) -> list[dict]:
         records.append(dict(impl="plan", config=args.config, arch=cfg.model.arch, dtype=cfg.model.dtype,
                             remat=remat, lora=bool(cfg.lora.enabled), batch=b1, **p1,
                             per_example_bytes=int(per_example), max_batch=fits, backend=_backend(), date=_now()))
+        if remat != "none" and _backend() == "cpu":
+            records[-1]["note"] = CPU_REMAT_NOTE
     return records
 
 
@@ -1003,6 +1175,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     if args.plan:
         records = bench_plan(args)
+        for r in records:
+            print(json.dumps(r), flush=True)
+        return records
+    if args.save_stall:
+        records = bench_save_stall(args)
         for r in records:
             print(json.dumps(r), flush=True)
         return records
