@@ -159,7 +159,9 @@ def test_load_run_restores_the_ema_weights_of_a_checkpoint(lora_run):
     rows = history(workdir)
     acc = [float(r["val_accuracy"]) for r in rows]
     assert run_io.load_run(workdir, "best").step == int(rows[int(np.argmax(acc))]["step"])
-    for missing, message in (("best_loss", "use best, final, latest or a step"), (999, "available: steps .*final")):
+    for missing, message in (("best_val_loss", "no checkpoint 'best_val_loss'.*available: .*best_val_accuracy 15"),
+                             ("newest", "use best, final, latest, best_<evaluator>_<metric> or a step"),
+                             (999, "available: steps .*final")):
         with pytest.raises(FileNotFoundError, match=message):
             checkpoint.read(workdir, missing)
 
