@@ -207,9 +207,8 @@ class Trainer:
         self.depth = self.task.depth(self.model)
         self.evals = evals.declared(cfg)  # name -> Evaluator (jaxvit.evals): run at the evaluation points
         self.best_metric = cfg.checkpoint.best_metric or self.task.best_metric
-        self.best_sign = self._sign(self.best_metric, cfg.checkpoint.best_mode)
         # every metric with a best checkpoint -> its sign (LoopState.bests)
-        self.bests = {self.best_metric: self.best_sign} | {
+        self.bests = {self.best_metric: self._sign(self.best_metric, cfg.checkpoint.best_mode)} | {
             tag: self._sign(tag, mode) for tag, _, mode in (t.partition(":") for t in cfg.checkpoint.also_best)}
         self.writer = create_writer(self.workdir, self.is_main)
         self.keep_period = cfg.checkpoint.keep_every_epochs * self.steps_per_epoch
@@ -416,27 +415,25 @@ class Trainer:
                    for k in self.evals[name].metrics(type(self.task)) if r.get(k) is not None}
         sums = loop.sums
         n = max(sums.pop("steps", 0), 1)
-        train = {f"train_{k}": v / n for k, v in sums.items()}
+        train = {f"train/{k}": v / n for k, v in sums.items()}
         row = dict(epoch=_epochs(step, self.steps_per_epoch), step=step, phase=self.phases[loop.phase].name,
-                   **self._columns({f"train/{k}": v / n for k, v in sums.items()}), **self._columns(scalars),
-                   lr=loop.lr, images_per_s=ips)
+                   **self._columns(train), **self._columns(scalars), lr=loop.lr, images_per_s=ips)
         loop.sums = {}
         loop.history.append(row)
         self._write_history(loop.history)
-        columns = ("epoch", *train, "lr", "images_per_s")  # TensorBoard: eval/<column>; evaluators: <name>/<metric>
+        # TensorBoard: eval/<column>; evaluators: <name>/<metric>
+        columns = ("epoch", *(t.replace("/", "_", 1) for t in train), "lr", "images_per_s")
         self.writer.write_scalars(step, {f"eval/{k}": row[k] for k in columns} | scalars)
         log.info("step %d (epoch %s): %s", step, row["epoch"], ", ".join(f"{k} {v:.4f}" for k, v in scalars.items()))
+        if self.best_metric not in loop.bests and loop.best is not None:  # a loop state written before `bests`
+            loop.bests[self.best_metric] = [loop.best, loop.best_step]
         for tag, sign in self.bests.items():
             if (value := scalars.get(tag)) is not None and (
                     tag not in loop.bests or sign * (value - loop.bests[tag][0]) > 0):
                 loop.bests[tag] = [float(value), step]
-        value = scalars.get(self.best_metric)
-        if value is None:
-            return
-        improved = loop.best is None or self.best_sign * (value - loop.best) > 0
-        loop.since_best = 0 if improved else loop.since_best + 1
-        if improved:
-            loop.best, loop.best_step = float(value), step
+        if self.best_metric in scalars:  # `best` and patience follow checkpoint.best_metric
+            loop.best, loop.best_step = loop.bests[self.best_metric]
+            loop.since_best = 0 if loop.best_step == step else loop.since_best + 1
 
     def _columns(self, scalars: dict[str, float]) -> dict[str, float]:
         """History columns of {"<evaluator or train>/<metric>": value}: <evaluator>_<metric>, each followed by
