@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import PIL
 
+from jaxvit.data.changes import stamps
 from jaxvit.files import atomic_write
 
 log = logging.getLogger("jaxvit")
@@ -34,8 +35,7 @@ class ArrayCache:
         self.root = Path(os.path.expanduser(os.fspath(root))) / kind
 
     def entry(self, path: str | os.PathLike, settings: dict[str, Any]) -> Path:
-        st = os.stat(path)
-        ident = [os.path.abspath(path), st.st_size, st.st_mtime_ns, settings, PIL.__version__, np.__version__]
+        ident = [*stamps([path])[0], settings, PIL.__version__, np.__version__]
         key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
         return self.root / key[:2] / f"{key}.npy"
 

@@ -383,7 +383,7 @@ def views(planes: np.ndarray, mode: str = "average", rng: np.random.Generator | 
     _check_mode("channel_mode", mode, CHANNEL_MODES)
     if mode == "per_channel":
         if rng is None:
-            raise ValueError("to_rgb(mode='per_channel') needs rng, a numpy Generator")
+            raise ValueError("views(mode='per_channel') needs rng, a numpy Generator")
         return [planes[:, :, k] for k in rng.integers(0, planes.shape[2], n_views)]
     return [planes if mode == "first3" else planes[:, :, 0]] * n_views
 
